@@ -1,0 +1,416 @@
+//! Deploys and rollbacks.
+//!
+//! Guarantees:
+//! - an unverified bundle never runs: a bundle is verified (signatures, digests, expiry,
+//!   version) and its model loaded before anything changes; a refusal leaves the active model
+//!   as it was and says why in the command's response;
+//! - the switch is atomic: the bundle file is written and synced under a temporary name and
+//!   renamed, then the active and previous bundles are recorded in one SQLite transaction,
+//!   then the in-memory model is swapped; a power cut at any point leaves either the old or
+//!   the new bundle active, never a mix;
+//! - the previous bundle stays on disk for a rollback; older ones are removed;
+//! - versions of a model name only increase: the highest version ever activated is kept.
+//!
+//! [`DeployState`] holds these rules without I/O.
+
+use crate::engine::Engine;
+use crate::link::IncomingCommand;
+use crate::metrics::Metrics;
+use crate::store::{NewRecord, Store};
+use crate::sync::{now_ms, SyncMsg};
+use arc_swap::ArcSwapOption;
+use base64::Engine as _;
+use protocol::bundle::{self, Manifest, Policy, Verified};
+use protocol::keys::TrustStore;
+use protocol::messages::{Command, Event, Level, ModelRef, Response};
+use protocol::{Channel, Name, Topic};
+use rumqttc::{AsyncClient, QoS};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// The model the agent runs now.
+#[derive(Debug)]
+pub struct ActiveModel {
+    pub manifest: Manifest,
+    pub engine: Engine,
+    pub signed_by: Vec<String>,
+}
+
+impl ActiveModel {
+    pub fn model_ref(&self) -> ModelRef {
+        ModelRef { name: self.manifest.name.clone(), version: self.manifest.version }
+    }
+}
+
+pub type SharedModel = Arc<ArcSwapOption<ActiveModel>>;
+
+/// An installed bundle file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub name: String,
+    pub version: u64,
+    /// File name inside the bundles directory.
+    pub file: String,
+}
+
+/// Which bundles are active and kept, and the version high-water marks. No I/O.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployState {
+    pub active: Option<Installed>,
+    pub previous: Option<Installed>,
+    pub high_water: BTreeMap<String, u64>,
+}
+
+impl DeployState {
+    /// The version a new bundle of this name must exceed.
+    pub fn installed_version(&self, name: &str) -> Option<u64> {
+        self.high_water.get(name).copied()
+    }
+
+    /// Make `new` active; the old active becomes previous. Returns bundle files no longer kept.
+    pub fn activate(&mut self, new: Installed) -> Vec<String> {
+        let hw = self.high_water.entry(new.name.clone()).or_insert(0);
+        *hw = (*hw).max(new.version);
+        let dropped = self.previous.take();
+        self.previous = self.active.replace(new);
+        dropped.into_iter().map(|d| d.file).filter(|f| !self.keeps(f)).collect()
+    }
+
+    /// Swap active and previous. The high-water marks stay: a rolled-back version cannot be
+    /// deployed again, only a newer one.
+    pub fn rollback(&mut self) -> Result<(), &'static str> {
+        if self.previous.is_none() {
+            return Err("no previous bundle to roll back to");
+        }
+        std::mem::swap(&mut self.active, &mut self.previous);
+        Ok(())
+    }
+
+    fn keeps(&self, file: &str) -> bool {
+        [&self.active, &self.previous].iter().any(|i| i.as_ref().is_some_and(|i| i.file == file))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("bad command: {0}")]
+    BadCommand(String),
+    #[error("bundle refused: {0}")]
+    Refused(#[from] bundle::VerifyError),
+    #[error("bundle {name} v{version}: {message}")]
+    Load { name: String, version: u64, message: String },
+    #[error("{0}")]
+    NoPrevious(&'static str),
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl DeployError {
+    fn code(&self) -> String {
+        match self {
+            DeployError::BadCommand(_) => "bad_command".into(),
+            DeployError::Refused(v) => v.code().into(),
+            DeployError::Load { .. } => "load_failed".into(),
+            DeployError::NoPrevious(_) => "no_previous".into(),
+            DeployError::Io { .. } | DeployError::Store(_) => "io".into(),
+        }
+    }
+}
+
+pub struct Deployer {
+    pub store: Store,
+    pub state: DeployState,
+    pub bundles_dir: PathBuf,
+    pub trust: TrustStore,
+    pub threshold: usize,
+    pub max_bundle_bytes: usize,
+    pub active: SharedModel,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DeployError + '_ {
+    move |e| DeployError::Io { path: path.to_path_buf(), message: e.to_string() }
+}
+
+impl Deployer {
+    /// Open the deploy state and load the active bundle, re-verifying it. If it cannot be
+    /// loaded, the previous bundle is tried. Returns the deployer and what happened, as events.
+    pub fn open(
+        store: Store,
+        bundles_dir: PathBuf,
+        trust: TrustStore,
+        threshold: usize,
+        max_bundle_bytes: usize,
+    ) -> Result<(Deployer, Vec<Event>), DeployError> {
+        std::fs::create_dir_all(&bundles_dir).map_err(io_err(&bundles_dir))?;
+        let state = match store.get_meta("deploy_state")? {
+            Some(s) => serde_json::from_str(&s).map_err(|e| DeployError::Io {
+                path: bundles_dir.clone(),
+                message: format!("deploy state is unreadable: {e}"),
+            })?,
+            None => DeployState::default(),
+        };
+        let mut d = Deployer { store, state, bundles_dir, trust, threshold, max_bundle_bytes, active: Arc::default() };
+        let mut events = vec![];
+        for (which, inst) in [("active", d.state.active.clone()), ("previous", d.state.previous.clone())] {
+            let Some(inst) = inst else { continue };
+            match d.load_installed(&inst) {
+                Ok(m) => {
+                    info!(bundle = %inst.file, "loaded {which} bundle");
+                    if which == "previous" {
+                        d.state.rollback().expect("previous exists");
+                        d.persist()?;
+                        events.push(event(Level::Warn, "rolled_back", format!("active bundle failed to load; running previous {} v{}", inst.name, inst.version)));
+                    }
+                    d.active.store(Some(Arc::new(m)));
+                    break;
+                }
+                Err(e) => {
+                    error!(error = %e, bundle = %inst.file, "installed bundle does not load");
+                    events.push(event(Level::Error, "bundle_unloadable", format!("{which} bundle {}: {e}", inst.file)));
+                }
+            }
+        }
+        Ok((d, events))
+    }
+
+    /// Re-verify an installed bundle (signatures and digests; not expiry or version) and load it.
+    fn load_installed(&self, inst: &Installed) -> Result<ActiveModel, DeployError> {
+        let path = self.bundles_dir.join(&inst.file);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let policy = Policy { trust: &self.trust, threshold: self.threshold, now: 0, installed_version: None };
+        let v = bundle::verify(&bytes, &policy)?;
+        load_model(v)
+    }
+
+    fn persist(&mut self) -> Result<(), DeployError> {
+        let s = serde_json::to_string(&self.state).expect("deploy state serializes");
+        self.store.set_meta("deploy_state", &s)?;
+        Ok(())
+    }
+
+    /// Verify, load, store and activate a bundle.
+    pub fn deploy(&mut self, bytes: &[u8], now: u64) -> Result<String, DeployError> {
+        if bytes.len() > self.max_bundle_bytes {
+            return Err(DeployError::BadCommand(format!(
+                "bundle is {} bytes, limit is {} (trust.max_bundle_bytes)",
+                bytes.len(),
+                self.max_bundle_bytes
+            )));
+        }
+        let probe = bundle::inspect(bytes).ok().map(|(m, _)| m.name);
+        let installed = probe.as_deref().and_then(|n| self.state.installed_version(n));
+        let policy = Policy { trust: &self.trust, threshold: self.threshold, now, installed_version: installed };
+        let verified = bundle::verify(bytes, &policy)?;
+        // The name the version check used must be the verified one.
+        if Some(&verified.manifest.name) != probe.as_ref() {
+            return Err(DeployError::BadCommand("manifest changed between reads".into()));
+        }
+        let (name, version) = (verified.manifest.name.clone(), verified.manifest.version);
+        let model = load_model(verified)?;
+
+        let file = format!("{name}-{version}.lbundle");
+        let path = self.bundles_dir.join(&file);
+        write_synced(&path, bytes)?;
+        let mut next = self.state.clone();
+        let unused = next.activate(Installed { name: name.clone(), version, file });
+        let s = serde_json::to_string(&next).expect("deploy state serializes");
+        self.store.set_meta("deploy_state", &s)?;
+        self.state = next;
+        self.active.store(Some(Arc::new(model)));
+        for f in unused {
+            let _ = std::fs::remove_file(self.bundles_dir.join(f));
+        }
+        Ok(format!("activated {name} v{version}"))
+    }
+
+    pub fn rollback(&mut self) -> Result<String, DeployError> {
+        let prev = self.state.previous.clone().ok_or(DeployError::NoPrevious("no previous bundle to roll back to"))?;
+        let model = self.load_installed(&prev)?;
+        let mut next = self.state.clone();
+        next.rollback().map_err(DeployError::NoPrevious)?;
+        let s = serde_json::to_string(&next).expect("deploy state serializes");
+        self.store.set_meta("deploy_state", &s)?;
+        self.state = next;
+        self.active.store(Some(Arc::new(model)));
+        Ok(format!("rolled back to {} v{}", prev.name, prev.version))
+    }
+
+    fn current(&self) -> Option<ModelRef> {
+        self.active.load().as_ref().map(|m| m.model_ref())
+    }
+}
+
+/// Load the model of a verified bundle and check it against the manifest.
+pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
+    let m = &v.manifest;
+    let err = |message: String| DeployError::Load { name: m.name.clone(), version: m.version, message };
+    let engine = Engine::load(v.model(), m.input.features.len()).map_err(|e| err(e.to_string()))?;
+    let declared: Vec<&str> = m.outputs.iter().map(|o| o.name.as_str()).collect();
+    let actual: Vec<&str> = engine.output_names().iter().map(String::as_str).collect();
+    if declared != actual {
+        return Err(err(format!("manifest outputs {declared:?} differ from the model's {actual:?}")));
+    }
+    Ok(ActiveModel { manifest: v.manifest, engine, signed_by: v.signed_by })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+pub fn event(level: Level, kind: &str, message: String) -> Event {
+    Event { ts_ms: now_ms(), level, kind: kind.into(), message }
+}
+
+/// The task that serves commands.
+pub struct DeployTask {
+    pub deployer: Deployer,
+    pub rx: mpsc::Receiver<IncomingCommand>,
+    pub client: AsyncClient,
+    pub fleet: Name,
+    pub device: Name,
+    pub events: Events,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Publishes events live and buffers them in the outbox.
+#[derive(Clone)]
+pub struct Events {
+    pub client: AsyncClient,
+    pub topic: String,
+    pub sync: mpsc::Sender<SyncMsg>,
+}
+
+impl Events {
+    pub async fn emit(&self, e: Event) {
+        let data = serde_json::to_string(&e).expect("an event serializes");
+        let _ = self.client.try_publish(self.topic.clone(), QoS::AtLeastOnce, false, data.clone());
+        let rec = NewRecord { stream: protocol::streams::EVENTS, ts_ms: e.ts_ms, data };
+        let _ = self.sync.send(SyncMsg::Append(vec![rec])).await;
+    }
+}
+
+impl DeployTask {
+    /// Runs until shutdown; a command already taken is always answered.
+    pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let cmd = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                c = self.rx.recv() => match c { Some(c) => c, None => break },
+            };
+            let (op, result) = self.handle(&cmd.payload).await;
+            let (ok, message, code) = match &result {
+                Ok(m) => (true, m.clone(), None),
+                Err(e) => (false, e.to_string(), Some(e.code())),
+            };
+            if ok {
+                info!(command = %cmd.id, op, %message, "command done");
+            } else {
+                warn!(command = %cmd.id, op, %message, "command refused");
+            }
+            let model = self.deployer.current();
+            let resp = Response { ok, message: message.clone(), model: model.clone(), code };
+            let topic = Topic::new(&self.fleet, &self.device, Channel::Response(cmd.id.clone()));
+            let payload = serde_json::to_vec(&resp).expect("a response serializes");
+            if let Err(e) = self.client.publish(topic.to_string(), QoS::AtLeastOnce, false, payload).await {
+                warn!(error = %e, "could not queue command response");
+            }
+            if op != "ping" {
+                let (level, kind) = match (ok, op) {
+                    (true, "rollback") => (Level::Warn, "rolled_back"),
+                    (true, _) => (Level::Info, "model_activated"),
+                    (false, _) => (Level::Error, "deploy_refused"),
+                };
+                self.events.emit(event(level, kind, message)).await;
+                if ok {
+                    // The retained state carries the active model.
+                    let state = birth(model);
+                    let topic = Topic::new(&self.fleet, &self.device, Channel::State);
+                    let _ = self.client.try_publish(topic.to_string(), QoS::AtLeastOnce, true, state);
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, payload: &[u8]) -> (&'static str, Result<String, DeployError>) {
+        let cmd: Command = match serde_json::from_slice(payload) {
+            Ok(c) => c,
+            Err(e) => return ("unknown", Err(DeployError::BadCommand(e.to_string()))),
+        };
+        match cmd {
+            Command::Ping => ("ping", Ok("pong".into())),
+            Command::Rollback => ("rollback", tokio::task::block_in_place(|| self.deployer.rollback())),
+            Command::Deploy { bundle } => {
+                let bytes = match base64::engine::general_purpose::STANDARD.decode(bundle.as_bytes()) {
+                    Ok(b) => b,
+                    Err(e) => return ("deploy", Err(DeployError::BadCommand(format!("bundle is not base64: {e}")))),
+                };
+                let now = now_ms() / 1000;
+                ("deploy", tokio::task::block_in_place(|| self.deployer.deploy(&bytes, now)))
+            }
+        }
+    }
+}
+
+/// The retained birth message for a device running `model`.
+pub fn birth(model: Option<ModelRef>) -> Vec<u8> {
+    let s = protocol::messages::State {
+        status: protocol::messages::Status::Online,
+        agent_version: Some(env!("CARGO_PKG_VERSION").into()),
+        ts_ms: Some(now_ms()),
+        model,
+        reason: None,
+    };
+    serde_json::to_vec(&s).expect("state serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(name: &str, v: u64) -> Installed {
+        Installed { name: name.into(), version: v, file: format!("{name}-{v}.lbundle") }
+    }
+
+    #[test]
+    fn activation_keeps_one_previous_and_raises_high_water() {
+        let mut s = DeployState::default();
+        assert_eq!(s.activate(inst("m", 1)), Vec::<String>::new());
+        assert_eq!(s.activate(inst("m", 2)), Vec::<String>::new());
+        assert_eq!(s.activate(inst("m", 3)), vec!["m-1.lbundle".to_string()]);
+        assert_eq!(s.previous, Some(inst("m", 2)));
+        assert_eq!(s.installed_version("m"), Some(3));
+        s.rollback().expect("has previous");
+        assert_eq!(s.active, Some(inst("m", 2)));
+        assert_eq!(s.installed_version("m"), Some(3), "rollback keeps the high-water mark");
+        // Deploying after a rollback drops the rolled-back-from bundle, not the active one.
+        assert_eq!(s.activate(inst("m", 4)), vec!["m-3.lbundle".to_string()]);
+        assert_eq!(s.previous, Some(inst("m", 2)));
+    }
+
+    #[test]
+    fn rollback_without_previous_is_refused() {
+        let mut s = DeployState::default();
+        assert!(s.rollback().is_err());
+        s.activate(inst("m", 1));
+        assert!(s.rollback().is_err(), "the first bundle has nothing before it");
+        s.activate(inst("m", 2));
+        assert!(s.rollback().is_ok());
+        assert_eq!(s.active, Some(inst("m", 1)));
+        assert_eq!(s.previous, Some(inst("m", 2)));
+    }
+}

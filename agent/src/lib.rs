@@ -1,0 +1,23 @@
+//! The Lathe agent. `ARCHITECTURE.md` at the repository root maps the modules.
+
+pub mod agent;
+pub mod config;
+pub mod deploy;
+pub mod engine;
+pub mod inference;
+pub mod link;
+pub mod metrics;
+pub mod status;
+pub mod store;
+pub mod sync;
+
+/// Exit codes of the `lathe` binary.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Something is wrong: a failed check, a runtime error.
+    pub const PROBLEM: i32 = 1;
+    /// Bad command-line usage.
+    pub const USAGE: i32 = 2;
+    /// The configuration is invalid; restarting will not help (systemd: RestartPreventExitStatus).
+    pub const CONFIG: i32 = 78;
+}

@@ -1,0 +1,140 @@
+use clap::{Parser, Subcommand};
+use lathe::config::{Config, ConfigError};
+use lathe::exit;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Lathe edge agent: runs signed ONNX model bundles at the machine.
+#[derive(Parser)]
+#[command(name = "lathe", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Run {
+        #[arg(long, short, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
+    },
+    /// Show the connection, the active model, the outbox and the last sync. Works offline.
+    Status {
+        #[arg(long, short, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
+        /// Read this state directory instead of the one the config names.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { exit::OK as u8 });
+        }
+    };
+    let code = match cli.cmd {
+        Cmd::Run { config } => run(config),
+        Cmd::Status { config, state_dir, json } => status(config, state_dir, json),
+    };
+    ExitCode::from(code as u8)
+}
+
+fn run(config: PathBuf) -> i32 {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match Config::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("lathe: {e:#}");
+            return exit::CONFIG;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lathe: cannot start the runtime: {e}");
+            return exit::PROBLEM;
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            sd.cancel();
+        });
+        lathe::agent::run(cfg, shutdown).await
+    });
+    match result {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("lathe: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                exit::CONFIG
+            } else {
+                exit::PROBLEM
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn status(config: PathBuf, state_dir: Option<PathBuf>, json: bool) -> i32 {
+    let dir = match state_dir {
+        Some(d) => d,
+        None => match Config::load(&config) {
+            Ok(c) => c.device.state_dir,
+            Err(e) => {
+                eprintln!("lathe: {e:#}");
+                return exit::CONFIG;
+            }
+        },
+    };
+    match lathe::status::report(&dir) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).expect("report serializes"));
+            } else {
+                print!("{}", lathe::status::render(&r));
+            }
+            if r.problems.is_empty() {
+                exit::OK
+            } else {
+                exit::PROBLEM
+            }
+        }
+        Err(e) => {
+            eprintln!("lathe: {e}");
+            exit::PROBLEM
+        }
+    }
+}

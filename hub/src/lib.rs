@@ -1,0 +1,8 @@
+//! The Lathe hub. `ARCHITECTURE.md` at the repository root maps the modules.
+
+pub mod broker;
+pub mod demo;
+pub mod ingest;
+pub mod ops;
+pub mod proxy;
+pub mod store;

@@ -1,0 +1,299 @@
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use lathe_hub::{broker, demo, ingest, ops};
+use protocol::bundle::{self, Policy};
+use protocol::keys::{SigningKey, TrustStore};
+use protocol::messages::Command;
+use protocol::Name;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Lathe hub: keys, signed model bundles, deploys, and the sync ingest service.
+#[derive(Parser)]
+#[command(name = "lathe-hub", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate an Ed25519 signing key: NAME.key (private) and NAME.pub (public).
+    Keygen {
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        #[arg(long, default_value = "hub")]
+        name: String,
+    },
+    /// Pack, verify and inspect bundles.
+    #[command(subcommand)]
+    Bundle(BundleCmd),
+    /// Deploy a bundle to one device and wait for its answer.
+    Deploy {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// Ask one device to re-activate its previous bundle.
+    Rollback {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Receive synced records, store them in SQLite and acknowledge them.
+    Serve {
+        /// Broker to connect to (host:port).
+        #[arg(long, conflicts_with = "embedded_broker")]
+        broker: Option<String>,
+        /// Run an in-process broker instead, listening on --listen.
+        #[arg(long)]
+        embedded_broker: bool,
+        #[arg(long, default_value = "127.0.0.1:18830")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "lathe-hub.db")]
+        db: PathBuf,
+        #[arg(long, default_value_t = 96 << 20)]
+        max_packet_bytes: usize,
+    },
+    /// Run the whole loop on this machine: embedded broker, hub, a real agent, simulated sensors.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    /// Check the model runs, then build and sign a bundle.
+    Pack {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: u64,
+        /// Input feature names in model order, comma separated.
+        #[arg(long, value_delimiter = ',', required_unless_present = "features_file")]
+        features: Vec<String>,
+        /// A JSON array of feature names, instead of --features.
+        #[arg(long)]
+        features_file: Option<PathBuf>,
+        /// Signing key file; repeat for several signatures.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long, default_value_t = 365)]
+        expires_in_days: u64,
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        #[arg(long)]
+        selftest: Option<PathBuf>,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Verify a bundle against a trust store, as the agent would.
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        trust: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Refuse the bundle unless it is newer than this version.
+        #[arg(long)]
+        installed_version: Option<u64>,
+    },
+    /// Print a bundle's manifest and signatures, without verifying them.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct TargetArgs {
+    #[arg(long, default_value = "127.0.0.1:18830")]
+    broker: String,
+    #[arg(long)]
+    fleet: String,
+    #[arg(long)]
+    device: String,
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+impl TargetArgs {
+    fn target(&self) -> anyhow::Result<ops::Target> {
+        let (host, port) = split_addr(&self.broker)?;
+        Ok(ops::Target { host, port, fleet: Name::new(self.fleet.clone())?, device: Name::new(self.device.clone())? })
+    }
+}
+
+fn split_addr(s: &str) -> anyhow::Result<(String, u16)> {
+    let (h, p) = s.rsplit_once(':').with_context(|| format!("broker {s:?} must be host:port"))?;
+    Ok((h.to_string(), p.parse().with_context(|| format!("broker {s:?}: bad port"))?))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("lathe-hub: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<u8> {
+    match cmd {
+        Cmd::Keygen { out_dir, name } => {
+            Name::new(name.clone())?;
+            let key = SigningKey::generate(&ring::rand::SystemRandom::new())?;
+            std::fs::create_dir_all(&out_dir)?;
+            let (kpath, ppath) = (out_dir.join(format!("{name}.key")), out_dir.join(format!("{name}.pub")));
+            if kpath.exists() {
+                anyhow::bail!("{} exists; refusing to overwrite a key", kpath.display());
+            }
+            write_private(&kpath, key.to_text().as_bytes())?;
+            std::fs::write(&ppath, format!("{} {name}\n", key.public_key().to_text()))?;
+            println!("key id {}: private {} public {}", key.key_id(), kpath.display(), ppath.display());
+            println!("add the public key line to each agent's trust.keys_file");
+            Ok(0)
+        }
+        Cmd::Bundle(BundleCmd::Pack { model, name, version, features, features_file, keys, expires_in_days, baseline, selftest, out }) => {
+            let features = match features_file {
+                Some(f) => serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("{}", f.display()))?)
+                    .with_context(|| format!("{}: expected a JSON array of names", f.display()))?,
+                None => features,
+            };
+            let keys = keys
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(p).with_context(|| format!("key {}", p.display()))?;
+                    SigningKey::from_text(&text).with_context(|| format!("key {}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
+            let now = ops::now_secs();
+            let input = ops::PackInput {
+                name,
+                version,
+                model: read(&model)?,
+                features,
+                baseline: baseline.as_ref().map(read).transpose()?,
+                selftest: selftest.as_ref().map(read).transpose()?,
+                created: now,
+                expires: now + expires_in_days * 86_400,
+            };
+            let (bytes, m) = ops::pack(input, &keys.iter().collect::<Vec<_>>())?;
+            std::fs::write(&out, &bytes).with_context(|| format!("{}", out.display()))?;
+            println!("packed {} v{} ({} bytes) into {}", m.name, m.version, bytes.len(), out.display());
+            Ok(0)
+        }
+        Cmd::Bundle(BundleCmd::Verify { file, trust, threshold, installed_version }) => {
+            let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+            let trust = TrustStore::parse(&std::fs::read_to_string(&trust).with_context(|| format!("{}", trust.display()))?)?;
+            let policy = Policy { trust: &trust, threshold, now: ops::now_secs(), installed_version };
+            match bundle::verify(&bytes, &policy) {
+                Ok(v) => {
+                    println!("ok: {} v{} signed by {}", v.manifest.name, v.manifest.version, v.signed_by.join(", "));
+                    Ok(0)
+                }
+                Err(e) => {
+                    println!("refused ({}): {e}", e.code());
+                    Ok(1)
+                }
+            }
+        }
+        Cmd::Bundle(BundleCmd::Inspect { file, json }) => {
+            let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+            let (m, env) = bundle::inspect(&bytes)?;
+            let keyids: Vec<&str> = env.signatures.iter().map(|s| s.keyid.as_str()).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": m, "signatures": keyids}))?);
+            } else {
+                println!("bundle     {} v{} (not verified)", m.name, m.version);
+                println!("created    {}  expires {}", m.created, m.expires);
+                println!("input      {} float32 [{}]", m.input.name, m.input.features.join(", "));
+                for o in &m.outputs {
+                    println!("output     {} {}", o.name, o.dtype);
+                }
+                for p in &m.payloads {
+                    println!("payload    {:?} {} {} bytes sha256 {}", p.role, p.name, p.size, p.sha256);
+                }
+                println!("signed by  {}", keyids.join(", "));
+            }
+            Ok(0)
+        }
+        Cmd::Deploy { target, bundle } => {
+            let bytes = std::fs::read(&bundle).with_context(|| format!("{}", bundle.display()))?;
+            let resp = ops::deploy(&target.target()?, &bytes, Duration::from_secs(target.timeout_secs)).await?;
+            print_response(&resp)
+        }
+        Cmd::Rollback { target } => {
+            let resp = ops::command(&target.target()?, &Command::Rollback, Duration::from_secs(target.timeout_secs)).await?;
+            print_response(&resp)
+        }
+        Cmd::Serve { broker, embedded_broker, listen, db, max_packet_bytes } => {
+            let (host, port) = if embedded_broker {
+                broker::start(listen, max_packet_bytes)?;
+                println!("embedded broker listening on {listen}");
+                (listen.ip().to_string(), listen.port())
+            } else {
+                split_addr(broker.as_deref().context("give --broker host:port or --embedded-broker")?)?
+            };
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                sd.cancel();
+            });
+            let ingest = ingest::Ingest {
+                host,
+                port,
+                client_id: format!("lathe-hub-ingest-{}", std::process::id()),
+                db,
+                max_packet_bytes,
+                stats: Arc::default(),
+                echo: false,
+            };
+            ingest.run(shutdown).await?;
+            Ok(0)
+        }
+        Cmd::Demo(args) => demo::run(args).await,
+    }
+}
+
+fn print_response(resp: &protocol::messages::Response) -> anyhow::Result<u8> {
+    let model = resp.model.as_ref().map(|m| format!("{} v{}", m.name, m.version)).unwrap_or_else(|| "none".into());
+    if resp.ok {
+        println!("ok: {} (active: {model})", resp.message);
+        Ok(0)
+    } else {
+        println!("refused ({}): {} (active: {model})", resp.code.as_deref().unwrap_or("?"), resp.message);
+        Ok(1)
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)?.write_all(bytes)?;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Operator actions: pack a bundle, send a command to a device and wait for its answer.
+
+use base64::Engine as _;
+use lathe::engine::Engine;
+use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Role};
+use protocol::keys::SigningKey;
+use protocol::messages::{Command, Response};
+use protocol::{Channel, Name, Topic};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::time::Duration;
+
+/// What goes into a bundle.
+pub struct PackInput {
+    pub name: String,
+    pub version: u64,
+    pub model: Vec<u8>,
+    pub features: Vec<String>,
+    pub baseline: Option<Vec<u8>>,
+    pub selftest: Option<Vec<u8>>,
+    pub created: u64,
+    pub expires: u64,
+}
+
+/// Check that the model runs as the agent would run it, then build and sign the bundle.
+/// A model the agent could not load is refused here, before anything is signed.
+pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, Manifest)> {
+    let engine = Engine::load(&input.model, input.features.len())
+        .map_err(|e| anyhow::anyhow!("refusing to sign {} v{}: {e}", input.name, input.version))?;
+    let manifest = Manifest {
+        format: bundle::MANIFEST_FORMAT,
+        name: input.name,
+        version: input.version,
+        created: input.created,
+        expires: input.expires,
+        payloads: vec![],
+        input: InputSchema { name: engine.input_name().to_string(), dtype: "float32".into(), features: input.features },
+        outputs: engine.outputs().iter().map(|(n, t)| OutputSchema { name: n.clone(), dtype: t.clone() }).collect(),
+    };
+    let r = |role, name: &str| PayloadRef { role, name: name.into(), sha256: String::new(), size: 0 };
+    let mut payloads = vec![(r(Role::Model, "model.onnx"), input.model)];
+    if let Some(b) = input.baseline {
+        payloads.push((r(Role::Baseline, "baseline.json"), b));
+    }
+    if let Some(s) = input.selftest {
+        payloads.push((r(Role::Selftest, "selftest.json"), s));
+    }
+    let bytes = bundle::pack(manifest, &payloads, keys).map_err(|e| anyhow::anyhow!("cannot pack: {e}"))?;
+    let (m, _) = bundle::inspect(&bytes)?;
+    Ok((bytes, m))
+}
+
+/// Where a command goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub fleet: Name,
+    pub device: Name,
+}
+
+/// Send a command to a device and wait for its response.
+pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyhow::Result<Response> {
+    let id = Name::new(format!("c{:016x}", rand_u64()))?;
+    let payload = serde_json::to_vec(cmd)?;
+    let mut opts = MqttOptions::new(format!("lathe-hub-{id}"), target.host.clone(), target.port);
+    opts.set_keep_alive(Duration::from_secs(15));
+    let size = payload.len() + 4096;
+    opts.set_max_packet_size(size.max(1 << 20), size.max(1 << 20));
+    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let res_topic = Topic::new(&target.fleet, &target.device, Channel::Response(id.clone())).to_string();
+    let cmd_topic = Topic::new(&target.fleet, &target.device, Channel::Command(id.clone())).to_string();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut sent = false;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, eventloop.poll()).await.map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from {}/{} within {}s: is the device online and subscribed? (command {id})",
+                target.fleet,
+                target.device,
+                timeout.as_secs()
+            )
+        })?;
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client.subscribe(res_topic.clone(), QoS::AtLeastOnce).await?;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) if !sent => {
+                client.publish(cmd_topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                sent = true;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == res_topic => {
+                let resp: Response = serde_json::from_slice(&p.payload)
+                    .map_err(|e| anyhow::anyhow!("device sent a malformed response: {e}"))?;
+                let _ = client.disconnect().await;
+                return Ok(resp);
+            }
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("broker {}:{}: {e}", target.host, target.port),
+        }
+    }
+}
+
+/// Deploy a bundle file's bytes.
+pub async fn deploy(target: &Target, bundle: &[u8], timeout: Duration) -> anyhow::Result<Response> {
+    let cmd = Command::Deploy { bundle: base64::engine::general_purpose::STANDARD.encode(bundle) };
+    command(target, &cmd, timeout).await
+}
+
+fn rand_u64() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system random source works");
+    u64::from_le_bytes(b)
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}

@@ -40,24 +40,7 @@ fn setup() -> Setup {
     let (code, out, err) = run(&mut hub(&["keygen", "--out-dir", &d, "--name", "k1"]));
     assert_eq!(code, 0, "keygen: {out}{err}");
     std::fs::copy(dir.path().join("k1.pub"), dir.path().join("trust.keys")).expect("trust.keys");
-    let bundle = dir.path().join("bearing-1.lbundle");
-    let (code, out, err) = run(&mut hub(&[
-        "bundle",
-        "pack",
-        "--model",
-        fixture("vibration_logreg.onnx").to_str().expect("utf8"),
-        "--name",
-        "bearing",
-        "--version",
-        "1",
-        "--features-file",
-        fixture("vibration_logreg.features.json").to_str().expect("utf8"),
-        "--key",
-        &format!("{d}/k1.key"),
-        "--out",
-        bundle.to_str().expect("utf8"),
-    ]));
-    assert_eq!(code, 0, "pack: {out}{err}");
+    let bundle = pack(dir.path(), 1);
     let state_dir = dir.path().join("agent-state");
     let config = dir.path().join("lathe.toml");
     std::fs::write(
@@ -94,6 +77,29 @@ batch_records = 50
     .expect("write config");
     let hub_db = dir.path().join("hub.db");
     Setup { dir, hub_broker, sensor_broker, bundle, hub_db, state_dir, config }
+}
+
+/// Pack the fixture model as `bearing` at `version`, signed with k1.
+fn pack(dir: &Path, version: u64) -> PathBuf {
+    let out = dir.join(format!("bearing-{version}.lbundle"));
+    let (code, o, e) = run(&mut hub(&[
+        "bundle",
+        "pack",
+        "--model",
+        fixture("vibration_logreg.onnx").to_str().expect("utf8"),
+        "--name",
+        "bearing",
+        "--version",
+        &version.to_string(),
+        "--features-file",
+        fixture("vibration_logreg.features.json").to_str().expect("utf8"),
+        "--key",
+        dir.join("k1.key").to_str().expect("utf8"),
+        "--out",
+        out.to_str().expect("utf8"),
+    ]));
+    assert_eq!(code, 0, "pack: {o}{e}");
+    out
 }
 
 fn start_hub(s: &Setup) -> Proc {
@@ -308,7 +314,40 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
     assert_eq!(v["model"]["name"], "bearing");
     assert_eq!(v["model"]["version"], 1);
 
+    // A newer version deploys; a rollback returns to the previous one.
+    let v2 = pack(s.dir.path(), 2);
+    let (code, out) = deploy(&s, &v2);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("activated bearing v2"), "{out}");
+    let (code, out, err) = run(&mut hub(&[
+        "rollback",
+        "--broker",
+        &format!("127.0.0.1:{}", s.hub_broker.port),
+        "--fleet",
+        FLEET,
+        "--device",
+        DEVICE,
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rolled back to bearing v1"), "{out}");
+
+    // An orderly stop, then a restart: the active model comes back from disk, re-verified.
     assert_eq!(agent.terminate(Duration::from_secs(15)), Some(0), "agent exits cleanly on SIGTERM");
+    let _agent = start_agent(&s);
+    let back = eventually(Duration::from_secs(30), || {
+        let (_, v) = status(&s);
+        (v["agent"] == "running" && v["connection"]["state"] == "connected").then_some(v)
+    });
+    let v = back.unwrap_or_else(|| panic!("agent did not come back: {:?}", status(&s)));
+    assert_eq!(v["model"]["version"], 1, "{v}");
+    assert_eq!(v["previous_model"]["version"], 2, "{v}");
+    let after = eventually(Duration::from_secs(30), || {
+        sensors.publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, N)).ok()?;
+        let p = hub_predictions(&s.hub_db);
+        p.iter().find(|(id, _)| *id == N).map(|(_, v)| v.clone())
+    });
+    let v = after.expect("a prediction after the restart reaches the hub");
+    assert_eq!(v["model"]["version"], 1);
     drop(s.sensor_broker);
 }
 

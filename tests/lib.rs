@@ -87,11 +87,18 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start(dir: &Path, name: &str) -> Mosquitto {
+        Self::start_with(dir, name, "")
+    }
+
+    /// Start with extra configuration lines (more listeners, TLS) after the plain listener.
+    pub fn start_with(dir: &Path, name: &str, extra: &str) -> Mosquitto {
         let port = free_port();
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+            format!(
+                "per_listener_settings false\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlistener {port} 127.0.0.1\n{extra}"
+            ),
         )
         .expect("write mosquitto.conf");
         let mut m = Mosquitto { port, conf, proc: None };

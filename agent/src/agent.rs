@@ -220,9 +220,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let bye = State { status: Status::Offline, agent_version: None, ts_ms: Some(now_ms()), model: None, reason: Some("shutdown".into()) };
     let _ = client.try_publish(state_topic, QoS::AtLeastOnce, true, serde_json::to_vec(&bye)?);
     let _ = client.try_disconnect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    hub_shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), hub_task).await;
+    // The link stops by itself once the disconnect is sent; it is cancelled if that takes long.
+    let mut hub_task = hub_task;
+    if tokio::time::timeout(Duration::from_secs(2), &mut hub_task).await.is_err() {
+        hub_shutdown.cancel();
+        let _ = hub_task.await;
+    }
     tasks.abort_all();
     Ok(())
 }

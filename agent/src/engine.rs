@@ -14,10 +14,124 @@ use tract_onnx::tract_hir::infer::Factoid;
 pub enum EngineError {
     #[error("model does not load: {0}")]
     Load(String),
+    #[error("model uses {} operator(s) this engine does not support: {}", .0.len(), .0.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "))]
+    Unsupported(Vec<UnsupportedOp>),
     #[error("model input {name:?} has {got} features, the manifest lists {want}")]
     Features { name: String, got: String, want: usize },
     #[error("inference failed: {0}")]
     Run(String),
+}
+
+/// An operator of the model that the engine cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsupportedOp {
+    pub op_type: String,
+    pub domain: String,
+    pub node: String,
+}
+
+impl std::fmt::Display for UnsupportedOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let domain = if self.domain.is_empty() { "ai.onnx" } else { &self.domain };
+        write!(f, "{}:{} (node {:?})", domain, self.op_type, self.node)
+    }
+}
+
+/// What a model file declares, read without loading it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    /// Operators by `domain:op_type`, with how many nodes use each.
+    pub operators: BTreeMap<String, usize>,
+    /// Operators this engine cannot run, with the node that uses each.
+    pub unsupported: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ONNX element type name, or `non-tensor` (sequences, maps).
+    pub dtype: String,
+    /// Dimensions: numbers, or names for free dimensions; empty when undeclared.
+    pub shape: Vec<String>,
+}
+
+fn parse(onnx: &[u8]) -> Result<tract_onnx::pb::ModelProto, EngineError> {
+    tract_onnx::onnx()
+        .proto_model_for_read(&mut std::io::Cursor::new(onnx))
+        .map_err(|e| EngineError::Load(format!("not an ONNX model: {e:#}")))
+}
+
+fn unsupported(proto: &tract_onnx::pb::ModelProto) -> Vec<UnsupportedOp> {
+    let register = &tract_onnx::onnx().op_register;
+    let mut out = vec![];
+    if let Some(g) = &proto.graph {
+        for n in &g.node {
+            if !register.0.contains_key(&n.op_type) {
+                out.push(UnsupportedOp { op_type: n.op_type.clone(), domain: n.domain.clone(), node: n.name.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// Describe a model file: inputs, outputs, operators, and what this engine cannot run.
+pub fn inspect(onnx: &[u8]) -> Result<ModelInfo, EngineError> {
+    use tract_onnx::pb::{tensor_shape_proto::dimension::Value as Dim, type_proto::Value as Ty};
+    let proto = parse(onnx)?;
+    let graph = proto.graph.clone().unwrap_or_default();
+    let tensor = |v: &tract_onnx::pb::ValueInfoProto| {
+        let (dtype, shape) = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(Ty::TensorType(t)) => (
+                onnx_dtype_name(t.elem_type),
+                t.shape
+                    .as_ref()
+                    .map(|s| {
+                        s.dim
+                            .iter()
+                            .map(|d| match &d.value {
+                                Some(Dim::DimValue(n)) => n.to_string(),
+                                Some(Dim::DimParam(p)) => p.clone(),
+                                None => "?".into(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            None => ("non-tensor".to_string(), vec![]),
+        };
+        TensorInfo { name: v.name.clone(), dtype, shape }
+    };
+    let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut operators = BTreeMap::new();
+    for n in &graph.node {
+        let domain = if n.domain.is_empty() { "ai.onnx" } else { &n.domain };
+        *operators.entry(format!("{domain}:{}", n.op_type)).or_insert(0) += 1;
+    }
+    Ok(ModelInfo {
+        inputs: graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).map(tensor).collect(),
+        outputs: graph.output.iter().map(tensor).collect(),
+        operators,
+        unsupported: unsupported(&proto).iter().map(|u| u.to_string()).collect(),
+    })
+}
+
+fn onnx_dtype_name(t: i32) -> String {
+    match t {
+        1 => "float32",
+        2 => "uint8",
+        3 => "int8",
+        5 => "int16",
+        6 => "int32",
+        7 => "int64",
+        8 => "string",
+        9 => "bool",
+        10 => "float16",
+        11 => "float64",
+        _ => return format!("type {t}"),
+    }
+    .into()
 }
 
 /// A loaded, optimised model.
@@ -42,7 +156,12 @@ impl Engine {
     /// Load ONNX bytes for rows of `n_features` float32 features, with a symbolic batch axis.
     pub fn load(onnx: &[u8], n_features: usize) -> Result<Engine, EngineError> {
         let load = |e: TractError| EngineError::Load(format!("{e:#}"));
-        let mut model = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(onnx)).map_err(load)?;
+        let proto = parse(onnx)?;
+        let missing = unsupported(&proto);
+        if !missing.is_empty() {
+            return Err(EngineError::Unsupported(missing));
+        }
+        let mut model = tract_onnx::onnx().model_for_proto_model(&proto).map_err(load)?;
         if model.inputs.len() != 1 {
             return Err(EngineError::Load(format!("model has {} inputs; Lathe runs models with one", model.inputs.len())));
         }
@@ -119,6 +238,37 @@ impl Engine {
     }
 }
 
+/// Parse CSV of numbers: a header row of column names, then one row of values per line.
+/// Empty cells and `nan` (any case) are NaN. Returns the header and the rows.
+pub fn parse_csv(text: &str) -> Result<(Vec<String>, Vec<Vec<f32>>), String> {
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let (_, head) = lines.next().ok_or("no header row")?;
+    let header: Vec<String> = head.split(',').map(|c| c.trim().to_string()).collect();
+    if header.iter().any(String::is_empty) {
+        return Err("line 1: empty column name".into());
+    }
+    let mut rows = vec![];
+    for (i, line) in lines {
+        let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+        if cells.len() != header.len() {
+            return Err(format!("line {}: {} values, header has {}", i + 1, cells.len(), header.len()));
+        }
+        let row = cells
+            .iter()
+            .zip(&header)
+            .map(|(c, h)| {
+                if c.is_empty() || c.eq_ignore_ascii_case("nan") {
+                    Ok(f32::NAN)
+                } else {
+                    c.parse::<f32>().map_err(|_| format!("line {}: column {h}: {c:?} is not a number", i + 1))
+                }
+            })
+            .collect::<Result<Vec<f32>, String>>()?;
+        rows.push(row);
+    }
+    Ok((header, rows))
+}
+
 /// ONNX-style names of element types.
 fn dtype_name(dt: DatumType) -> String {
     match dt {
@@ -186,6 +336,39 @@ mod tests {
         let (onnx, _) = fixture("rul_linear");
         let err = Engine::load(&onnx, 3).expect_err("model takes 4 features");
         assert!(err.to_string().contains("features") || err.to_string().contains("load"), "{err}");
+    }
+
+    #[test]
+    fn inspect_lists_operators_and_io() {
+        let (onnx, _) = fixture("vibration_logreg");
+        let info = inspect(&onnx).expect("inspects");
+        assert_eq!(info.inputs.len(), 1);
+        assert_eq!(info.inputs[0].dtype, "float32");
+        assert_eq!(info.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), vec!["label", "probabilities"]);
+        assert!(info.operators.contains_key("ai.onnx.ml:LinearClassifier"), "{:?}", info.operators);
+        assert!(info.unsupported.is_empty());
+    }
+
+    #[test]
+    fn csv_parsing() {
+        let (h, rows) = parse_csv("a, b\n1,2.5\n\n,NaN\n").expect("parses");
+        assert_eq!(h, vec!["a", "b"]);
+        assert_eq!(rows[0], vec![1.0, 2.5]);
+        assert!(rows[1][0].is_nan() && rows[1][1].is_nan());
+        assert!(parse_csv("a,b\n1\n").expect_err("short row").contains("line 2"));
+        assert!(parse_csv("a,b\n1,x\n").expect_err("bad cell").contains("column b"));
+        assert!(parse_csv("").is_err());
+    }
+
+    #[test]
+    fn unsupported_operators_are_named_with_their_node() {
+        let (onnx, _) = fixture("forest_regressor");
+        let err = Engine::load(&onnx, 4).expect_err("tract lacks TreeEnsembleRegressor");
+        let msg = err.to_string();
+        assert!(matches!(err, EngineError::Unsupported(_)), "{msg}");
+        assert!(msg.contains("ai.onnx.ml:TreeEnsembleRegressor") && msg.contains("node"), "{msg}");
+        let info = inspect(&onnx).expect("inspects");
+        assert_eq!(info.unsupported.len(), 1, "{:?}", info.unsupported);
     }
 
     #[test]

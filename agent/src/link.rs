@@ -159,6 +159,8 @@ impl Link {
                     self.on_connected();
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => self.route(p),
+                // An orderly disconnect was sent: this link is done.
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(e) => {
                     let delay = self.backoff.next(rand::random::<f64>());

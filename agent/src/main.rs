@@ -29,6 +29,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check a model on this device, loading it exactly as the agent does.
+    #[command(subcommand)]
+    Model(ModelCmd),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Run a model over the rows of a CSV file (header row: input feature names, in order).
+    Run {
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// One JSON object per row (the default prints one readable line per row).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a model's inputs, outputs and operators, and what this engine cannot run.
+    Inspect {
+        model: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +64,8 @@ fn main() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Run { config } => run(config),
         Cmd::Status { config, state_dir, json } => status(config, state_dir, json),
+        Cmd::Model(ModelCmd::Run { model, input, json }) => model_run(&model, &input, json),
+        Cmd::Model(ModelCmd::Inspect { model, json }) => model_inspect(&model, json),
     };
     ExitCode::from(code as u8)
 }
@@ -136,5 +160,65 @@ fn status(config: PathBuf, state_dir: Option<PathBuf>, json: bool) -> i32 {
             eprintln!("lathe: {e}");
             exit::PROBLEM
         }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn model_run(model: &std::path::Path, input: &std::path::Path, json: bool) -> i32 {
+    let run = || -> Result<(), String> {
+        let onnx = read(model)?;
+        let text = String::from_utf8(read(input)?).map_err(|_| format!("{}: not UTF-8 text", input.display()))?;
+        let (header, rows) = lathe::engine::parse_csv(&text).map_err(|e| format!("{}: {e}", input.display()))?;
+        let engine = lathe::engine::Engine::load(&onnx, header.len()).map_err(|e| format!("{}: {e}", model.display()))?;
+        let outputs = engine.run(&rows).map_err(|e| format!("{}: {e}", model.display()))?;
+        for (i, o) in outputs.iter().enumerate() {
+            if json {
+                println!("{}", serde_json::to_string(o).expect("outputs serialize"));
+            } else {
+                let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                println!("row {i}: {}", parts.join(" "));
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("lathe: {e}");
+            exit::PROBLEM
+        }
+    }
+}
+
+fn model_inspect(model: &std::path::Path, json: bool) -> i32 {
+    let info = match read(model).and_then(|b| lathe::engine::inspect(&b).map_err(|e| format!("{}: {e}", model.display()))) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("lathe: {e}");
+            return exit::PROBLEM;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info).expect("info serializes"));
+    } else {
+        for (kind, list) in [("input", &info.inputs), ("output", &info.outputs)] {
+            for t in list {
+                println!("{kind:<10} {} {} [{}]", t.name, t.dtype, t.shape.join(", "));
+            }
+        }
+        for (op, n) in &info.operators {
+            println!("operator   {op} x{n}");
+        }
+        for u in &info.unsupported {
+            println!("UNSUPPORTED {u}");
+        }
+    }
+    if info.unsupported.is_empty() {
+        exit::OK
+    } else {
+        exit::PROBLEM
     }
 }

@@ -41,12 +41,29 @@ pub fn start(listen: SocketAddr, max_packet_bytes: usize) -> anyhow::Result<()> 
             tracing::error!(error = %e, "embedded broker stopped");
         }
     })?;
-    // Wait until it accepts connections.
+    // Wait until it completes an MQTT handshake.
     for _ in 0..100 {
-        if std::net::TcpStream::connect(listen).is_ok() {
+        if handshake(listen).is_ok() {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    anyhow::bail!("embedded broker did not start listening on {listen}")
+    anyhow::bail!("embedded broker did not start answering on {listen}")
+}
+
+/// An MQTT 3.1.1 CONNECT, CONNACK and DISCONNECT, so the broker sees a well-behaved client.
+fn handshake(addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
+    let id = b"lathe-hub-probe";
+    let mut pkt = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, id.len() as u8];
+    pkt.extend_from_slice(id);
+    s.write_all(&pkt)?;
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack)?;
+    if ack != [0x20, 0x02, 0x00, 0x00] {
+        return Err(std::io::Error::other(format!("unexpected CONNACK {ack:02x?}")));
+    }
+    s.write_all(&[0xe0, 0x00])
 }

@@ -4,7 +4,7 @@ use base64::Engine as _;
 use lathe::engine::Engine;
 use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Role};
 use protocol::keys::SigningKey;
-use protocol::messages::{Command, Response};
+use protocol::messages::{Command, Response, State, Status};
 use protocol::{Channel, Name, Topic};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::time::Duration;
@@ -59,34 +59,52 @@ pub struct Target {
 }
 
 /// Send a command to a device and wait for its response.
+///
+/// The command is published only once the device's retained state says it is online: agents
+/// use clean sessions, so a command sent while a device is offline would never arrive.
 pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyhow::Result<Response> {
     let id = Name::new(format!("c{:016x}", rand_u64()))?;
     let payload = serde_json::to_vec(cmd)?;
     let mut opts = MqttOptions::new(format!("lathe-hub-{id}"), target.host.clone(), target.port);
     opts.set_keep_alive(Duration::from_secs(15));
-    let size = payload.len() + 4096;
-    opts.set_max_packet_size(size.max(1 << 20), size.max(1 << 20));
+    let size = (payload.len() + 4096).max(1 << 20);
+    opts.set_max_packet_size(size, size);
     let (client, mut eventloop) = AsyncClient::new(opts, 16);
-    let res_topic = Topic::new(&target.fleet, &target.device, Channel::Response(id.clone())).to_string();
-    let cmd_topic = Topic::new(&target.fleet, &target.device, Channel::Command(id.clone())).to_string();
+    let (fleet, device) = (&target.fleet, &target.device);
+    let res_topic = Topic::new(fleet, device, Channel::Response(id.clone())).to_string();
+    let cmd_topic = Topic::new(fleet, device, Channel::Command(id.clone())).to_string();
+    let state_topic = Topic::new(fleet, device, Channel::State).to_string();
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_state: Option<State> = None;
     let mut sent = false;
     loop {
-        let ev = tokio::time::timeout_at(deadline, eventloop.poll()).await.map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from {}/{} within {}s: is the device online and subscribed? (command {id})",
-                target.fleet,
-                target.device,
-                timeout.as_secs()
-            )
-        })?;
+        let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(ev) => ev,
+            Err(_) => {
+                let why = match (&last_state, sent) {
+                    (_, true) => "the device did not answer".to_string(),
+                    (None, false) => "the device has never connected to this broker".to_string(),
+                    (Some(s), false) => format!(
+                        "the device is offline (reason: {})",
+                        s.reason.as_deref().unwrap_or("unknown")
+                    ),
+                };
+                anyhow::bail!("no answer from {fleet}/{device} within {}s: {why} (command {id})", timeout.as_secs());
+            }
+        };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 client.subscribe(res_topic.clone(), QoS::AtLeastOnce).await?;
+                client.subscribe(state_topic.clone(), QoS::AtLeastOnce).await?;
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) if !sent => {
-                client.publish(cmd_topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
-                sent = true;
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == state_topic => {
+                let state: Option<State> = serde_json::from_slice(&p.payload).ok();
+                let online = state.as_ref().is_some_and(|s| s.status == Status::Online);
+                last_state = state;
+                if online && !sent {
+                    client.publish(cmd_topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                    sent = true;
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == res_topic => {
                 let resp: Response = serde_json::from_slice(&p.payload)

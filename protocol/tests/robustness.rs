@@ -1,0 +1,54 @@
+//! Decoders of untrusted bytes never panic, and no mutation of a valid bundle verifies unless
+//! it leaves the signed and hashed bytes intact.
+
+use proptest::prelude::*;
+use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Policy, Role};
+use protocol::keys::{SigningKey, TrustStore};
+use protocol::messages::{Ack, Command, SyncBatch};
+
+fn valid() -> (Vec<u8>, TrustStore) {
+    let k = SigningKey::from_seed(&[5; 32]);
+    let m = Manifest {
+        format: 1,
+        name: "m".into(),
+        version: 2,
+        created: 10,
+        expires: 1 << 40,
+        payloads: vec![],
+        input: InputSchema { name: "x".into(), dtype: "float32".into(), features: vec!["a".into(), "b".into()] },
+        outputs: vec![OutputSchema { name: "y".into(), dtype: "float32".into() }],
+    };
+    let r = PayloadRef { role: Role::Model, name: "model.onnx".into(), sha256: String::new(), size: 0 };
+    let b = bundle::pack(m, &[(r, b"not really onnx, but hashed".to_vec())], &[&k]).expect("packs");
+    (b, TrustStore::new([k.public_key()]))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn verify_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let (_, trust) = valid();
+        let p = Policy { trust: &trust, threshold: 1, now: 100, installed_version: None };
+        let _ = bundle::verify(&bytes, &p);
+        let _ = bundle::inspect(&bytes);
+    }
+
+    #[test]
+    fn mutated_bundles_are_refused(pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let (b, trust) = valid();
+        let i = pos.index(b.len());
+        prop_assume!(b[i] != byte);
+        let mut t = b.clone();
+        t[i] = byte;
+        let p = Policy { trust: &trust, threshold: 1, now: 100, installed_version: None };
+        prop_assert!(bundle::verify(&t, &p).is_err(), "byte {} set to {} was accepted", i, byte);
+    }
+
+    #[test]
+    fn message_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = serde_json::from_slice::<Command>(&bytes);
+        let _ = serde_json::from_slice::<SyncBatch>(&bytes);
+        let _ = serde_json::from_slice::<Ack>(&bytes);
+    }
+}

@@ -1,0 +1,118 @@
+//! The agent's hub link over TLS (rustls with ring) against a real Mosquitto TLS listener.
+
+use lathe_e2e::*;
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let (code, out, err) = run(Command::new("openssl").args(args).current_dir(dir));
+    assert_eq!(code, 0, "openssl {args:?}: {out}{err}");
+}
+
+/// A CA, and a server certificate for `localhost` signed by it.
+fn make_pki(dir: &Path, ca: &str) {
+    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem"), "-days", "2", "-subj", &format!("/CN={ca}")]);
+}
+
+fn make_server_cert(dir: &Path, ca: &str) {
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").expect("write");
+    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"),
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"]);
+}
+
+fn config(dir: &Path, name: &str, tls_port: u16, ca: &str) -> std::path::PathBuf {
+    let d = dir.display();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[device]
+fleet = "plant1"
+id = "{name}"
+state_dir = "{d}/{name}-state"
+[broker]
+host = "localhost"
+port = {tls_port}
+keep_alive_secs = 5
+backoff_initial_ms = 100
+backoff_max_ms = 500
+[broker.tls]
+ca_file = "{d}/{ca}.pem"
+[trust]
+keys_file = "{d}/trust.keys"
+"#
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+#[test]
+fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_pki(d, "ca");
+    make_pki(d, "other-ca");
+    make_server_cert(d, "ca");
+    let tls_port = free_port();
+    let broker = Mosquitto::start_with(
+        d,
+        "tls-broker",
+        &format!(
+            "listener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+            d = d.display()
+        ),
+    );
+    assert!(wait_for_port(tls_port, Duration::from_secs(10)));
+    // Any valid key will do: this test deploys nothing.
+    let (code, out, err) = run(Command::new(&bins().1).args(["keygen", "--out-dir"]).arg(d).args(["--name", "k"]));
+    assert_eq!(code, 0, "{out}{err}");
+    std::fs::copy(d.join("k.pub"), d.join("trust.keys")).expect("trust");
+
+    // Watch births on the plain listener of the same broker.
+    let mut opts = MqttOptions::new("tls-watch", "127.0.0.1", broker.port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = Client::new(opts, 10);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe("lathe/v1/plant1/+/state", QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+
+    let good = config(d, "good", tls_port, "ca");
+    let _agent = Proc::spawn("lathe run (tls)", Command::new(&bins().0).arg("run").arg("--config").arg(&good));
+    let online = eventually(Duration::from_secs(30), || {
+        let (topic, p) = rx.recv_timeout(Duration::from_millis(200)).ok()?;
+        let v: Value = serde_json::from_slice(&p).ok()?;
+        (topic.ends_with("/good/state") && v["status"] == "online").then_some(())
+    });
+    assert!(online.is_some(), "agent did not come online over TLS");
+
+    // An agent that trusts another CA must not connect, and must say why.
+    let bad = config(d, "bad", tls_port, "other-ca");
+    let _bad_agent = Proc::spawn("lathe run (bad ca)", Command::new(&bins().0).arg("run").arg("--config").arg(&bad));
+    let refused = eventually(Duration::from_secs(20), || {
+        let (code, out, _) = run(Command::new(&bins().0).args(["status", "--json", "--state-dir"]).arg(d.join("bad-state")));
+        let v: Value = serde_json::from_str(&out).ok()?;
+        let err = v["connection"]["error"].as_str()?.to_lowercase();
+        (code == 1 && v["connection"]["state"] == "disconnected" && err.contains("certificate")).then_some(err)
+    });
+    assert!(refused.is_some(), "the agent with the wrong CA did not report a certificate error");
+}

@@ -82,6 +82,7 @@ impl Drop for Proc {
 pub struct Mosquitto {
     pub port: u16,
     conf: PathBuf,
+    log: PathBuf,
     proc: Option<Proc>,
 }
 
@@ -97,22 +98,31 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "per_listener_settings false\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlistener {port} 127.0.0.1\n{extra}"
+                // `user root`: when started as root, Mosquitto would otherwise switch to its own
+                // user, which cannot read the test's private temporary directory.
+                "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlistener {port} 127.0.0.1\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
-        let mut m = Mosquitto { port, conf, proc: None };
+        let log = dir.join(format!("{name}.log"));
+        let mut m = Mosquitto { port, conf, log, proc: None };
         m.up();
         m
     }
 
     pub fn up(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("mosquitto log");
         let p = Proc::spawn(
             "mosquitto",
-            Command::new("mosquitto").arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::null()),
+            Command::new("mosquitto").arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(log),
         );
         self.proc = Some(p);
-        assert!(wait_for_port(self.port, Duration::from_secs(10)), "mosquitto did not listen on {}", self.port);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(10)),
+            "mosquitto did not listen on {}:\n{}",
+            self.port,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 
     /// Kill the broker outright, as a crash or power cut would.

@@ -137,6 +137,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         client: client.clone(),
         topic: Topic::new(&fleet, &device, Channel::Events).to_string(),
         sync: sync_tx.clone(),
+        conn: hub_state_rx.clone(),
     };
     for e in startup_events {
         events.emit(e).await;
@@ -151,7 +152,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         client: client.clone(),
         rx: sync_rx,
         acks: acks_rx,
-        conn: hub_state_rx,
+        conn: hub_state_rx.clone(),
         metrics: metrics.clone(),
     };
     let sync_task = tokio::spawn(sync.run());
@@ -173,6 +174,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         client: client.clone(),
         pred_topic: Topic::new(&fleet, &device, Channel::Predictions).to_string(),
         publish: cfg.predictions.publish.then(|| qos(cfg.predictions.qos)),
+        conn: hub_state_rx.clone(),
         max_batch: cfg.inputs.max_batch,
         metrics: metrics.clone(),
     };
@@ -184,11 +186,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         producers.spawn(inference.run(shutdown.clone()));
         let health_topic = Topic::new(&fleet, &device, Channel::Health).to_string();
         let (hc, hm, ha, sd) = (client.clone(), metrics.clone(), active.clone(), shutdown.clone());
+        let hconn = hub_state_rx.clone();
         let every = Duration::from_secs(cfg.health.interval_secs);
         producers.spawn(async move {
             let mut t = tokio::time::interval(every);
             loop {
                 tokio::select! { _ = sd.cancelled() => break, _ = t.tick() => {} }
+                if *hconn.borrow() != ConnState::Connected {
+                    continue;
+                }
                 let h = Health {
                     ts_ms: now_ms(),
                     model: ha.load().as_ref().map(|m| m.model_ref()),

@@ -287,18 +287,21 @@ pub struct DeployTask {
     pub metrics: Arc<Metrics>,
 }
 
-/// Publishes events live and buffers them in the outbox.
+/// Publishes events live (while connected) and buffers them in the outbox (always).
 #[derive(Clone)]
 pub struct Events {
     pub client: AsyncClient,
     pub topic: String,
     pub sync: mpsc::Sender<SyncMsg>,
+    pub conn: tokio::sync::watch::Receiver<crate::link::ConnState>,
 }
 
 impl Events {
     pub async fn emit(&self, e: Event) {
         let data = serde_json::to_string(&e).expect("an event serializes");
-        let _ = self.client.try_publish(self.topic.clone(), QoS::AtLeastOnce, false, data.clone());
+        if *self.conn.borrow() == crate::link::ConnState::Connected {
+            let _ = self.client.try_publish(self.topic.clone(), QoS::AtLeastOnce, false, data.clone());
+        }
         let rec = NewRecord { stream: protocol::streams::EVENTS, ts_ms: e.ts_ms, data };
         let _ = self.sync.send(SyncMsg::Append(vec![rec])).await;
     }

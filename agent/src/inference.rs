@@ -68,6 +68,8 @@ pub struct InferenceTask {
     pub client: AsyncClient,
     pub pred_topic: String,
     pub publish: Option<QoS>,
+    /// The hub link's state: live copies are published only while it is up.
+    pub conn: tokio::sync::watch::Receiver<crate::link::ConnState>,
     pub max_batch: usize,
     pub metrics: Arc<Metrics>,
 }
@@ -152,7 +154,8 @@ impl InferenceTask {
         for (p, outputs) in batch.into_iter().zip(outputs) {
             let pred = Prediction { ts_ms, model: model.model_ref(), source: p.source, reading_id: p.row.id, outputs };
             let data = serde_json::to_string(&pred).expect("a prediction serializes");
-            if let Some(qos) = self.publish {
+            let connected = *self.conn.borrow() == crate::link::ConnState::Connected;
+            if let Some(qos) = self.publish.filter(|_| connected) {
                 // Live copies are best effort; the outbox copy is the one that is guaranteed.
                 if self.client.try_publish(self.pred_topic.clone(), qos, false, data.clone()).is_err() {
                     self.metrics.dropped.inc();

@@ -163,6 +163,11 @@ impl Link {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(e) => {
+                    // Requests queued for the dead connection are stale: a clean session would
+                    // drop them at reconnect anyway, and the outbox resends what matters. Drop
+                    // them now so that nothing piles up while the link is down.
+                    self.eventloop.clean();
+                    self.eventloop.pending.clear();
                     let delay = self.backoff.next(rand::random::<f64>());
                     let error = describe(&e);
                     warn!(link = self.name, %error, retry_in_ms = delay.as_millis() as u64, "connection lost");
@@ -177,16 +182,17 @@ impl Link {
         debug!(link = self.name, "link stopped");
     }
 
+    /// Subscriptions and the birth message go straight to the front of the event loop's own
+    /// queue: they are sent first, whatever else is queued, and can never be refused.
     fn on_connected(&mut self) {
         if let Some((topic, make)) = &self.birth {
-            if let Err(e) = self.client.try_publish(topic.clone(), QoS::AtLeastOnce, true, make()) {
-                warn!(link = self.name, error = %e, "could not queue birth message");
-            }
+            let mut birth = rumqttc::Publish::new(topic.clone(), QoS::AtLeastOnce, make());
+            birth.retain = true;
+            self.eventloop.pending.push_front(rumqttc::Request::Publish(birth));
         }
-        for (filter, qos) in &self.subscriptions {
-            if let Err(e) = self.client.try_subscribe(filter.clone(), *qos) {
-                warn!(link = self.name, %filter, error = %e, "could not queue subscription");
-            }
+        if !self.subscriptions.is_empty() {
+            let filters = self.subscriptions.iter().map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
+            self.eventloop.pending.push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
         }
         self.state.send_replace(ConnState::Connected);
     }

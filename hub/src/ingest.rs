@@ -54,9 +54,10 @@ impl Ingest {
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(200);
-                    for f in [filter::all_sync(), filter::all_state(), filter::all_events()] {
-                        client.try_subscribe(f, QoS::AtLeastOnce)?;
-                    }
+                    // Straight to the front of the event loop's queue: never refused, sent first.
+                    let filters = [filter::all_sync(), filter::all_state(), filter::all_events()]
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                    eventloop.pending.push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
                     info!("ingest connected");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -77,6 +78,9 @@ impl Ingest {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // Acks queued for the dead connection are stale; devices resend and get new ones.
+                    eventloop.clean();
+                    eventloop.pending.clear();
                     warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ingest connection lost");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,

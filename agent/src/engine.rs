@@ -58,13 +58,13 @@ pub struct TensorInfo {
 }
 
 fn parse(onnx: &[u8]) -> Result<tract_onnx::pb::ModelProto, EngineError> {
-    tract_onnx::onnx()
+    crate::ml::onnx()
         .proto_model_for_read(&mut std::io::Cursor::new(onnx))
         .map_err(|e| EngineError::Load(format!("not an ONNX model: {e:#}")))
 }
 
 fn unsupported(proto: &tract_onnx::pb::ModelProto) -> Vec<UnsupportedOp> {
-    let register = &tract_onnx::onnx().op_register;
+    let register = &crate::ml::onnx().op_register;
     let mut out = vec![];
     if let Some(g) = &proto.graph {
         for n in &g.node {
@@ -161,7 +161,7 @@ impl Engine {
         if !missing.is_empty() {
             return Err(EngineError::Unsupported(missing));
         }
-        let mut model = tract_onnx::onnx().model_for_proto_model(&proto).map_err(load)?;
+        let mut model = crate::ml::onnx().model_for_proto_model(&proto).map_err(load)?;
         if model.inputs.len() != 1 {
             return Err(EngineError::Load(format!("model has {} inputs; Lathe runs models with one", model.inputs.len())));
         }

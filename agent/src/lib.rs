@@ -7,6 +7,7 @@ pub mod engine;
 pub mod inference;
 pub mod link;
 pub mod metrics;
+pub mod ml;
 pub mod status;
 pub mod store;
 pub mod sync;

@@ -329,6 +329,7 @@ mod tests {
         check("vibration_logreg");
         check("rul_linear");
         check("health_mlp");
+        check("forest_regressor");
     }
 
     #[test]
@@ -362,11 +363,12 @@ mod tests {
 
     #[test]
     fn unsupported_operators_are_named_with_their_node() {
-        let (onnx, _) = fixture("forest_regressor");
-        let err = Engine::load(&onnx, 4).expect_err("tract lacks TreeEnsembleRegressor");
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus/svr_linear.onnx");
+        let onnx = std::fs::read(path).expect("corpus model");
+        let err = Engine::load(&onnx, 6).expect_err("SVMRegressor is not implemented yet");
         let msg = err.to_string();
         assert!(matches!(err, EngineError::Unsupported(_)), "{msg}");
-        assert!(msg.contains("ai.onnx.ml:TreeEnsembleRegressor") && msg.contains("node"), "{msg}");
+        assert!(msg.contains("ai.onnx.ml:SVMRegressor") && msg.contains("node"), "{msg}");
         let info = inspect(&onnx).expect("inspects");
         assert_eq!(info.unsupported.len(), 1, "{:?}", info.unsupported);
     }

@@ -10,8 +10,6 @@ use serde_json::Value;
 use std::path::PathBuf;
 
 const NOT_YET: &[&str] = &[
-    "ai.onnx.ml:TreeEnsembleRegressor",
-    "ai.onnx.ml:TreeEnsembleClassifier",
     "ai.onnx.ml:SVMClassifier",
     "ai.onnx.ml:SVMRegressor",
     "ai.onnx.ml:OneHotEncoder",

@@ -5,6 +5,8 @@
 //! other. This module is the only place the engine's operator set is extended; [`onnx`] is the
 //! loader every part of Lathe uses.
 
+mod trees;
+
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core;
@@ -22,6 +24,9 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("Scaler", scaler);
     reg.insert("Imputer", imputer);
     reg.insert("Binarizer", binarizer);
+    // tract's own TreeEnsembleClassifier gives wrong labels for binary models; ours replaces it.
+    reg.insert("TreeEnsembleClassifier", trees::classifier);
+    reg.insert("TreeEnsembleRegressor", trees::regressor);
 }
 
 /// A per-feature (or single) float parameter as a `[1, n]` tensor, ready to broadcast.

@@ -12,8 +12,6 @@ use std::path::PathBuf;
 const NOT_YET: &[&str] = &[
     "ai.onnx.ml:SVMClassifier",
     "ai.onnx.ml:SVMRegressor",
-    "ai.onnx.ml:OneHotEncoder",
-    "ai.onnx.ml:LabelEncoder",
 ];
 
 fn corpus() -> PathBuf {

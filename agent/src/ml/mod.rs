@@ -5,6 +5,7 @@
 //! other. This module is the only place the engine's operator set is extended; [`onnx`] is the
 //! loader every part of Lathe uses.
 
+mod encoders;
 mod trees;
 
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
@@ -27,6 +28,8 @@ pub fn register(reg: &mut OnnxOpRegister) {
     // tract's own TreeEnsembleClassifier gives wrong labels for binary models; ours replaces it.
     reg.insert("TreeEnsembleClassifier", trees::classifier);
     reg.insert("TreeEnsembleRegressor", trees::regressor);
+    reg.insert("LabelEncoder", encoders::label_encoder);
+    reg.insert("OneHotEncoder", encoders::one_hot_encoder);
 }
 
 /// A per-feature (or single) float parameter as a `[1, n]` tensor, ready to broadcast.

@@ -366,3 +366,31 @@ fn bad_config_exits_with_the_config_code_and_names_the_field() {
     let (code, _, err) = run(Command::new(&bins().0).arg("run").arg("--bogus"));
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn pack_refuses_a_model_the_agent_cannot_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8").to_string();
+    let (code, out, err) = run(&mut hub(&["keygen", "--out-dir", &d, "--name", "k1"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let out_file = format!("{d}/x.lbundle");
+    let (code, out, err) = run(&mut hub(&[
+        "bundle",
+        "pack",
+        "--model",
+        fixture("unsupported_op.onnx").to_str().expect("utf8"),
+        "--name",
+        "x",
+        "--version",
+        "1",
+        "--features",
+        "a,b,c,d",
+        "--key",
+        &format!("{d}/k1.key"),
+        "--out",
+        &out_file,
+    ]));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("refusing to sign") && err.contains("com.example.lathe:FeatureHasher") && err.contains("hash_features"), "{err}");
+    assert!(!std::path::Path::new(&out_file).exists(), "nothing is written for a refused model");
+}

@@ -363,12 +363,12 @@ mod tests {
 
     #[test]
     fn unsupported_operators_are_named_with_their_node() {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus/svr_linear.onnx");
-        let onnx = std::fs::read(path).expect("corpus model");
-        let err = Engine::load(&onnx, 6).expect_err("SVMRegressor is not implemented yet");
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/unsupported_op.onnx");
+        let onnx = std::fs::read(path).expect("fixture model");
+        let err = Engine::load(&onnx, 4).expect_err("nobody implements FeatureHasher");
         let msg = err.to_string();
         assert!(matches!(err, EngineError::Unsupported(_)), "{msg}");
-        assert!(msg.contains("ai.onnx.ml:SVMRegressor") && msg.contains("node"), "{msg}");
+        assert!(msg.contains("com.example.lathe:FeatureHasher") && msg.contains("hash_features"), "{msg}");
         let info = inspect(&onnx).expect("inspects");
         assert_eq!(info.unsupported.len(), 1, "{:?}", info.unsupported);
     }

@@ -1,18 +1,11 @@
 //! The scikit-learn conformance corpus (`fixtures/corpus/`): every model is loaded as the agent
 //! loads it and run over its cases; labels must equal onnxruntime's and scores must match within
 //! 1e-5 relative (values below 1 compared absolutely at 1e-5).
-//!
-//! Models that use an operator listed in `NOT_YET` are reported, not checked: those operators
-//! are still to be implemented (or, for TreeEnsembleClassifier, corrected) in `agent/src/ml`.
+//! Every model in the corpus must load and match.
 
 use lathe::engine::Engine;
 use serde_json::Value;
 use std::path::PathBuf;
-
-const NOT_YET: &[&str] = &[
-    "ai.onnx.ml:SVMClassifier",
-    "ai.onnx.ml:SVMRegressor",
-];
 
 fn corpus() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus")
@@ -57,14 +50,9 @@ fn check(name: &str) -> Result<usize, String> {
 fn corpus_matches_onnxruntime() {
     let index: Vec<Value> =
         serde_json::from_slice(&std::fs::read(corpus().join("index.json")).expect("fixtures/corpus/index.json")).expect("json");
-    let (mut checked, mut cases, mut pending, mut failures) = (0, 0, vec![], vec![]);
+    let (mut checked, mut cases, mut failures) = (0, 0, vec![]);
     for m in &index {
         let name = m["name"].as_str().expect("name");
-        let ops: Vec<&str> = m["operators"].as_array().expect("operators").iter().filter_map(Value::as_str).collect();
-        if let Some(op) = ops.iter().find(|o| NOT_YET.contains(o)) {
-            pending.push(format!("{name} ({op})"));
-            continue;
-        }
         match check(name) {
             Ok(n) => {
                 checked += 1;
@@ -73,7 +61,8 @@ fn corpus_matches_onnxruntime() {
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
-    println!("conformance: {checked} models ({cases} cases) match; {} pending: {}", pending.len(), pending.join(", "));
+    println!("conformance: {checked} models ({cases} cases) match onnxruntime");
     assert!(failures.is_empty(), "{} model(s) do not match onnxruntime:\n{}", failures.len(), failures.join("\n"));
-    assert!(checked >= 30, "only {checked} models checked");
+    assert_eq!(checked, index.len());
+    assert!(checked >= 80, "the corpus shrank to {checked} models");
 }

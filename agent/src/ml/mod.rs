@@ -6,6 +6,7 @@
 //! loader every part of Lathe uses.
 
 mod encoders;
+mod svm;
 mod trees;
 
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
@@ -30,6 +31,10 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("TreeEnsembleRegressor", trees::regressor);
     reg.insert("LabelEncoder", encoders::label_encoder);
     reg.insert("OneHotEncoder", encoders::one_hot_encoder);
+    reg.insert("SVMClassifier", svm::classifier);
+    reg.insert("SVMRegressor", svm::regressor);
+    // tract drops the last axis for a scalar index; onnxruntime keeps it ([N, 1]).
+    reg.insert("ArrayFeatureExtractor", array_feature_extractor);
 }
 
 /// A per-feature (or single) float parameter as a `[1, n]` tensor, ready to broadcast.
@@ -211,5 +216,65 @@ impl Expansion for Binarizer {
         let gt = tract_core::ops::binary::TypedBinOp(tract_core::ops::logic::comp_gt(), None);
         let above = model.wire_node(format!("{prefix}.gt"), gt, &[x, t])?;
         model.wire_node(format!("{prefix}.to_f32"), tract_core::ops::cast::cast(f32::datum_type()), &above)
+    }
+}
+
+/// `ArrayFeatureExtractor`: picks entries of the last axis, as onnxruntime does: the indices
+/// are taken flat; the output keeps every axis of the input, the last one sized by the number
+/// of indices; a 1-D input gives `[1, n]`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct ArrayFeatureExtractor;
+
+fn array_feature_extractor(_: &ParsingContext, _: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(ArrayFeatureExtractor), vec![]))
+}
+
+impl Expansion for ArrayFeatureExtractor {
+    fn name(&self) -> StaticName {
+        "ArrayFeatureExtractor".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 2)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        s.given(&inputs[0].rank, move |s, rank| {
+            s.equals(&outputs[0].rank, rank.max(2))?;
+            for axis in 0..(rank as usize).saturating_sub(1) {
+                s.equals(&outputs[0].shape[axis], &inputs[0].shape[axis])?;
+            }
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        let rank = model.outlet_fact(inputs[0])?.rank();
+        ensure!(rank >= 1, "ArrayFeatureExtractor needs an input of rank 1 or more");
+        let mut idx = inputs[1];
+        let idx_fact = model.outlet_fact(idx)?.clone();
+        match idx_fact.rank() {
+            0 => idx = model.wire_node(format!("{prefix}.index_as_list"), AxisOp::Add(0), &[idx])?[0],
+            1 => {}
+            _ => {
+                let from: TVec<TDim> = idx_fact.shape.to_tvec();
+                let n: TDim = from.iter().product();
+                idx = model.wire_node(format!("{prefix}.flat_index"), AxisOp::Reshape(0, from, tvec!(n)), &[idx])?[0];
+            }
+        }
+        if idx_fact.datum_type != i64::datum_type() {
+            idx = model.wire_node(format!("{prefix}.index_i64"), tract_core::ops::cast::cast(i64::datum_type()), &[idx])?[0];
+        }
+        let picked = model.wire_node(format!("{prefix}.gather"), tract_core::ops::array::Gather::new(rank - 1), &[inputs[0], idx])?;
+        if rank == 1 {
+            model.wire_node(prefix, AxisOp::Add(0), &picked)
+        } else {
+            Ok(picked)
+        }
     }
 }

@@ -249,7 +249,7 @@ fn logistic(x: f32) -> f32 {
 }
 
 /// onnxruntime's probit: sqrt(2) * erfinv(2p - 1), with the same erfinv approximation.
-fn probit(p: f32) -> f32 {
+pub(super) fn probit(p: f32) -> f32 {
     let x = p * 2.0 - 1.0;
     let sgn = if x < 0.0 { -1.0 } else { 1.0 };
     let x = (1.0 - x) * (1.0 + x);

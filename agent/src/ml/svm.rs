@@ -1,0 +1,520 @@
+//! `SVMClassifier` and `SVMRegressor`, with onnxruntime's semantics: libsvm one-vs-one
+//! voting, Platt probabilities with pairwise coupling, and onnxruntime's binary-case layout.
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kernel {
+    Linear,
+    Poly,
+    Rbf,
+    Sigmoid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Post {
+    None,
+    Logistic,
+    Softmax,
+    SoftmaxZero,
+    Probit,
+}
+
+/// f32 values kept as bits so the operator can be hashed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+struct Floats(Vec<u32>);
+
+impl Floats {
+    fn new(v: &[f32]) -> Floats {
+        Floats(v.iter().map(|f| f.to_bits()).collect())
+    }
+    fn get(&self) -> Vec<f32> {
+        self.0.iter().map(|b| f32::from_bits(*b)).collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Params {
+    kernel: Kernel,
+    /// gamma, coef0, degree
+    kp: Floats,
+}
+
+impl Params {
+    fn parse(node: &NodeProto) -> TractResult<Params> {
+        let kernel = match node.get_attr_opt::<&str>("kernel_type")?.unwrap_or("LINEAR") {
+            "LINEAR" => Kernel::Linear,
+            "POLY" => Kernel::Poly,
+            "RBF" => Kernel::Rbf,
+            "SIGMOID" => Kernel::Sigmoid,
+            other => bail!("node {:?}: unknown kernel_type {other:?}", node.name),
+        };
+        let kp: Vec<f32> = node.get_attr_opt_vec("kernel_params")?.unwrap_or_default();
+        let kp = if kp.is_empty() { vec![0.0, 0.0, 0.0] } else { kp };
+        ensure!(kp.len() == 3, "node {:?}: kernel_params must hold gamma, coef0, degree", node.name);
+        Ok(Params { kernel, kp: Floats::new(&kp) })
+    }
+
+    /// Kernel values of one row against `n` vectors of `k` features; `c` is added to linear
+    /// kernels (onnxruntime passes rho there in linear mode).
+    fn kernels(&self, x: &[f32], vectors: &[f32], k: usize, c: f32) -> Vec<f32> {
+        let kp = self.kp.get();
+        let (gamma, coef0, degree) = (kp[0], kp[1], kp[2]);
+        vectors
+            .chunks(k)
+            .map(|v| match self.kernel {
+                Kernel::Rbf => {
+                    let d: f32 = x.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum();
+                    (-gamma * d).exp()
+                }
+                Kernel::Linear => x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + c,
+                Kernel::Poly => {
+                    let s = gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0;
+                    match degree as i32 {
+                        2 if degree == 2.0 => s * s,
+                        3 if degree == 3.0 => s * s * s,
+                        _ => s.powf(degree),
+                    }
+                }
+                Kernel::Sigmoid => (gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0).tanh(),
+            })
+            .collect()
+    }
+}
+
+fn post(node: &NodeProto) -> TractResult<Post> {
+    Ok(match node.get_attr_opt::<&str>("post_transform")?.unwrap_or("NONE") {
+        "NONE" => Post::None,
+        "LOGISTIC" => Post::Logistic,
+        "SOFTMAX" => Post::Softmax,
+        "SOFTMAX_ZERO" => Post::SoftmaxZero,
+        "PROBIT" => Post::Probit,
+        other => bail!("node {:?}: unknown post_transform {other:?}", node.name),
+    })
+}
+
+fn logistic(v: f32) -> f32 {
+    let e = 1.0 / (1.0 + (-v.abs()).exp());
+    if v < 0.0 {
+        1.0 - e
+    } else {
+        e
+    }
+}
+
+fn probit(v: f32) -> f32 {
+    super::trees::probit(v)
+}
+
+fn transform(p: Post, s: &mut [f32]) {
+    match p {
+        Post::None => {}
+        Post::Probit => s.iter_mut().for_each(|v| *v = probit(*v)),
+        Post::Logistic => s.iter_mut().for_each(|v| *v = logistic(*v)),
+        Post::Softmax => {
+            let max = s.iter().copied().fold(-f32::MAX, f32::max);
+            s.iter_mut().for_each(|v| *v = (*v - max).exp());
+            let sum: f32 = s.iter().sum();
+            s.iter_mut().for_each(|v| *v /= sum);
+        }
+        Post::SoftmaxZero => {
+            let max = s.iter().copied().fold(-f32::MAX, f32::max);
+            let scale = (-max).exp();
+            let mut sum = 0.0;
+            for v in s.iter_mut() {
+                if *v > 1e-7 || *v < -1e-7 {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                } else {
+                    *v *= scale;
+                }
+            }
+            s.iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+}
+
+/// Pairwise coupling (Wu, Lin and Weng), as libsvm and onnxruntime compute it, in f32.
+fn multiclass_probability(k: usize, r: &[f32]) -> Vec<f32> {
+    let mut q = vec![0f32; k * k];
+    let mut qp = vec![0f32; k];
+    let mut p = vec![1.0 / k as f32; k];
+    let eps = 0.005 / k as f32;
+    for i in 0..k {
+        for j in 0..i {
+            q[i * k + i] += r[j * k + i] * r[j * k + i];
+            q[i * k + j] = q[j * k + i];
+        }
+        for j in i + 1..k {
+            q[i * k + i] += r[j * k + i] * r[j * k + i];
+            q[i * k + j] = -r[j * k + i] * r[i * k + j];
+        }
+    }
+    for _ in 0..100 {
+        let mut pqp = 0f32;
+        for i in 0..k {
+            qp[i] = (0..k).map(|j| q[i * k + j] * p[j]).fold(0.0, |a, b| a + b);
+            pqp += p[i] * qp[i];
+        }
+        let max_error = qp.iter().map(|v| (v - pqp).abs()).fold(0f32, f32::max);
+        if max_error < eps {
+            break;
+        }
+        for i in 0..k {
+            let diff = (-qp[i] + pqp) / q[i * k + i];
+            p[i] += diff;
+            pqp = (pqp + diff * (diff * q[i * k + i] + 2.0 * qp[i])) / (1.0 + diff) / (1.0 + diff);
+            for j in 0..k {
+                qp[j] = (qp[j] + diff * q[i * k + j]) / (1.0 + diff);
+                p[j] /= 1.0 + diff;
+            }
+        }
+    }
+    p
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Classifier {
+    params: Params,
+    post: Post,
+    labels: Vec<i64>,
+    vectors_per_class: Vec<usize>,
+    support: Floats,
+    coefficients: Floats,
+    rho: Floats,
+    prob_a: Floats,
+    prob_b: Floats,
+    features: usize,
+}
+
+impl Classifier {
+    fn parse(node: &NodeProto) -> TractResult<Classifier> {
+        let name = &node.name;
+        let labels: Vec<i64> = node.get_attr_opt_vec("classlabels_ints")?.filter(|l: &Vec<i64>| !l.is_empty()).ok_or_else(|| {
+            format_err!("node {name:?}: only integer class labels (classlabels_ints) are supported")
+        })?;
+        let vpc: Vec<i64> = node.get_attr_opt_vec("vectors_per_class")?.unwrap_or_default();
+        let support: Vec<f32> = node.get_attr_opt_vec("support_vectors")?.unwrap_or_default();
+        let coefficients: Vec<f32> = node.get_attr_vec("coefficients")?;
+        let rho: Vec<f32> = node.get_attr_vec("rho")?;
+        let prob_a: Vec<f32> = node.get_attr_opt_vec("prob_a")?.unwrap_or_default();
+        let prob_b: Vec<f32> = node.get_attr_opt_vec("prob_b")?.unwrap_or_default();
+        let classes = labels.len();
+        let vectors: usize = vpc.iter().map(|v| *v as usize).sum();
+        ensure!(classes >= 2, "node {name:?}: at least two classes are needed");
+        ensure!(!rho.is_empty(), "node {name:?}: rho is empty");
+        let features = if vectors > 0 {
+            ensure!(vpc.len() == classes, "node {name:?}: vectors_per_class has {} entries for {classes} classes", vpc.len());
+            ensure!(support.len() % vectors == 0, "node {name:?}: support_vectors do not divide into {vectors} vectors");
+            ensure!(coefficients.len() == (classes - 1) * vectors, "node {name:?}: coefficients have the wrong size");
+            let pairs = classes * (classes - 1) / 2;
+            ensure!(rho.len() >= pairs, "node {name:?}: rho needs {pairs} values");
+            ensure!(prob_a.is_empty() || (prob_a.len() >= pairs && prob_b.len() >= pairs), "node {name:?}: prob_a/prob_b need {pairs} values");
+            support.len() / vectors
+        } else {
+            ensure!(coefficients.len() % classes == 0, "node {name:?}: coefficients do not divide into {classes} classes");
+            coefficients.len() / classes
+        };
+        Ok(Classifier {
+            params: Params::parse(node)?,
+            post: post(node)?,
+            labels,
+            vectors_per_class: vpc.iter().map(|v| *v as usize).collect(),
+            support: Floats::new(&support),
+            coefficients: Floats::new(&coefficients),
+            rho: Floats::new(&rho),
+            prob_a: Floats::new(&prob_a),
+            prob_b: Floats::new(&prob_b),
+            features,
+        })
+    }
+
+    /// Columns of the scores output.
+    fn score_width(&self) -> usize {
+        let c = self.labels.len();
+        if !self.vectors_per_class.is_empty() && self.prob_a.0.is_empty() {
+            if c > 2 {
+                c * (c - 1) / 2
+            } else {
+                2
+            }
+        } else {
+            c
+        }
+    }
+
+    fn eval(&self, x: &[f32], rows: usize) -> (Vec<i64>, Vec<f32>) {
+        let c = self.labels.len();
+        let f = self.features;
+        let coef = self.coefficients.get();
+        let rho = self.rho.get();
+        let all_positive = coef.iter().all(|v| *v >= 0.0);
+        let have_proba = !self.prob_a.0.is_empty();
+        let svc = !self.vectors_per_class.is_empty();
+        let width = self.score_width();
+        let (mut labels, mut out) = (Vec::with_capacity(rows), Vec::with_capacity(rows * width));
+        let support = self.support.get();
+        let (pa, pb) = (self.prob_a.get(), self.prob_b.get());
+        let mut starts = vec![0usize; c];
+        for i in 1..c {
+            starts[i] = starts[i - 1] + self.vectors_per_class[i - 1];
+        }
+        let vectors: usize = self.vectors_per_class.iter().sum();
+        for r in 0..rows {
+            let row = &x[r * f..(r + 1) * f];
+            let (mut scores, maxclass, max_weight): (Vec<f32>, usize, f32);
+            if !svc {
+                scores = self.params.kernels(row, &coef, f, rho[0]);
+                let (m, w) = scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bw), (i, w)| if *w > bw { (i, *w) } else { (bi, bw) });
+                maxclass = m;
+                max_weight = w;
+            } else {
+                let k = self.params.kernels(row, &support, f, 0.0);
+                let mut votes = vec![0i64; c];
+                let mut pair = vec![];
+                let mut idx = 0;
+                for i in 0..c - 1 {
+                    for j in i + 1..c {
+                        let mut sum = 0f64;
+                        for m in 0..self.vectors_per_class[i] {
+                            sum += (coef[(j - 1) * vectors + starts[i] + m] * k[starts[i] + m]) as f64;
+                        }
+                        for m in 0..self.vectors_per_class[j] {
+                            sum += (coef[i * vectors + starts[j] + m] * k[starts[j] + m]) as f64;
+                        }
+                        sum += rho[idx] as f64;
+                        idx += 1;
+                        pair.push(sum as f32);
+                        votes[if sum > 0.0 { i } else { j }] += 1;
+                    }
+                }
+                scores = if have_proba {
+                    let mut r2 = vec![0f32; c * c];
+                    let mut index = 0;
+                    for i in 0..c - 1 {
+                        for j in i + 1..c {
+                            let p = (1.0 - logistic(pair[index] * pa[index] + pb[index])).clamp(1e-7, 1.0 - 1e-7);
+                            r2[i * c + j] = p;
+                            r2[j * c + i] = 1.0 - p;
+                            index += 1;
+                        }
+                    }
+                    multiclass_probability(c, &r2)
+                } else {
+                    pair
+                };
+                maxclass = votes.iter().enumerate().fold(0, |b, (i, v)| if *v > votes[b] { i } else { b });
+                max_weight = 0.0;
+            }
+            let label = if c == 2 {
+                if !have_proba {
+                    if (all_positive && max_weight >= 0.5) || (max_weight > 0.0 && !all_positive) {
+                        self.labels[1]
+                    } else {
+                        self.labels[maxclass]
+                    }
+                } else {
+                    self.labels[maxclass]
+                }
+            } else {
+                self.labels[maxclass]
+            };
+            labels.push(label);
+            if svc && !have_proba && c == 2 {
+                let s = scores[0];
+                let pair = match self.post {
+                    Post::Probit => [probit(s), 0.0],
+                    Post::None => [-s, s],
+                    _ => [1.0 - s, s],
+                };
+                out.extend_from_slice(&pair);
+            } else {
+                if scores.len() > 1 {
+                    transform(self.post, &mut scores);
+                } else if self.post == Post::Probit {
+                    scores[0] = probit(scores[0]);
+                }
+                out.extend_from_slice(&scores);
+            }
+        }
+        (labels, out)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Regressor {
+    params: Params,
+    post: Post,
+    support: Floats,
+    coefficients: Floats,
+    rho: Floats,
+    one_class: bool,
+    features: usize,
+}
+
+impl Regressor {
+    fn parse(node: &NodeProto) -> TractResult<Regressor> {
+        let name = &node.name;
+        let n_supports: i64 = node.get_attr_opt("n_supports")?.unwrap_or(0);
+        let support: Vec<f32> = node.get_attr_opt_vec("support_vectors")?.unwrap_or_default();
+        let coefficients: Vec<f32> = node.get_attr_vec("coefficients")?;
+        let rho: Vec<f32> = node.get_attr_vec("rho")?;
+        ensure!(!rho.is_empty(), "node {name:?}: rho is empty");
+        let features = if n_supports > 0 {
+            ensure!(support.len() % n_supports as usize == 0, "node {name:?}: support_vectors do not divide into n_supports");
+            ensure!(coefficients.len() == n_supports as usize, "node {name:?}: one coefficient per support vector is needed");
+            support.len() / n_supports as usize
+        } else {
+            coefficients.len()
+        };
+        Ok(Regressor {
+            params: Params::parse(node)?,
+            post: post(node)?,
+            support: Floats::new(&support),
+            coefficients: Floats::new(&coefficients),
+            rho: Floats::new(&rho),
+            one_class: node.get_attr_opt::<i64>("one_class")?.unwrap_or(0) != 0,
+            features,
+        })
+    }
+
+    fn eval(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let f = self.features;
+        let coef = self.coefficients.get();
+        let rho = self.rho.get()[0];
+        let support = self.support.get();
+        (0..rows)
+            .map(|r| {
+                let row = &x[r * f..(r + 1) * f];
+                let mut s = if support.is_empty() {
+                    self.params.kernels(row, &coef, f, rho)[0]
+                } else {
+                    let k = self.params.kernels(row, &support, f, 0.0);
+                    k.iter().zip(&coef).map(|(a, b)| a * b).sum::<f32>() + rho
+                };
+                if self.one_class {
+                    s = if s > 0.0 { 1.0 } else { -1.0 };
+                }
+                if self.post == Post::Probit {
+                    s = probit(s);
+                }
+                s
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Svm {
+    Classifier(Classifier),
+    Regressor(Regressor),
+}
+
+impl Svm {
+    fn features(&self) -> usize {
+        match self {
+            Svm::Classifier(c) => c.features,
+            Svm::Regressor(r) => r.features,
+        }
+    }
+}
+
+impl Op for Svm {
+    fn name(&self) -> StaticName {
+        match self {
+            Svm::Classifier(_) => "LatheSVMClassifier".into(),
+            Svm::Regressor(_) => "LatheSVMRegressor".into(),
+        }
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Svm {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let x = input.cast_to::<f32>()?;
+        let view = x.to_plain_array_view::<f32>()?;
+        let f = self.features();
+        ensure!(view.shape().last() == Some(&f), "SVM input has shape {:?}; the model has {f} features", view.shape());
+        let rows = view.len() / f;
+        let data: Vec<f32> = view.iter().copied().collect();
+        Ok(match self {
+            Svm::Regressor(r) => tvec!(tensor1(&r.eval(&data, rows)).into_shape(&[rows, 1])?.into_tvalue()),
+            Svm::Classifier(c) => {
+                let (labels, scores) = c.eval(&data, rows);
+                tvec!(tensor1(&labels).into_tvalue(), tensor1(&scores).into_shape(&[rows, c.score_width()])?.into_tvalue())
+            }
+        })
+    }
+}
+
+impl TypedOp for Svm {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let n = inputs[0].shape[0].clone();
+        Ok(match self {
+            Svm::Regressor(_) => tvec!(f32::fact([n, 1.to_dim()])),
+            Svm::Classifier(c) => tvec!(i64::fact([n.clone()]), f32::fact([n, c.score_width().to_dim()])),
+        })
+    }
+
+    as_op!();
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Expand(Svm);
+
+impl Expansion for Expand {
+    fn name(&self) -> StaticName {
+        self.0.name()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        match &self.0 {
+            Svm::Regressor(_) => {
+                check_output_arity(outputs, 1)?;
+                s.equals(&outputs[0].datum_type, f32::datum_type())?;
+                s.equals(&outputs[0].rank, 2)?;
+                s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+                s.equals(&outputs[0].shape[1], 1.to_dim())?;
+            }
+            Svm::Classifier(c) => {
+                check_output_arity(outputs, 2)?;
+                s.equals(&outputs[0].datum_type, i64::datum_type())?;
+                s.equals(&outputs[0].rank, 1)?;
+                s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+                s.equals(&outputs[1].datum_type, f32::datum_type())?;
+                s.equals(&outputs[1].rank, 2)?;
+                s.equals(&outputs[1].shape[0], &inputs[0].shape[0])?;
+                s.equals(&outputs[1].shape[1], c.score_width().to_dim())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        Ok(if matches!(self.0, Svm::Classifier(_)) { 2 } else { 1 })
+    }
+
+    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, self.0.clone(), inputs)
+    }
+}
+
+pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(Expand(Svm::Classifier(Classifier::parse(node)?))), vec![]))
+}
+
+pub fn regressor(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(Expand(Svm::Regressor(Regressor::parse(node)?))), vec![]))
+}

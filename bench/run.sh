@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Benchmark Lathe's engine against onnxruntime (C API, one thread) on the same models, in one
+# run. Needs the onnxruntime Python wheel, only for its shared library.
+#   bench/run.sh [--secs S] [MODEL ...]     (models by name in fixtures/corpus)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -c 'import onnxruntime' 2>/dev/null || python3 -m pip install -q onnxruntime
+lib=$(python3 -c 'import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')
+cargo build -q --locked --profile bench -p lathe-bench
+echo "onnxruntime: $lib"
+exec target/bench/lathe-bench --ort-lib "$lib" "$@"

@@ -1,0 +1,179 @@
+//! Lathe's engine against onnxruntime, on the same models, in one run, on one thread.
+//!
+//! onnxruntime is driven through its C API (the `ort` crate), loading the shared library that
+//! the onnxruntime PyPI wheel ships. For each model it measures the mean latency of one-row
+//! calls and the throughput of 256-row batches, for Lathe's engine, for onnxruntime and, where
+//! stock tract can load the model, for bare tract; and prints Lathe's time divided by
+//! onnxruntime's.
+//!
+//! Usage: lathe-bench --ort-lib PATH [--secs S] [MODEL ...]   (models by corpus name)
+//! `bench/run.sh` finds the library and runs it.
+
+use anyhow::{bail, Context, Result};
+use lathe::engine::Engine;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tract_onnx::prelude::*;
+
+const DEFAULT_MODELS: &[&str] = &[
+    "bench_rf_classifier_40",
+    "bench_gb_regressor_100",
+    "random_forest_regressor",
+    "extra_trees_classifier_multiclass_nozipmap",
+    "decision_tree_classifier_binary_nozipmap",
+    "gradient_boosting_classifier_binary_nozipmap",
+    "hist_gradient_boosting_classifier_multiclass_nozipmap",
+    "isolation_forest",
+    "logreg_binary_nozipmap",
+    "logreg_multiclass_nozipmap",
+    "linear_regression",
+    "ridge",
+    "sgd_classifier_binary_nozipmap",
+    "pipeline_standard_scaler_logreg",
+    "mlp_classifier_multiclass_nozipmap",
+    "mlp_regressor",
+];
+
+const BATCH: usize = 256;
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus")
+}
+
+/// Run `f` repeatedly for about `budget` after a warm-up; mean seconds per call.
+fn time(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let warm = Instant::now();
+    while warm.elapsed() < budget / 10 {
+        f()?;
+    }
+    let (start, mut n) = (Instant::now(), 0u64);
+    while start.elapsed() < budget || n < 10 {
+        f()?;
+        n += 1;
+    }
+    Ok(start.elapsed().as_secs_f64() / n as f64)
+}
+
+struct Row {
+    name: String,
+    ours: (f64, f64),
+    ort: (f64, f64),
+    tract: Option<(f64, f64)>,
+}
+
+fn rows_of(name: &str) -> Result<(Vec<f32>, usize)> {
+    let cases: Value = serde_json::from_slice(&std::fs::read(corpus().join(format!("{name}.cases.json")))?)?;
+    let rows = cases["rows"].as_array().context("rows")?;
+    let width = rows[0].as_array().context("row")?.len();
+    // Finite rows only: the point is speed, not edge cases.
+    let flat: Vec<Vec<f32>> = rows
+        .iter()
+        .filter_map(|r| r.as_array().map(|r| r.iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect::<Vec<f32>>()))
+        .filter(|r| r.iter().all(|v| v.is_finite() && v.abs() < 1e6))
+        .collect();
+    if flat.is_empty() {
+        bail!("{name}: no finite rows");
+    }
+    let batch: Vec<f32> = (0..BATCH).flat_map(|i| flat[i % flat.len()].clone()).collect();
+    Ok((batch, width))
+}
+
+fn bench(name: &str, budget: Duration) -> Result<Row> {
+    let path = corpus().join(format!("{name}.onnx"));
+    let onnx = std::fs::read(&path).with_context(|| path.display().to_string())?;
+    let (batch, width) = rows_of(name)?;
+    let one = &batch[..width];
+
+    // Lathe's engine, exactly as the agent loads it.
+    let engine = Engine::load(&onnx, width)?;
+    let r1: Vec<Vec<f32>> = vec![one.to_vec()];
+    let rb: Vec<Vec<f32>> = batch.chunks(width).map(<[f32]>::to_vec).collect();
+    let ours = (time(budget, || engine.run(&r1).map(|_| ()).map_err(Into::into))?, time(budget, || {
+        engine.run(&rb).map(|_| ()).map_err(Into::into)
+    })?);
+
+    // onnxruntime, one thread, all graph optimisations.
+    let mut session = Session::builder()?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(1)?
+        .with_inter_threads(1)?
+        .with_parallel_execution(false)?
+        .commit_from_file(&path)?;
+    let input = session.inputs[0].name.clone();
+    let mut ort_run = |data: &[f32], n: usize| -> Result<()> {
+        let t = TensorRef::from_array_view(([n, width], data))?;
+        let _ = session.run(ort::inputs![input.as_str() => t])?;
+        Ok(())
+    };
+    let ort1 = time(budget, || ort_run(one, 1))?;
+    let ortb = time(budget, || ort_run(&batch, BATCH))?;
+
+    // Bare tract, when stock tract can load the model.
+    let bare = || -> TractResult<Arc<TypedRunnableModel>> {
+        let mut m = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(&onnx))?;
+        let n = m.symbols.sym("N");
+        m = m.with_input_fact(0, f32::fact(tract_onnx::tract_core::dims!(n, width)).into())?;
+        m.into_optimized()?.into_runnable()
+    };
+    let tract = match bare() {
+        Ok(plan) => {
+            let t1 = Tensor::from_shape(&[1, width], one)?;
+            let tb = Tensor::from_shape(&[BATCH, width], &batch)?;
+            Some((
+                time(budget, || plan.run(tvec!(t1.clone().into_tvalue())).map(|_| ()).map_err(Into::into))?,
+                time(budget, || plan.run(tvec!(tb.clone().into_tvalue())).map(|_| ()).map_err(Into::into))?,
+            ))
+        }
+        Err(_) => None,
+    };
+    Ok(Row { name: name.into(), ours, ort: (ort1, ortb), tract })
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut lib, mut secs, mut models) = (None::<PathBuf>, 0.5f64, vec![]);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--ort-lib" => lib = args.next().map(PathBuf::from),
+            "--secs" => secs = args.next().context("--secs needs a value")?.parse()?,
+            m => models.push(m.to_string()),
+        }
+    }
+    let lib = lib.context("--ort-lib PATH (libonnxruntime.so from the onnxruntime wheel) is required")?;
+    ort::init_from(lib.display().to_string()).commit().with_context(|| format!("loading {}", Path::new(&lib).display()))?;
+    if models.is_empty() {
+        models = DEFAULT_MODELS.iter().map(|s| s.to_string()).collect();
+    }
+    let budget = Duration::from_secs_f64(secs);
+    println!("one thread; latency = mean of 1-row calls; throughput = 256-row batches; ratio = Lathe / onnxruntime");
+    println!(
+        "{:<48} {:>10} {:>10} {:>10} {:>7} | {:>10} {:>10} {:>10} {:>7}",
+        "model", "lathe µs", "ort µs", "tract µs", "ratio", "lathe r/s", "ort r/s", "tract r/s", "ratio"
+    );
+    for m in &models {
+        match bench(m, budget) {
+            Ok(r) => {
+                let us = |s: f64| format!("{:.1}", s * 1e6);
+                let rps = |s: f64| format!("{:.0}", BATCH as f64 / s);
+                println!(
+                    "{:<48} {:>10} {:>10} {:>10} {:>7.2} | {:>10} {:>10} {:>10} {:>7.2}",
+                    r.name,
+                    us(r.ours.0),
+                    us(r.ort.0),
+                    r.tract.map(|t| us(t.0)).unwrap_or_else(|| "n/a".into()),
+                    r.ours.0 / r.ort.0,
+                    rps(r.ours.1),
+                    rps(r.ort.1),
+                    r.tract.map(|t| rps(t.1)).unwrap_or_else(|| "n/a".into()),
+                    r.ours.1 / r.ort.1,
+                );
+            }
+            Err(e) => println!("{m:<48} failed: {e:#}"),
+        }
+    }
+    Ok(())
+}

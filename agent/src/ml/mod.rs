@@ -6,6 +6,7 @@
 //! loader every part of Lathe uses.
 
 mod encoders;
+mod post;
 mod svm;
 mod trees;
 

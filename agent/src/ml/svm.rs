@@ -5,21 +5,14 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
+use super::post::{logistic, probit, Post};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
     Linear,
     Poly,
     Rbf,
     Sigmoid,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Post {
-    None,
-    Logistic,
-    Softmax,
-    SoftmaxZero,
-    Probit,
 }
 
 /// f32 values kept as bits so the operator can be hashed.
@@ -81,58 +74,6 @@ impl Params {
                 Kernel::Sigmoid => (gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0).tanh(),
             })
             .collect()
-    }
-}
-
-fn post(node: &NodeProto) -> TractResult<Post> {
-    Ok(match node.get_attr_opt::<&str>("post_transform")?.unwrap_or("NONE") {
-        "NONE" => Post::None,
-        "LOGISTIC" => Post::Logistic,
-        "SOFTMAX" => Post::Softmax,
-        "SOFTMAX_ZERO" => Post::SoftmaxZero,
-        "PROBIT" => Post::Probit,
-        other => bail!("node {:?}: unknown post_transform {other:?}", node.name),
-    })
-}
-
-fn logistic(v: f32) -> f32 {
-    let e = 1.0 / (1.0 + (-v.abs()).exp());
-    if v < 0.0 {
-        1.0 - e
-    } else {
-        e
-    }
-}
-
-fn probit(v: f32) -> f32 {
-    super::trees::probit(v)
-}
-
-fn transform(p: Post, s: &mut [f32]) {
-    match p {
-        Post::None => {}
-        Post::Probit => s.iter_mut().for_each(|v| *v = probit(*v)),
-        Post::Logistic => s.iter_mut().for_each(|v| *v = logistic(*v)),
-        Post::Softmax => {
-            let max = s.iter().copied().fold(-f32::MAX, f32::max);
-            s.iter_mut().for_each(|v| *v = (*v - max).exp());
-            let sum: f32 = s.iter().sum();
-            s.iter_mut().for_each(|v| *v /= sum);
-        }
-        Post::SoftmaxZero => {
-            let max = s.iter().copied().fold(-f32::MAX, f32::max);
-            let scale = (-max).exp();
-            let mut sum = 0.0;
-            for v in s.iter_mut() {
-                if *v > 1e-7 || *v < -1e-7 {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                } else {
-                    *v *= scale;
-                }
-            }
-            s.iter_mut().for_each(|v| *v /= sum);
-        }
     }
 }
 
@@ -219,7 +160,7 @@ impl Classifier {
         };
         Ok(Classifier {
             params: Params::parse(node)?,
-            post: post(node)?,
+            post: Post::parse(node)?,
             labels,
             vectors_per_class: vpc.iter().map(|v| *v as usize).collect(),
             support: Floats::new(&support),
@@ -332,7 +273,7 @@ impl Classifier {
                 out.extend_from_slice(&pair);
             } else {
                 if scores.len() > 1 {
-                    transform(self.post, &mut scores);
+                    self.post.apply(&mut scores);
                 } else if self.post == Post::Probit {
                     scores[0] = probit(scores[0]);
                 }
@@ -371,7 +312,7 @@ impl Regressor {
         };
         Ok(Regressor {
             params: Params::parse(node)?,
-            post: post(node)?,
+            post: Post::parse(node)?,
             support: Floats::new(&support),
             coefficients: Floats::new(&coefficients),
             rho: Floats::new(&rho),

@@ -10,6 +10,8 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core;
 use tract_onnx::tract_hir::internal::*;
 
+use super::post::{logistic, probit, Post as PostTransform};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Mode {
     Leq,
@@ -27,26 +29,6 @@ enum Aggregate {
     Average,
     Min,
     Max,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PostTransform {
-    None,
-    Logistic,
-    Softmax,
-    SoftmaxZero,
-    Probit,
-}
-
-fn post_transform(node: &NodeProto) -> TractResult<PostTransform> {
-    Ok(match node.get_attr_opt::<&str>("post_transform")?.unwrap_or("NONE") {
-        "NONE" => PostTransform::None,
-        "LOGISTIC" => PostTransform::Logistic,
-        "SOFTMAX" => PostTransform::Softmax,
-        "SOFTMAX_ZERO" => PostTransform::SoftmaxZero,
-        "PROBIT" => PostTransform::Probit,
-        other => bail!("node {:?}: unknown post_transform {other:?}", node.name),
-    })
 }
 
 /// One node. For a leaf, `yes..no` is its range in `Forest::leaves`.
@@ -244,44 +226,6 @@ impl Forest {
     }
 }
 
-fn logistic(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// onnxruntime's probit: sqrt(2) * erfinv(2p - 1), with the same erfinv approximation.
-pub(super) fn probit(p: f32) -> f32 {
-    let x = p * 2.0 - 1.0;
-    let sgn = if x < 0.0 { -1.0 } else { 1.0 };
-    let x = (1.0 - x) * (1.0 + x);
-    let log = x.ln();
-    let v = 2.0 / (std::f32::consts::PI * 0.147) + 0.5 * log;
-    let v2 = 1.0 / 0.147 * log;
-    let v3 = -v + (v * v - v2).sqrt();
-    std::f32::consts::SQRT_2 * sgn * v3.sqrt()
-}
-
-fn apply(post: PostTransform, s: &mut [f32]) {
-    match post {
-        PostTransform::None => {}
-        PostTransform::Logistic => s.iter_mut().for_each(|v| *v = logistic(*v)),
-        PostTransform::Probit => s.iter_mut().for_each(|v| *v = probit(*v)),
-        PostTransform::Softmax => {
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            s.iter_mut().for_each(|v| *v = (*v - max).exp());
-            let sum: f32 = s.iter().sum();
-            s.iter_mut().for_each(|v| *v /= sum);
-        }
-        PostTransform::SoftmaxZero => {
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            s.iter_mut().for_each(|v| *v = if *v == 0.0 { 0.0 } else { (*v - max).exp() });
-            let sum: f32 = s.iter().sum();
-            if sum > 0.0 {
-                s.iter_mut().for_each(|v| *v /= sum);
-            }
-        }
-    }
-}
-
 /// The typed operator: one input, one output (regressor) or two (classifier).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TreeEnsemble {
@@ -300,7 +244,7 @@ impl TreeEnsemble {
             for (o, b) in self.forest.base.iter().enumerate() {
                 row[o] += f32::from_bits(*b);
             }
-            apply(self.post, row);
+            self.post.apply(row);
         }
         tensor1(&scores).into_shape(&[rows, k]).expect("rows * outputs values")
     }
@@ -328,7 +272,7 @@ impl TreeEnsemble {
                     })
                     .unwrap_or(0);
                 out_labels.push(labels[best]);
-                apply(self.post, row);
+                self.post.apply(row);
                 out_scores.extend_from_slice(row);
             } else {
                 let c = *used.iter().next().expect("binary case has one class id") as usize;
@@ -459,7 +403,7 @@ pub fn regressor(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn I
         other => bail!("node {:?}: unknown aggregate_function {other:?}", node.name),
     };
     let forest = Forest::parse(node, "target", n_targets as usize, aggregate)?;
-    Ok((expand(TreeExpansion(TreeEnsemble { forest, post: post_transform(node)?, labels: None })), vec![]))
+    Ok((expand(TreeExpansion(TreeEnsemble { forest, post: PostTransform::parse(node)?, labels: None })), vec![]))
 }
 
 pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -471,5 +415,5 @@ pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn 
         ),
     };
     let forest = Forest::parse(node, "class", labels.len(), Aggregate::Sum)?;
-    Ok((expand(TreeExpansion(TreeEnsemble { forest, post: post_transform(node)?, labels: Some(labels) })), vec![]))
+    Ok((expand(TreeExpansion(TreeEnsemble { forest, post: PostTransform::parse(node)?, labels: Some(labels) })), vec![]))
 }

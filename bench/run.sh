@@ -8,4 +8,5 @@ python3 -c 'import onnxruntime' 2>/dev/null || python3 -m pip install -q onnxrun
 lib=$(python3 -c 'import glob, os, onnxruntime; print(sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0])')
 cargo build -q --locked --profile bench -p lathe-bench
 echo "onnxruntime: $lib"
-exec target/bench/lathe-bench --ort-lib "$lib" "$@"
+# The built-in bench profile writes to target/release.
+exec target/release/lathe-bench --ort-lib "$lib" "$@"

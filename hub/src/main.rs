@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     };
     // The demo prints its own story; the embedded broker is chatty at info.
     let default_filter = match cli.cmd {
-        Cmd::Demo(_) => "warn,rumqttd=error",
+        Cmd::Demo(_) => "warn,rumqttd=off",
         _ => "info,rumqttd=warn",
     };
     tracing_subscriber::fmt()

@@ -76,7 +76,15 @@ batch_records = 50
     )
     .expect("write config");
     let hub_db = dir.path().join("hub.db");
-    Setup { dir, hub_broker, sensor_broker, bundle, hub_db, state_dir, config }
+    Setup {
+        dir,
+        hub_broker,
+        sensor_broker,
+        bundle,
+        hub_db,
+        state_dir,
+        config,
+    }
 }
 
 /// Pack the fixture model as `bearing` at `version`, signed with k1.
@@ -119,7 +127,11 @@ fn start_hub(s: &Setup) -> Proc {
 fn start_agent(s: &Setup) -> Proc {
     Proc::spawn(
         "lathe run",
-        Command::new(&bins().0).arg("run").arg("--config").arg(&s.config).env("LATHE_LOG", "info,rumqttc=warn"),
+        Command::new(&bins().0)
+            .arg("run")
+            .arg("--config")
+            .arg(&s.config)
+            .env("LATHE_LOG", "info,rumqttc=warn"),
     )
 }
 
@@ -177,7 +189,9 @@ fn deploy(s: &Setup, bundle: &Path) -> (i32, String) {
 }
 
 fn status(s: &Setup) -> (i32, Value) {
-    let (code, out, err) = run(Command::new(&bins().0).args(["status", "--json", "--state-dir"]).arg(&s.state_dir));
+    let (code, out, err) = run(Command::new(&bins().0)
+        .args(["status", "--json", "--state-dir"])
+        .arg(&s.state_dir));
     let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}{err}"));
     (code, v)
 }
@@ -187,7 +201,9 @@ fn hub_predictions(db: &Path) -> Vec<(i64, Value)> {
     let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
         return vec![];
     };
-    let Ok(mut st) = conn.prepare("SELECT data FROM records WHERE stream = 'predictions'") else { return vec![] };
+    let Ok(mut st) = conn.prepare("SELECT data FROM records WHERE stream = 'predictions'") else {
+        return vec![];
+    };
     let rows = st.query_map([], |r| r.get::<_, String>(0)).expect("query");
     rows.filter_map(|r| r.ok())
         .filter_map(|d| serde_json::from_str::<Value>(&d).ok())
@@ -202,7 +218,8 @@ struct Cases {
 }
 
 fn cases() -> Cases {
-    let v: Value = serde_json::from_slice(&std::fs::read(fixture("vibration_logreg.cases.json")).expect("cases")).expect("json");
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(fixture("vibration_logreg.cases.json")).expect("cases")).expect("json");
     Cases {
         features: serde_json::from_value(v["features"].clone()).expect("features"),
         rows: serde_json::from_value(v["rows"].clone()).expect("rows"),
@@ -253,17 +270,25 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
     let (sensors, mut conn) = Client::new(opts, 1000);
     std::thread::spawn(move || for _ in conn.iter() {});
     let topic = format!("sensors/{DEVICE}/features");
-    let live = watch(s.hub_broker.port, &format!("lathe/v1/{FLEET}/{DEVICE}/pred"), "e2e-pred-watch");
+    let live = watch(
+        s.hub_broker.port,
+        &format!("lathe/v1/{FLEET}/{DEVICE}/pred"),
+        "e2e-pred-watch",
+    );
     // Warm up until one prediction comes back, so the agent's sensor subscription is in place.
     let warm = eventually(Duration::from_secs(30), || {
-        sensors.publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, -1)).ok()?;
+        sensors
+            .publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, -1))
+            .ok()?;
         live.recv_timeout(Duration::from_millis(300)).ok()
     });
     assert!(warm.is_some(), "no live prediction for the warm-up reading");
 
     let send = |from: i64, to: i64| {
         for id in from..to {
-            sensors.publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, id)).expect("publish");
+            sensors
+                .publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, id))
+                .expect("publish");
             std::thread::sleep(Duration::from_millis(3));
         }
     };
@@ -276,7 +301,11 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
         let (code, v) = status(&s);
         (code == 1 && v["connection"]["state"] == "disconnected" && v["outbox_depth"].as_u64()? > 0).then_some(v)
     });
-    assert!(buffered.is_some(), "status did not show a disconnected agent with a buffered outbox: {:?}", status(&s));
+    assert!(
+        buffered.is_some(),
+        "status did not show a disconnected agent with a buffered outbox: {:?}",
+        status(&s)
+    );
     s.hub_broker.up();
     send(400, N);
 
@@ -301,7 +330,10 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
             let got: Vec<f64> = serde_json::from_value(v["outputs"][name].clone()).expect("output values");
             assert_eq!(got.len(), values.len(), "reading {id} output {name}");
             for (g, w) in got.iter().zip(values) {
-                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "reading {id} output {name}: {g} vs onnxruntime {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "reading {id} output {name}: {g} vs onnxruntime {w}"
+                );
             }
         }
     }
@@ -332,7 +364,11 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
     assert!(out.contains("rolled back to bearing v1"), "{out}");
 
     // An orderly stop, then a restart: the active model comes back from disk, re-verified.
-    assert_eq!(agent.terminate(Duration::from_secs(15)), Some(0), "agent exits cleanly on SIGTERM");
+    assert_eq!(
+        agent.terminate(Duration::from_secs(15)),
+        Some(0),
+        "agent exits cleanly on SIGTERM"
+    );
     let _agent = start_agent(&s);
     let back = eventually(Duration::from_secs(30), || {
         let (_, v) = status(&s);
@@ -342,7 +378,9 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
     assert_eq!(v["model"]["version"], 1, "{v}");
     assert_eq!(v["previous_model"]["version"], 2, "{v}");
     let after = eventually(Duration::from_secs(30), || {
-        sensors.publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, N)).ok()?;
+        sensors
+            .publish(topic.clone(), QoS::AtLeastOnce, false, reading(&c, N))
+            .ok()?;
         let p = hub_predictions(&s.hub_db);
         p.iter().find(|(id, _)| *id == N).map(|(_, v)| v.clone())
     });
@@ -391,6 +429,14 @@ fn pack_refuses_a_model_the_agent_cannot_run() {
         &out_file,
     ]));
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("refusing to sign") && err.contains("com.example.lathe:FeatureHasher") && err.contains("hash_features"), "{err}");
-    assert!(!std::path::Path::new(&out_file).exists(), "nothing is written for a refused model");
+    assert!(
+        err.contains("refusing to sign")
+            && err.contains("com.example.lathe:FeatureHasher")
+            && err.contains("hash_features"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&out_file).exists(),
+        "nothing is written for a refused model"
+    );
 }

@@ -8,7 +8,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Build `lathe` and `lathe-hub` once per test run and return their paths.
@@ -30,7 +33,11 @@ pub fn bins() -> &'static (PathBuf, PathBuf) {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
@@ -52,13 +59,22 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
-        let child = cmd.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { name: name.into(), child }
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.into(),
+            child,
+        }
     }
 
     /// SIGTERM, then wait up to `timeout`; SIGKILL after that. Returns the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -105,16 +121,29 @@ impl Mosquitto {
         )
         .expect("write mosquitto.conf");
         let log = dir.join(format!("{name}.log"));
-        let mut m = Mosquitto { port, conf, log, proc: None };
+        let mut m = Mosquitto {
+            port,
+            conf,
+            log,
+            proc: None,
+        };
         m.up();
         m
     }
 
     pub fn up(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("mosquitto log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("mosquitto log");
         let p = Proc::spawn(
             "mosquitto",
-            Command::new("mosquitto").arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(log),
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(log),
         );
         self.proc = Some(p);
         assert!(

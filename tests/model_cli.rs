@@ -12,13 +12,15 @@ fn close(got: f64, want: f64) -> bool {
 #[test]
 fn every_corpus_model_runs_through_lathe_model_run() {
     let corpus = repo_root().join("fixtures/corpus");
-    let index: Vec<Value> = serde_json::from_slice(&std::fs::read(corpus.join("index.json")).expect("index")).expect("json");
+    let index: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(corpus.join("index.json")).expect("index")).expect("json");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut failures = vec![];
     for m in &index {
         let name = m["name"].as_str().expect("name");
         let cases: Value =
-            serde_json::from_slice(&std::fs::read(corpus.join(format!("{name}.cases.json"))).expect("cases")).expect("json");
+            serde_json::from_slice(&std::fs::read(corpus.join(format!("{name}.cases.json"))).expect("cases"))
+                .expect("json");
         let features: Vec<String> = serde_json::from_value(cases["features"].clone()).expect("features");
         let mut csv = features.join(",") + "\n";
         for row in cases["rows"].as_array().expect("rows") {
@@ -49,8 +51,16 @@ fn every_corpus_model_runs_through_lathe_model_run() {
         'rows: for (i, (line, want)) in lines.iter().zip(expected).enumerate() {
             let got: Value = serde_json::from_str(line).expect("each line is JSON");
             for (output, values) in want.as_object().expect("object") {
-                let g: Vec<f64> = got[output].as_array().map(|a| a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect()).unwrap_or_default();
-                let w: Vec<f64> = values.as_array().expect("values").iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect();
+                let g: Vec<f64> = got[output]
+                    .as_array()
+                    .map(|a| a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN)).collect())
+                    .unwrap_or_default();
+                let w: Vec<f64> = values
+                    .as_array()
+                    .expect("values")
+                    .iter()
+                    .map(|v| v.as_f64().unwrap_or(f64::NAN))
+                    .collect();
                 if g.len() != w.len() || !g.iter().zip(&w).all(|(a, b)| close(*a, *b)) {
                     failures.push(format!("{name} row {i} output {output}: {g:?} vs onnxruntime {w:?}"));
                     break 'rows;
@@ -58,5 +68,10 @@ fn every_corpus_model_runs_through_lathe_model_run() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} failure(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -14,16 +14,67 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA, and a server certificate for `localhost` signed by it.
 fn make_pki(dir: &Path, ca: &str) {
-    openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem"), "-days", "2", "-subj", &format!("/CN={ca}")]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={ca}"),
+        ],
+    );
 }
 
 fn make_server_cert(dir: &Path, ca: &str) {
     std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").expect("write");
-    openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"),
-        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
 }
 
 fn config(dir: &Path, name: &str, tls_port: u16, ca: &str) -> std::path::PathBuf {
@@ -71,7 +122,10 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
     );
     assert!(wait_for_port(tls_port, Duration::from_secs(10)));
     // Any valid key will do: this test deploys nothing.
-    let (code, out, err) = run(Command::new(&bins().1).args(["keygen", "--out-dir"]).arg(d).args(["--name", "k"]));
+    let (code, out, err) = run(Command::new(&bins().1)
+        .args(["keygen", "--out-dir"])
+        .arg(d)
+        .args(["--name", "k"]));
     assert_eq!(code, 0, "{out}{err}");
     std::fs::copy(d.join("k.pub"), d.join("trust.keys")).expect("trust");
 
@@ -97,7 +151,10 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
     });
 
     let good = config(d, "good", tls_port, "ca");
-    let _agent = Proc::spawn("lathe run (tls)", Command::new(&bins().0).arg("run").arg("--config").arg(&good));
+    let _agent = Proc::spawn(
+        "lathe run (tls)",
+        Command::new(&bins().0).arg("run").arg("--config").arg(&good),
+    );
     let online = eventually(Duration::from_secs(30), || {
         let (topic, p) = rx.recv_timeout(Duration::from_millis(200)).ok()?;
         let v: Value = serde_json::from_slice(&p).ok()?;
@@ -107,12 +164,20 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
 
     // An agent that trusts another CA must not connect, and must say why.
     let bad = config(d, "bad", tls_port, "other-ca");
-    let _bad_agent = Proc::spawn("lathe run (bad ca)", Command::new(&bins().0).arg("run").arg("--config").arg(&bad));
+    let _bad_agent = Proc::spawn(
+        "lathe run (bad ca)",
+        Command::new(&bins().0).arg("run").arg("--config").arg(&bad),
+    );
     let refused = eventually(Duration::from_secs(20), || {
-        let (code, out, _) = run(Command::new(&bins().0).args(["status", "--json", "--state-dir"]).arg(d.join("bad-state")));
+        let (code, out, _) = run(Command::new(&bins().0)
+            .args(["status", "--json", "--state-dir"])
+            .arg(d.join("bad-state")));
         let v: Value = serde_json::from_str(&out).ok()?;
         let err = v["connection"]["error"].as_str()?.to_lowercase();
         (code == 1 && v["connection"]["state"] == "disconnected" && err.contains("certificate")).then_some(err)
     });
-    assert!(refused.is_some(), "the agent with the wrong CA did not report a certificate error");
+    assert!(
+        refused.is_some(),
+        "the agent with the wrong CA did not report a certificate error"
+    );
 }

@@ -44,7 +44,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     std::fs::create_dir_all(&cfg.device.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.device.state_dir.display()))?;
     let keys_file = &cfg.trust.keys_file;
-    let config_err = |message: String| ConfigError::File { path: keys_file.clone(), message };
+    let config_err = |message: String| ConfigError::File {
+        path: keys_file.clone(),
+        message,
+    };
     let trust_text = std::fs::read_to_string(keys_file).map_err(|e| config_err(format!("trust.keys_file: {e}")))?;
     let trust = TrustStore::parse(&trust_text).map_err(|e| config_err(format!("trust.keys_file: {e}")))?;
     if trust.len() < cfg.trust.threshold {
@@ -73,9 +76,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     // The hub link, with a Last Will that marks the device offline.
     let state_topic = Topic::new(&fleet, &device, Channel::State).to_string();
-    let lost = State { status: Status::Offline, agent_version: None, ts_ms: None, model: None, reason: Some("lost".into()) };
+    let lost = State {
+        status: Status::Offline,
+        agent_version: None,
+        ts_ms: None,
+        model: None,
+        reason: Some("lost".into()),
+    };
     let will = LastWill::new(&state_topic, serde_json::to_vec(&lost)?, QoS::AtLeastOnce, true);
-    let client_id = cfg.broker.client_id.clone().unwrap_or_else(|| format!("lathe-{fleet}-{device}"));
+    let client_id = cfg
+        .broker
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("lathe-{fleet}-{device}"));
     let opts = link::options(&cfg.broker, client_id.clone(), Some(will))?;
     let (client, eventloop) = AsyncClient::new(opts, 256);
 
@@ -86,8 +99,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let (hub_state_tx, hub_state_rx) = watch::channel(ConnState::Connecting);
 
     let input_qos = qos(cfg.inputs.qos);
-    let mut hub_subs = vec![(filter::commands(&fleet, &device), QoS::AtLeastOnce), (filter::acks(&fleet, &device), QoS::AtLeastOnce)];
-    let mut hub_routes = Routes { readings: None, commands: Some(commands_tx), acks: Some(acks_tx) };
+    let mut hub_subs = vec![
+        (filter::commands(&fleet, &device), QoS::AtLeastOnce),
+        (filter::acks(&fleet, &device), QoS::AtLeastOnce),
+    ];
+    let mut hub_routes = Routes {
+        readings: None,
+        commands: Some(commands_tx),
+        acks: Some(acks_tx),
+    };
     let mut tasks = tokio::task::JoinSet::new();
 
     match &cfg.inputs.broker {
@@ -102,10 +122,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 name: "sensors",
                 eventloop: sloop,
                 client: sclient,
-                backoff: Backoff::new(Duration::from_millis(b.backoff_initial_ms), Duration::from_millis(b.backoff_max_ms)),
+                backoff: Backoff::new(
+                    Duration::from_millis(b.backoff_initial_ms),
+                    Duration::from_millis(b.backoff_max_ms),
+                ),
                 subscriptions: cfg.inputs.topics.iter().map(|t| (t.clone(), input_qos)).collect(),
                 birth: None,
-                routes: Routes { readings: Some(readings_tx), commands: None, acks: None },
+                routes: Routes {
+                    readings: Some(readings_tx),
+                    commands: None,
+                    acks: None,
+                },
                 identity: None,
                 state: watch::channel(ConnState::Connecting).0,
                 metrics: metrics.clone(),
@@ -124,7 +151,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Duration::from_millis(cfg.broker.backoff_max_ms),
         ),
         subscriptions: hub_subs,
-        birth: Some((state_topic.clone(), Arc::new(move || birth(birth_model.load().as_ref().map(|m| m.model_ref()))))),
+        birth: Some((
+            state_topic.clone(),
+            Arc::new(move || birth(birth_model.load().as_ref().map(|m| m.model_ref()))),
+        )),
         routes: hub_routes,
         identity: Some((fleet.clone(), device.clone())),
         state: hub_state_tx,
@@ -145,7 +175,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     let sync = SyncTask {
         store: Store::open(&cfg.db_path())?,
-        limits: Limits { max_records: cfg.outbox.max_records, when_full: cfg.outbox.when_full },
+        limits: Limits {
+            max_records: cfg.outbox.max_records,
+            when_full: cfg.outbox.when_full,
+        },
         cfg: cfg.sync.clone(),
         fleet: fleet.clone(),
         device: device.clone(),
@@ -203,7 +236,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     rejected_total: hm.rejected.get(),
                     dropped_total: hm.dropped.get(),
                 };
-                let _ = hc.try_publish(health_topic.clone(), QoS::AtMostOnce, false, serde_json::to_vec(&h).expect("health serializes"));
+                let _ = hc.try_publish(
+                    health_topic.clone(),
+                    QoS::AtMostOnce,
+                    false,
+                    serde_json::to_vec(&h).expect("health serializes"),
+                );
             }
         });
         drop(events);
@@ -223,12 +261,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         warn!("drain time exceeded; aborting the remaining tasks");
     }
     // Say goodbye on the hub link, then stop it.
-    let bye = State { status: Status::Offline, agent_version: None, ts_ms: Some(now_ms()), model: None, reason: Some("shutdown".into()) };
+    let bye = State {
+        status: Status::Offline,
+        agent_version: None,
+        ts_ms: Some(now_ms()),
+        model: None,
+        reason: Some("shutdown".into()),
+    };
     let _ = client.try_publish(state_topic, QoS::AtLeastOnce, true, serde_json::to_vec(&bye)?);
     let _ = client.try_disconnect();
     // The link stops by itself once the disconnect is sent; it is cancelled if that takes long.
     let mut hub_task = hub_task;
-    if tokio::time::timeout(Duration::from_secs(2), &mut hub_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), &mut hub_task)
+        .await
+        .is_err()
+    {
         hub_shutdown.cancel();
         let _ = hub_task.await;
     }

@@ -15,7 +15,11 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
     #[error("config {path}: field {field}: {message}")]
-    Field { path: PathBuf, field: String, message: String },
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,7 +123,13 @@ pub struct InputsConfig {
 
 impl Default for InputsConfig {
     fn default() -> Self {
-        InputsConfig { topics: vec![], qos: 0, broker: None, queue: default_queue(), max_batch: default_max_batch() }
+        InputsConfig {
+            topics: vec![],
+            qos: 0,
+            broker: None,
+            queue: default_queue(),
+            max_batch: default_max_batch(),
+        }
     }
 }
 
@@ -168,7 +178,10 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { max_records: default_max_records(), when_full: default_when_full() }
+        OutboxConfig {
+            max_records: default_max_records(),
+            when_full: default_when_full(),
+        }
     }
 }
 
@@ -245,7 +258,9 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig { interval_secs: default_health_interval() }
+        HealthConfig {
+            interval_secs: default_health_interval(),
+        }
     }
 }
 
@@ -255,15 +270,23 @@ fn default_health_interval() -> u64 {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim().to_string() })?;
-        cfg.validate().map_err(|(field, message)| ConfigError::Field { path: path.to_path_buf(), field, message })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        cfg.validate().map_err(|(field, message)| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -276,14 +299,27 @@ impl Config {
         }
         for t in &self.inputs.topics {
             if t.is_empty() || t.starts_with(protocol::topic::ROOT) {
-                return Err(("inputs.topics".to_string(), format!("{t:?} must be a non-empty filter outside {}", protocol::topic::ROOT)));
+                return Err((
+                    "inputs.topics".to_string(),
+                    format!("{t:?} must be a non-empty filter outside {}", protocol::topic::ROOT),
+                ));
             }
         }
         range("inputs.qos", self.inputs.qos as u64, 0, 1)?;
         range("inputs.queue", self.inputs.queue as u64, 1, 1 << 20)?;
         range("inputs.max_batch", self.inputs.max_batch as u64, 1, 65_536)?;
-        range("trust.threshold", self.trust.threshold as u64, 1, protocol::bundle::MAX_SIGNATURES as u64)?;
-        range("trust.max_bundle_bytes", self.trust.max_bundle_bytes as u64, 1024, 1 << 30)?;
+        range(
+            "trust.threshold",
+            self.trust.threshold as u64,
+            1,
+            protocol::bundle::MAX_SIGNATURES as u64,
+        )?;
+        range(
+            "trust.max_bundle_bytes",
+            self.trust.max_bundle_bytes as u64,
+            1024,
+            1 << 30,
+        )?;
         range("outbox.max_records", self.outbox.max_records, 1, 1 << 40)?;
         range("sync.batch_records", self.sync.batch_records as u64, 1, 100_000)?;
         range("sync.batch_bytes", self.sync.batch_bytes as u64, 1024, 64 << 20)?;
@@ -292,7 +328,10 @@ impl Config {
         range("predictions.qos", self.predictions.qos as u64, 0, 1)?;
         range("health.interval_secs", self.health.interval_secs, 1, 86_400)?;
         if self.sync.batch_bytes + 4096 > self.broker.max_packet_bytes {
-            return Err(("sync.batch_bytes".to_string(), "must be at least 4 KiB below broker.max_packet_bytes".into()));
+            return Err((
+                "sync.batch_bytes".to_string(),
+                "must be at least 4 KiB below broker.max_packet_bytes".into(),
+            ));
         }
         Ok(())
     }
@@ -330,7 +369,10 @@ fn check_broker(b: &BrokerConfig, prefix: &str) -> Result<(), (String, String)> 
     range(&f("keep_alive_secs"), b.keep_alive_secs, 5, 3600)?;
     range(&f("max_packet_bytes"), b.max_packet_bytes as u64, 16 << 10, 256 << 20)?;
     if b.backoff_initial_ms == 0 || b.backoff_initial_ms > b.backoff_max_ms || b.backoff_max_ms > 3_600_000 {
-        return Err((f("backoff_max_ms"), "need 0 < backoff_initial_ms <= backoff_max_ms <= 3600000".into()));
+        return Err((
+            f("backoff_max_ms"),
+            "need 0 < backoff_initial_ms <= backoff_max_ms <= 3600000".into(),
+        ));
     }
     if let Some(t) = &b.tls {
         if t.cert_file.is_some() != t.key_file.is_some() {

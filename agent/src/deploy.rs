@@ -42,7 +42,10 @@ pub struct ActiveModel {
 
 impl ActiveModel {
     pub fn model_ref(&self) -> ModelRef {
-        ModelRef { name: self.manifest.name.clone(), version: self.manifest.version }
+        ModelRef {
+            name: self.manifest.name.clone(),
+            version: self.manifest.version,
+        }
     }
 }
 
@@ -91,7 +94,9 @@ impl DeployState {
     }
 
     fn keeps(&self, file: &str) -> bool {
-        [&self.active, &self.previous].iter().any(|i| i.as_ref().is_some_and(|i| i.file == file))
+        [&self.active, &self.previous]
+            .iter()
+            .any(|i| i.as_ref().is_some_and(|i| i.file == file))
     }
 }
 
@@ -102,7 +107,11 @@ pub enum DeployError {
     #[error("bundle refused: {0}")]
     Refused(#[from] bundle::VerifyError),
     #[error("bundle {name} v{version}: {message}")]
-    Load { name: String, version: u64, message: String },
+    Load {
+        name: String,
+        version: u64,
+        message: String,
+    },
     #[error("{0}")]
     NoPrevious(&'static str),
     #[error("{path}: {message}")]
@@ -134,7 +143,10 @@ pub struct Deployer {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DeployError + '_ {
-    move |e| DeployError::Io { path: path.to_path_buf(), message: e.to_string() }
+    move |e| DeployError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 impl Deployer {
@@ -155,9 +167,20 @@ impl Deployer {
             })?,
             None => DeployState::default(),
         };
-        let mut d = Deployer { store, state, bundles_dir, trust, threshold, max_bundle_bytes, active: Arc::default() };
+        let mut d = Deployer {
+            store,
+            state,
+            bundles_dir,
+            trust,
+            threshold,
+            max_bundle_bytes,
+            active: Arc::default(),
+        };
         let mut events = vec![];
-        for (which, inst) in [("active", d.state.active.clone()), ("previous", d.state.previous.clone())] {
+        for (which, inst) in [
+            ("active", d.state.active.clone()),
+            ("previous", d.state.previous.clone()),
+        ] {
             let Some(inst) = inst else { continue };
             match d.load_installed(&inst) {
                 Ok(m) => {
@@ -165,14 +188,25 @@ impl Deployer {
                     if which == "previous" {
                         d.state.rollback().expect("previous exists");
                         d.persist()?;
-                        events.push(event(Level::Warn, "rolled_back", format!("active bundle failed to load; running previous {} v{}", inst.name, inst.version)));
+                        events.push(event(
+                            Level::Warn,
+                            "rolled_back",
+                            format!(
+                                "active bundle failed to load; running previous {} v{}",
+                                inst.name, inst.version
+                            ),
+                        ));
                     }
                     d.active.store(Some(Arc::new(m)));
                     break;
                 }
                 Err(e) => {
                     error!(error = %e, bundle = %inst.file, "installed bundle does not load");
-                    events.push(event(Level::Error, "bundle_unloadable", format!("{which} bundle {}: {e}", inst.file)));
+                    events.push(event(
+                        Level::Error,
+                        "bundle_unloadable",
+                        format!("{which} bundle {}: {e}", inst.file),
+                    ));
                 }
             }
         }
@@ -183,7 +217,12 @@ impl Deployer {
     fn load_installed(&self, inst: &Installed) -> Result<ActiveModel, DeployError> {
         let path = self.bundles_dir.join(&inst.file);
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let policy = Policy { trust: &self.trust, threshold: self.threshold, now: 0, installed_version: None };
+        let policy = Policy {
+            trust: &self.trust,
+            threshold: self.threshold,
+            now: 0,
+            installed_version: None,
+        };
         let v = bundle::verify(&bytes, &policy)?;
         load_model(v)
     }
@@ -205,7 +244,12 @@ impl Deployer {
         }
         let probe = bundle::inspect(bytes).ok().map(|(m, _)| m.name);
         let installed = probe.as_deref().and_then(|n| self.state.installed_version(n));
-        let policy = Policy { trust: &self.trust, threshold: self.threshold, now, installed_version: installed };
+        let policy = Policy {
+            trust: &self.trust,
+            threshold: self.threshold,
+            now,
+            installed_version: installed,
+        };
         let verified = bundle::verify(bytes, &policy)?;
         // The name the version check used must be the verified one.
         if Some(&verified.manifest.name) != probe.as_ref() {
@@ -218,7 +262,11 @@ impl Deployer {
         let path = self.bundles_dir.join(&file);
         write_synced(&path, bytes)?;
         let mut next = self.state.clone();
-        let unused = next.activate(Installed { name: name.clone(), version, file });
+        let unused = next.activate(Installed {
+            name: name.clone(),
+            version,
+            file,
+        });
         let s = serde_json::to_string(&next).expect("deploy state serializes");
         self.store.set_meta("deploy_state", &s)?;
         self.state = next;
@@ -230,7 +278,11 @@ impl Deployer {
     }
 
     pub fn rollback(&mut self) -> Result<String, DeployError> {
-        let prev = self.state.previous.clone().ok_or(DeployError::NoPrevious("no previous bundle to roll back to"))?;
+        let prev = self
+            .state
+            .previous
+            .clone()
+            .ok_or(DeployError::NoPrevious("no previous bundle to roll back to"))?;
         let model = self.load_installed(&prev)?;
         let mut next = self.state.clone();
         next.rollback().map_err(DeployError::NoPrevious)?;
@@ -249,14 +301,24 @@ impl Deployer {
 /// Load the model of a verified bundle and check it against the manifest.
 pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
     let m = &v.manifest;
-    let err = |message: String| DeployError::Load { name: m.name.clone(), version: m.version, message };
+    let err = |message: String| DeployError::Load {
+        name: m.name.clone(),
+        version: m.version,
+        message,
+    };
     let engine = Engine::load(v.model(), m.input.features.len()).map_err(|e| err(e.to_string()))?;
     let declared: Vec<&str> = m.outputs.iter().map(|o| o.name.as_str()).collect();
     let actual: Vec<&str> = engine.output_names().iter().map(String::as_str).collect();
     if declared != actual {
-        return Err(err(format!("manifest outputs {declared:?} differ from the model's {actual:?}")));
+        return Err(err(format!(
+            "manifest outputs {declared:?} differ from the model's {actual:?}"
+        )));
     }
-    Ok(ActiveModel { manifest: v.manifest, engine, signed_by: v.signed_by })
+    Ok(ActiveModel {
+        manifest: v.manifest,
+        engine,
+        signed_by: v.signed_by,
+    })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
@@ -267,13 +329,20 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))?;
     }
     Ok(())
 }
 
 pub fn event(level: Level, kind: &str, message: String) -> Event {
-    Event { ts_ms: now_ms(), level, kind: kind.into(), message }
+    Event {
+        ts_ms: now_ms(),
+        level,
+        kind: kind.into(),
+        message,
+    }
 }
 
 /// The task that serves commands.
@@ -300,9 +369,15 @@ impl Events {
     pub async fn emit(&self, e: Event) {
         let data = serde_json::to_string(&e).expect("an event serializes");
         if *self.conn.borrow() == crate::link::ConnState::Connected {
-            let _ = self.client.try_publish(self.topic.clone(), QoS::AtLeastOnce, false, data.clone());
+            let _ = self
+                .client
+                .try_publish(self.topic.clone(), QoS::AtLeastOnce, false, data.clone());
         }
-        let rec = NewRecord { stream: protocol::streams::EVENTS, ts_ms: e.ts_ms, data };
+        let rec = NewRecord {
+            stream: protocol::streams::EVENTS,
+            ts_ms: e.ts_ms,
+            data,
+        };
         let _ = self.sync.send(SyncMsg::Append(vec![rec])).await;
     }
 }
@@ -326,10 +401,19 @@ impl DeployTask {
                 warn!(command = %cmd.id, op, %message, "command refused");
             }
             let model = self.deployer.current();
-            let resp = Response { ok, message: message.clone(), model: model.clone(), code };
+            let resp = Response {
+                ok,
+                message: message.clone(),
+                model: model.clone(),
+                code,
+            };
             let topic = Topic::new(&self.fleet, &self.device, Channel::Response(cmd.id.clone()));
             let payload = serde_json::to_vec(&resp).expect("a response serializes");
-            if let Err(e) = self.client.publish(topic.to_string(), QoS::AtLeastOnce, false, payload).await {
+            if let Err(e) = self
+                .client
+                .publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
+                .await
+            {
                 warn!(error = %e, "could not queue command response");
             }
             if op != "ping" {
@@ -343,7 +427,9 @@ impl DeployTask {
                     // The retained state carries the active model.
                     let state = birth(model);
                     let topic = Topic::new(&self.fleet, &self.device, Channel::State);
-                    let _ = self.client.try_publish(topic.to_string(), QoS::AtLeastOnce, true, state);
+                    let _ = self
+                        .client
+                        .try_publish(topic.to_string(), QoS::AtLeastOnce, true, state);
                 }
             }
         }
@@ -360,10 +446,18 @@ impl DeployTask {
             Command::Deploy { bundle } => {
                 let bytes = match base64::engine::general_purpose::STANDARD.decode(bundle.as_bytes()) {
                     Ok(b) => b,
-                    Err(e) => return ("deploy", Err(DeployError::BadCommand(format!("bundle is not base64: {e}")))),
+                    Err(e) => {
+                        return (
+                            "deploy",
+                            Err(DeployError::BadCommand(format!("bundle is not base64: {e}"))),
+                        )
+                    }
                 };
                 let now = now_ms() / 1000;
-                ("deploy", tokio::task::block_in_place(|| self.deployer.deploy(&bytes, now)))
+                (
+                    "deploy",
+                    tokio::task::block_in_place(|| self.deployer.deploy(&bytes, now)),
+                )
             }
         }
     }
@@ -386,7 +480,11 @@ mod tests {
     use super::*;
 
     fn inst(name: &str, v: u64) -> Installed {
-        Installed { name: name.into(), version: v, file: format!("{name}-{v}.lbundle") }
+        Installed {
+            name: name.into(),
+            version: v,
+            file: format!("{name}-{v}.lbundle"),
+        }
     }
 
     #[test]

@@ -32,7 +32,11 @@ pub struct UnsupportedOp {
 
 impl std::fmt::Display for UnsupportedOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let domain = if self.domain.is_empty() { "ai.onnx" } else { &self.domain };
+        let domain = if self.domain.is_empty() {
+            "ai.onnx"
+        } else {
+            &self.domain
+        };
         write!(f, "{}:{} (node {:?})", domain, self.op_type, self.node)
     }
 }
@@ -69,7 +73,11 @@ fn unsupported(proto: &tract_onnx::pb::ModelProto) -> Vec<UnsupportedOp> {
     if let Some(g) = &proto.graph {
         for n in &g.node {
             if !register.0.contains_key(&n.op_type) {
-                out.push(UnsupportedOp { op_type: n.op_type.clone(), domain: n.domain.clone(), node: n.name.clone() });
+                out.push(UnsupportedOp {
+                    op_type: n.op_type.clone(),
+                    domain: n.domain.clone(),
+                    node: n.name.clone(),
+                });
             }
         }
     }
@@ -101,7 +109,11 @@ pub fn inspect(onnx: &[u8]) -> Result<ModelInfo, EngineError> {
             ),
             None => ("non-tensor".to_string(), vec![]),
         };
-        TensorInfo { name: v.name.clone(), dtype, shape }
+        TensorInfo {
+            name: v.name.clone(),
+            dtype,
+            shape,
+        }
     };
     let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let mut operators = BTreeMap::new();
@@ -110,7 +122,12 @@ pub fn inspect(onnx: &[u8]) -> Result<ModelInfo, EngineError> {
         *operators.entry(format!("{domain}:{}", n.op_type)).or_insert(0) += 1;
     }
     Ok(ModelInfo {
-        inputs: graph.input.iter().filter(|i| !initializers.contains(i.name.as_str())).map(tensor).collect(),
+        inputs: graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(tensor)
+            .collect(),
         outputs: graph.output.iter().map(tensor).collect(),
         operators,
         unsupported: unsupported(&proto).iter().map(|u| u.to_string()).collect(),
@@ -145,7 +162,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("n_features", &self.n_features).field("outputs", &self.output_names).finish()
+        f.debug_struct("Engine")
+            .field("n_features", &self.n_features)
+            .field("outputs", &self.output_names)
+            .finish()
     }
 }
 
@@ -163,27 +183,53 @@ impl Engine {
         }
         let mut model = crate::ml::onnx().model_for_proto_model(&proto).map_err(load)?;
         if model.inputs.len() != 1 {
-            return Err(EngineError::Load(format!("model has {} inputs; Lathe runs models with one", model.inputs.len())));
+            return Err(EngineError::Load(format!(
+                "model has {} inputs; Lathe runs models with one",
+                model.inputs.len()
+            )));
         }
         let input_name = model.node(model.inputs[0].node).name.clone();
         // A declared last axis must match the manifest's feature count.
         if let Ok(fact) = model.input_fact(0) {
-            let last = fact.shape.dims().last().and_then(|d| d.concretize()).and_then(|d| d.to_i64().ok()).map(|d| d as usize);
+            let last = fact
+                .shape
+                .dims()
+                .last()
+                .and_then(|d| d.concretize())
+                .and_then(|d| d.to_i64().ok())
+                .map(|d| d as usize);
             if let Some(last) = last.filter(|l| *l != n_features) {
-                return Err(EngineError::Features { name: input_name, got: last.to_string(), want: n_features });
+                return Err(EngineError::Features {
+                    name: input_name,
+                    got: last.to_string(),
+                    want: n_features,
+                });
             }
         }
         let n = model.symbols.sym("N");
-        model = model.with_input_fact(0, f32::fact(dims!(n, n_features)).into()).map_err(load)?;
+        model = model
+            .with_input_fact(0, f32::fact(dims!(n, n_features)).into())
+            .map_err(load)?;
         let typed = model.into_optimized().map_err(load)?;
         let mut output_names = vec![];
         let mut output_types = vec![];
         for o in typed.output_outlets().map_err(load)? {
-            output_names.push(typed.outlet_label(*o).map(str::to_string).unwrap_or_else(|| typed.node(o.node).name.clone()));
+            output_names.push(
+                typed
+                    .outlet_label(*o)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| typed.node(o.node).name.clone()),
+            );
             output_types.push(dtype_name(typed.outlet_fact(*o).map_err(load)?.datum_type));
         }
         let plan = typed.into_runnable().map_err(load)?;
-        Ok(Engine { plan, n_features, input_name, output_names, output_types })
+        Ok(Engine {
+            plan,
+            n_features,
+            input_name,
+            output_names,
+            output_types,
+        })
     }
 
     pub fn n_features(&self) -> usize {
@@ -201,7 +247,11 @@ impl Engine {
 
     /// Output names with their element types (`float32`, `int64`, …).
     pub fn outputs(&self) -> Vec<(String, String)> {
-        self.output_names.iter().cloned().zip(self.output_types.iter().cloned()).collect()
+        self.output_names
+            .iter()
+            .cloned()
+            .zip(self.output_types.iter().cloned())
+            .collect()
     }
 
     /// Run a batch of rows, each of `n_features` values. Returns one [`Outputs`] per row.
@@ -214,7 +264,11 @@ impl Engine {
         let mut flat = Vec::with_capacity(n * self.n_features);
         for r in rows {
             if r.len() != self.n_features {
-                return Err(EngineError::Run(format!("row has {} values, model takes {}", r.len(), self.n_features)));
+                return Err(EngineError::Run(format!(
+                    "row has {} values, model takes {}",
+                    r.len(),
+                    self.n_features
+                )));
             }
             flat.extend_from_slice(r);
         }
@@ -226,7 +280,9 @@ impl Engine {
             let view = as_f64.to_plain_array_view::<f64>().map_err(run)?;
             let shape = view.shape();
             if shape.first().copied() != Some(n) {
-                return Err(EngineError::Run(format!("output {name:?} has shape {shape:?}, expected {n} rows first")));
+                return Err(EngineError::Run(format!(
+                    "output {name:?} has shape {shape:?}, expected {n} rows first"
+                )));
             }
             let per = if n == 0 { 0 } else { view.len() / n };
             let values: Vec<f64> = view.iter().copied().collect();
@@ -251,7 +307,12 @@ pub fn parse_csv(text: &str) -> Result<(Vec<String>, Vec<Vec<f32>>), String> {
     for (i, line) in lines {
         let cells: Vec<&str> = line.split(',').map(str::trim).collect();
         if cells.len() != header.len() {
-            return Err(format!("line {}: {} values, header has {}", i + 1, cells.len(), header.len()));
+            return Err(format!(
+                "line {}: {} values, header has {}",
+                i + 1,
+                cells.len(),
+                header.len()
+            ));
         }
         let row = cells
             .iter()
@@ -260,7 +321,8 @@ pub fn parse_csv(text: &str) -> Result<(Vec<String>, Vec<Vec<f32>>), String> {
                 if c.is_empty() || c.eq_ignore_ascii_case("nan") {
                     Ok(f32::NAN)
                 } else {
-                    c.parse::<f32>().map_err(|_| format!("line {}: column {h}: {c:?} is not a number", i + 1))
+                    c.parse::<f32>()
+                        .map_err(|_| format!("line {}: column {h}: {c:?} is not a number", i + 1))
                 }
             })
             .collect::<Result<Vec<f32>, String>>()?;
@@ -305,20 +367,38 @@ mod tests {
             .as_array()
             .expect("rows")
             .iter()
-            .map(|r| r.as_array().expect("row").iter().map(|v| v.as_f64().expect("number") as f32).collect())
+            .map(|r| {
+                r.as_array()
+                    .expect("row")
+                    .iter()
+                    .map(|v| v.as_f64().expect("number") as f32)
+                    .collect()
+            })
             .collect();
         let engine = Engine::load(&onnx, rows[0].len()).expect("loads");
         let batch = engine.run(&rows).expect("runs");
-        for (i, (got, want)) in batch.iter().zip(cases["expected"].as_array().expect("expected")).enumerate() {
+        for (i, (got, want)) in batch
+            .iter()
+            .zip(cases["expected"].as_array().expect("expected"))
+            .enumerate()
+        {
             let single = engine.run(&rows[i..=i]).expect("runs one");
             assert_eq!(&single[0], got, "{name} row {i}: batch and single differ");
             for (out, values) in want.as_object().expect("object") {
                 let g = &got[out];
-                let w: Vec<f64> = values.as_array().expect("array").iter().map(|v| v.as_f64().expect("num")).collect();
+                let w: Vec<f64> = values
+                    .as_array()
+                    .expect("array")
+                    .iter()
+                    .map(|v| v.as_f64().expect("num"))
+                    .collect();
                 assert_eq!(g.len(), w.len(), "{name} row {i} output {out}");
                 for (a, b) in g.iter().zip(&w) {
                     let tol = 1e-5 * b.abs().max(1.0);
-                    assert!((a - b).abs() <= tol, "{name} row {i} output {out}: {a} vs onnxruntime {b}");
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{name} row {i} output {out}: {a} vs onnxruntime {b}"
+                    );
                 }
             }
         }
@@ -336,7 +416,10 @@ mod tests {
     fn wrong_feature_count_is_refused() {
         let (onnx, _) = fixture("rul_linear");
         let err = Engine::load(&onnx, 3).expect_err("model takes 4 features");
-        assert!(err.to_string().contains("features") || err.to_string().contains("load"), "{err}");
+        assert!(
+            err.to_string().contains("features") || err.to_string().contains("load"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -345,8 +428,15 @@ mod tests {
         let info = inspect(&onnx).expect("inspects");
         assert_eq!(info.inputs.len(), 1);
         assert_eq!(info.inputs[0].dtype, "float32");
-        assert_eq!(info.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), vec!["label", "probabilities"]);
-        assert!(info.operators.contains_key("ai.onnx.ml:LinearClassifier"), "{:?}", info.operators);
+        assert_eq!(
+            info.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+            vec!["label", "probabilities"]
+        );
+        assert!(
+            info.operators.contains_key("ai.onnx.ml:LinearClassifier"),
+            "{:?}",
+            info.operators
+        );
         assert!(info.unsupported.is_empty());
     }
 
@@ -368,7 +458,10 @@ mod tests {
         let err = Engine::load(&onnx, 4).expect_err("nobody implements FeatureHasher");
         let msg = err.to_string();
         assert!(matches!(err, EngineError::Unsupported(_)), "{msg}");
-        assert!(msg.contains("com.example.lathe:FeatureHasher") && msg.contains("hash_features"), "{msg}");
+        assert!(
+            msg.contains("com.example.lathe:FeatureHasher") && msg.contains("hash_features"),
+            "{msg}"
+        );
         let info = inspect(&onnx).expect("inspects");
         assert_eq!(info.unsupported.len(), 1, "{:?}", info.unsupported);
     }

@@ -55,7 +55,10 @@ pub fn parse_reading(payload: &[u8], features: &[String]) -> Result<Vec<Row>, St
                     Some(other) => Err(format!("feature {f:?} is {other}, not a number")),
                 })
                 .collect::<Result<Vec<f32>, String>>()?;
-            Ok(Row { values, id: o.get("id").cloned() })
+            Ok(Row {
+                values,
+                id: o.get("id").cloned(),
+            })
         })
         .collect()
 }
@@ -106,7 +109,11 @@ impl InferenceTask {
                 due.then(|| {
                     last_reject_event = Some(Instant::now());
                     let n = std::mem::take(&mut rejected_since_event);
-                    event(Level::Warn, "input_rejected", format!("{n} reading(s) refused; last: {reason}"))
+                    event(
+                        Level::Warn,
+                        "input_rejected",
+                        format!("{n} reading(s) refused; last: {reason}"),
+                    )
                 })
             };
             let mut events = vec![];
@@ -116,9 +123,10 @@ impl InferenceTask {
                     continue;
                 };
                 match parse_reading(&r.payload, &m.manifest.input.features) {
-                    Ok(rows) => {
-                        batch.extend(rows.into_iter().map(|row| Pending { source: r.topic.clone(), row }))
-                    }
+                    Ok(rows) => batch.extend(rows.into_iter().map(|row| Pending {
+                        source: r.topic.clone(),
+                        row,
+                    })),
                     Err(e) => events.extend(reject(format!("reading on {}: {e}", r.topic))),
                 }
             }
@@ -140,28 +148,50 @@ impl InferenceTask {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
                 self.metrics.rejected.add(batch.len() as u64);
-                self.events.emit(event(Level::Error, "inference_failed", e.to_string())).await;
+                self.events
+                    .emit(event(Level::Error, "inference_failed", e.to_string()))
+                    .await;
                 return;
             }
             Err(e) => {
                 self.metrics.rejected.add(batch.len() as u64);
-                self.events.emit(event(Level::Error, "inference_failed", format!("inference thread: {e}"))).await;
+                self.events
+                    .emit(event(
+                        Level::Error,
+                        "inference_failed",
+                        format!("inference thread: {e}"),
+                    ))
+                    .await;
                 return;
             }
         };
         let ts_ms = now_ms();
         let mut records = Vec::with_capacity(outputs.len());
         for (p, outputs) in batch.into_iter().zip(outputs) {
-            let pred = Prediction { ts_ms, model: model.model_ref(), source: p.source, reading_id: p.row.id, outputs };
+            let pred = Prediction {
+                ts_ms,
+                model: model.model_ref(),
+                source: p.source,
+                reading_id: p.row.id,
+                outputs,
+            };
             let data = serde_json::to_string(&pred).expect("a prediction serializes");
             let connected = *self.conn.borrow() == crate::link::ConnState::Connected;
             if let Some(qos) = self.publish.filter(|_| connected) {
                 // Live copies are best effort; the outbox copy is the one that is guaranteed.
-                if self.client.try_publish(self.pred_topic.clone(), qos, false, data.clone()).is_err() {
+                if self
+                    .client
+                    .try_publish(self.pred_topic.clone(), qos, false, data.clone())
+                    .is_err()
+                {
                     self.metrics.dropped.inc();
                 }
             }
-            records.push(NewRecord { stream: protocol::streams::PREDICTIONS, ts_ms, data });
+            records.push(NewRecord {
+                stream: protocol::streams::PREDICTIONS,
+                ts_ms,
+                data,
+            });
         }
         self.metrics.predictions.add(records.len() as u64);
         if self.sync.send(SyncMsg::Append(records)).await.is_err() {
@@ -189,7 +219,10 @@ mod tests {
     #[test]
     fn readings_map_features_by_name() {
         check(r#"{"b": 2, "a": 1, "extra": "x"}"#, Ok(vec![vec![1.0, 2.0]]));
-        check(r#"[{"a": 1, "b": 2}, {"a": 3.5, "b": -4}]"#, Ok(vec![vec![1.0, 2.0], vec![3.5, -4.0]]));
+        check(
+            r#"[{"a": 1, "b": 2}, {"a": 3.5, "b": -4}]"#,
+            Ok(vec![vec![1.0, 2.0], vec![3.5, -4.0]]),
+        );
         check(r#"{"a": 1}"#, Err("\"b\" is missing"));
         check(r#"{"a": 1, "b": "2"}"#, Err("not a number"));
         check(r#"{"a": 1, "b": null}"#, Err("not a number"));

@@ -33,13 +33,19 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff { initial, max, attempt: 0 }
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The delay before the next attempt, given a jitter fraction in [0, 1): the exponential
     /// delay is scaled into [50%, 100%) of itself.
     pub fn next(&mut self, jitter: f64) -> Duration {
-        let exp = self.initial.saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX));
+        let exp = self
+            .initial
+            .saturating_mul(1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX));
         let capped = exp.min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         capped.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
@@ -110,13 +116,18 @@ pub fn options(b: &BrokerConfig, client_id: String, will: Option<LastWill>) -> R
         o.set_last_will(w);
     }
     if let Some(t) = &b.tls {
-        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(t)?))));
+        o.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(
+            tls_config(t)?,
+        ))));
     }
     Ok(o)
 }
 
 fn tls_config(t: &TlsConfig) -> Result<rustls::ClientConfig, LinkError> {
-    let tls_err = |path: &std::path::Path, message: String| LinkError::Tls { path: path.to_path_buf(), message };
+    let tls_err = |path: &std::path::Path, message: String| LinkError::Tls {
+        path: path.to_path_buf(),
+        message,
+    };
     let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| tls_err(path, e.to_string()));
     let ca = read(&t.ca_file)?;
     let mut roots = rustls::RootCertStore::empty();
@@ -139,7 +150,9 @@ fn tls_config(t: &TlsConfig) -> Result<rustls::ClientConfig, LinkError> {
             let key_der = rustls_pemfile::private_key(&mut read(key)?.as_slice())
                 .map_err(|e| tls_err(key, e.to_string()))?
                 .ok_or_else(|| tls_err(key, "no PEM private key found".into()))?;
-            builder.with_client_auth_cert(chain, key_der).map_err(|e| tls_err(key, e.to_string()))
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| tls_err(key, e.to_string()))
         }
         _ => Ok(builder.with_no_client_auth()),
     }
@@ -191,8 +204,13 @@ impl Link {
             self.eventloop.pending.push_front(rumqttc::Request::Publish(birth));
         }
         if !self.subscriptions.is_empty() {
-            let filters = self.subscriptions.iter().map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
-            self.eventloop.pending.push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
+            let filters = self
+                .subscriptions
+                .iter()
+                .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
+            self.eventloop
+                .pending
+                .push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
         }
         self.state.send_replace(ConnState::Connected);
     }
@@ -200,12 +218,20 @@ impl Link {
     fn route(&self, p: rumqttc::Publish) {
         let topic = p.topic.clone();
         let ours = topic.parse::<Topic>().ok().filter(|t| {
-            self.identity.as_ref().is_some_and(|(f, d)| &t.fleet == f && &t.device == d)
+            self.identity
+                .as_ref()
+                .is_some_and(|(f, d)| &t.fleet == f && &t.device == d)
         });
         match ours.map(|t| t.channel) {
             Some(Channel::Command(id)) => {
                 if let Some(tx) = &self.routes.commands {
-                    if tx.try_send(IncomingCommand { id: id.clone(), payload: p.payload }).is_err() {
+                    if tx
+                        .try_send(IncomingCommand {
+                            id: id.clone(),
+                            payload: p.payload,
+                        })
+                        .is_err()
+                    {
                         self.metrics.dropped.inc();
                         warn!(command = %id, "command dropped: the deploy task is busy");
                     }
@@ -226,7 +252,13 @@ impl Link {
             Some(_) => debug!(%topic, "ignored"),
             None => {
                 if let Some(tx) = &self.routes.readings {
-                    if tx.try_send(Reading { topic, payload: p.payload }).is_err() {
+                    if tx
+                        .try_send(Reading {
+                            topic,
+                            payload: p.payload,
+                        })
+                        .is_err()
+                    {
                         self.metrics.dropped.inc();
                         self.metrics.readings_dropped.inc();
                     }

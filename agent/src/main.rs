@@ -58,12 +58,20 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { exit::OK as u8 });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE as u8
+            } else {
+                exit::OK as u8
+            });
         }
     };
     let code = match cli.cmd {
         Cmd::Run { config } => run(config),
-        Cmd::Status { config, state_dir, json } => status(config, state_dir, json),
+        Cmd::Status {
+            config,
+            state_dir,
+            json,
+        } => status(config, state_dir, json),
         Cmd::Model(ModelCmd::Run { model, input, json }) => model_run(&model, &input, json),
         Cmd::Model(ModelCmd::Inspect { model, json }) => model_inspect(&model, json),
     };
@@ -72,9 +80,7 @@ fn main() -> ExitCode {
 
 fn run(config: PathBuf) -> i32 {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cfg = match Config::load(&config) {
@@ -172,7 +178,8 @@ fn model_run(model: &std::path::Path, input: &std::path::Path, json: bool) -> i3
         let onnx = read(model)?;
         let text = String::from_utf8(read(input)?).map_err(|_| format!("{}: not UTF-8 text", input.display()))?;
         let (header, rows) = lathe::engine::parse_csv(&text).map_err(|e| format!("{}: {e}", input.display()))?;
-        let engine = lathe::engine::Engine::load(&onnx, header.len()).map_err(|e| format!("{}: {e}", model.display()))?;
+        let engine =
+            lathe::engine::Engine::load(&onnx, header.len()).map_err(|e| format!("{}: {e}", model.display()))?;
         let outputs = engine.run(&rows).map_err(|e| format!("{}: {e}", model.display()))?;
         for (i, o) in outputs.iter().enumerate() {
             if json {
@@ -194,13 +201,14 @@ fn model_run(model: &std::path::Path, input: &std::path::Path, json: bool) -> i3
 }
 
 fn model_inspect(model: &std::path::Path, json: bool) -> i32 {
-    let info = match read(model).and_then(|b| lathe::engine::inspect(&b).map_err(|e| format!("{}: {e}", model.display()))) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("lathe: {e}");
-            return exit::PROBLEM;
-        }
-    };
+    let info =
+        match read(model).and_then(|b| lathe::engine::inspect(&b).map_err(|e| format!("{}: {e}", model.display()))) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("lathe: {e}");
+                return exit::PROBLEM;
+            }
+        };
     if json {
         println!("{}", serde_json::to_string_pretty(&info).expect("info serializes"));
     } else {

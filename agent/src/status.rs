@@ -27,17 +27,27 @@ pub struct Report {
 pub fn report(state_dir: &Path) -> Result<Report, String> {
     let db = crate::config::db_path(state_dir);
     if !db.exists() {
-        return Err(format!("no agent database at {}: has `lathe run` ever started with this state_dir?", db.display()));
+        return Err(format!(
+            "no agent database at {}: has `lathe run` ever started with this state_dir?",
+            db.display()
+        ));
     }
     let store = Store::open_readonly(&db).map_err(|e| e.to_string())?;
     let meta = |k: &str| store.get_meta(k).map_err(|e| e.to_string());
     let now = now_ms();
-    let heartbeat_age_s = meta("heartbeat_ms")?.and_then(|h| h.parse::<u64>().ok()).map(|h| now.saturating_sub(h) / 1000);
+    let heartbeat_age_s = meta("heartbeat_ms")?
+        .and_then(|h| h.parse::<u64>().ok())
+        .map(|h| now.saturating_sub(h) / 1000);
     let running = heartbeat_age_s.is_some_and(|a| a <= 15);
-    let connection: Value = meta("conn")?.and_then(|c| serde_json::from_str(&c).ok()).unwrap_or(Value::Null);
-    let deploy: DeployState = meta("deploy_state")?.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    let connection: Value = meta("conn")?
+        .and_then(|c| serde_json::from_str(&c).ok())
+        .unwrap_or(Value::Null);
+    let deploy: DeployState = meta("deploy_state")?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
     let as_value = |i: &Option<crate::deploy::Installed>| {
-        i.as_ref().map(|i| serde_json::json!({"name": i.name, "version": i.version, "file": i.file}))
+        i.as_ref()
+            .map(|i| serde_json::json!({"name": i.name, "version": i.version, "file": i.file}))
     };
     let last_sync = meta("last_ack")?.and_then(|s| serde_json::from_str(&s).ok());
     let by_stream = store.depth_by_stream().map_err(|e| e.to_string())?;
@@ -95,9 +105,17 @@ pub fn render(r: &Report) -> String {
         Some(m) => format!("{} v{}", m["name"].as_str().unwrap_or("?"), m["version"]),
         None => "none".into(),
     };
-    s += &format!("model       {} (previous: {})\n", model(&r.model), model(&r.previous_model));
+    s += &format!(
+        "model       {} (previous: {})\n",
+        model(&r.model),
+        model(&r.previous_model)
+    );
     let parts: Vec<String> = r.outbox_by_stream.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    let detail = if parts.is_empty() { String::new() } else { format!(" ({})", parts.join(", ")) };
+    let detail = if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    };
     s += &format!("outbox      {} record(s) waiting{detail}\n", r.outbox_depth);
     let sync = match &r.last_sync {
         Some(l) => format!(

@@ -81,28 +81,50 @@ CREATE TABLE IF NOT EXISTS outbox (
 impl Store {
     /// Open (creating if needed) the database for reading and writing.
     pub fn open(path: &Path) -> Result<Store> {
-        let err = |source| StoreError { path: path.to_path_buf(), source };
+        let err = |source| StoreError {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        let depth: i64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0)).map_err(err)?;
-        Ok(Store { conn, path: path.to_path_buf(), depth: depth as u64 })
+        let depth: i64 = conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .map_err(err)?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            depth: depth as u64,
+        })
     }
 
     /// Open an existing database read-only (for `lathe status`, while the agent runs).
     pub fn open_readonly(path: &Path) -> Result<Store> {
-        let err = |source| StoreError { path: path.to_path_buf(), source };
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(err)?;
+        let err = |source| StoreError {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(2)).map_err(err)?;
-        let depth: i64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0)).map_err(err)?;
-        Ok(Store { conn, path: path.to_path_buf(), depth: depth as u64 })
+        let depth: i64 = conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .map_err(err)?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            depth: depth as u64,
+        })
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError { path: self.path.clone(), source }
+        move |source| StoreError {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     pub fn depth(&self) -> u64 {
@@ -141,7 +163,10 @@ impl Store {
     /// Set several meta keys in one transaction: all or none.
     pub fn set_meta_many(&mut self, pairs: &[(&str, &str)]) -> Result<()> {
         let path = self.path.clone();
-        let err = |source| StoreError { path: path.clone(), source };
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(err)?;
         for (k, v) in pairs {
             tx.execute(
@@ -166,12 +191,17 @@ impl Store {
     /// Append records in one transaction, applying the when-full policy.
     pub fn append(&mut self, records: &[NewRecord], limits: Limits) -> Result<AppendOutcome> {
         let path = self.path.clone();
-        let err = |source| StoreError { path: path.clone(), source };
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
         let mut out = AppendOutcome::default();
         let mut depth = self.depth;
         let tx = self.conn.transaction().map_err(err)?;
         {
-            let mut next_seq = tx.prepare_cached("SELECT next_seq FROM streams WHERE stream = ?1").map_err(err)?;
+            let mut next_seq = tx
+                .prepare_cached("SELECT next_seq FROM streams WHERE stream = ?1")
+                .map_err(err)?;
             let mut insert = tx
                 .prepare_cached("INSERT INTO outbox (stream, seq, ts_ms, data) VALUES (?1, ?2, ?3, ?4)")
                 .map_err(err)?;
@@ -179,9 +209,12 @@ impl Store {
             let mut oldest_same = tx
                 .prepare_cached("SELECT stream, seq FROM outbox WHERE stream = ?1 ORDER BY seq LIMIT 1")
                 .map_err(err)?;
-            let mut oldest_any =
-                tx.prepare_cached("SELECT stream, seq FROM outbox ORDER BY stream, seq LIMIT 1").map_err(err)?;
-            let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE stream = ?1 AND seq = ?2").map_err(err)?;
+            let mut oldest_any = tx
+                .prepare_cached("SELECT stream, seq FROM outbox ORDER BY stream, seq LIMIT 1")
+                .map_err(err)?;
+            let mut delete = tx
+                .prepare_cached("DELETE FROM outbox WHERE stream = ?1 AND seq = ?2")
+                .map_err(err)?;
             let mut lost = tx
                 .prepare_cached("UPDATE streams SET lost_through = max(lost_through, ?2) WHERE stream = ?1")
                 .map_err(err)?;
@@ -214,8 +247,14 @@ impl Store {
                         }
                     }
                 }
-                let seq: i64 = next_seq.query_row([r.stream], |row| row.get(0)).optional().map_err(err)?.unwrap_or(1);
-                insert.execute(params![r.stream, seq, r.ts_ms as i64, r.data]).map_err(err)?;
+                let seq: i64 = next_seq
+                    .query_row([r.stream], |row| row.get(0))
+                    .optional()
+                    .map_err(err)?
+                    .unwrap_or(1);
+                insert
+                    .execute(params![r.stream, seq, r.ts_ms as i64, r.data])
+                    .map_err(err)?;
                 bump.execute(params![r.stream, seq + 1]).map_err(err)?;
                 depth += 1;
                 out.appended += 1;
@@ -233,7 +272,9 @@ impl Store {
             .conn
             .prepare_cached("SELECT seq, ts_ms, data FROM outbox WHERE stream = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
             .map_err(self.err())?;
-        let mut rows = st.query(params![stream, after as i64, max_records as i64]).map_err(self.err())?;
+        let mut rows = st
+            .query(params![stream, after as i64, max_records as i64])
+            .map_err(self.err())?;
         let mut out = Vec::new();
         let mut bytes = 0;
         while let Some(row) = rows.next().map_err(self.err())? {
@@ -254,9 +295,11 @@ impl Store {
     /// The acked watermark and lost_through of a stream.
     pub fn stream_marks(&self, stream: &str) -> Result<(u64, u64)> {
         self.conn
-            .query_row("SELECT acked, lost_through FROM streams WHERE stream = ?1", [stream], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })
+            .query_row(
+                "SELECT acked, lost_through FROM streams WHERE stream = ?1",
+                [stream],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
             .optional()
             .map(|o| o.unwrap_or((0, 0)))
             .map_err(self.err())
@@ -266,10 +309,17 @@ impl Store {
     /// Returns how many were deleted. An ack below the current watermark changes nothing.
     pub fn ack(&mut self, stream: &str, acked: u64) -> Result<u64> {
         let path = self.path.clone();
-        let err = |source| StoreError { path: path.clone(), source };
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(err)?;
-        let deleted =
-            tx.execute("DELETE FROM outbox WHERE stream = ?1 AND seq <= ?2", params![stream, acked as i64]).map_err(err)?;
+        let deleted = tx
+            .execute(
+                "DELETE FROM outbox WHERE stream = ?1 AND seq <= ?2",
+                params![stream, acked as i64],
+            )
+            .map_err(err)?;
         tx.execute(
             "INSERT INTO streams (stream, next_seq, acked) VALUES (?1, ?2 + 1, ?2)
              ON CONFLICT(stream) DO UPDATE SET acked = max(acked, excluded.acked)",
@@ -289,10 +339,17 @@ mod tests {
     use std::collections::VecDeque;
 
     fn rec(stream: &'static str, ts: u64) -> NewRecord {
-        NewRecord { stream, ts_ms: ts, data: format!("{{\"n\":{ts}}}") }
+        NewRecord {
+            stream,
+            ts_ms: ts,
+            data: format!("{{\"n\":{ts}}}"),
+        }
     }
 
-    const ROOMY: Limits = Limits { max_records: 1000, when_full: WhenFull::DropOldest };
+    const ROOMY: Limits = Limits {
+        max_records: 1000,
+        when_full: WhenFull::DropOldest,
+    };
 
     #[test]
     fn seqs_are_contiguous_and_survive_reopen() {
@@ -300,29 +357,44 @@ mod tests {
         let path = dir.path().join("a.db");
         let mut s = Store::open(&path).expect("open");
         let epoch = s.epoch().expect("epoch");
-        s.append(&[rec("p", 1), rec("p", 2), rec("e", 3)], ROOMY).expect("append");
+        s.append(&[rec("p", 1), rec("p", 2), rec("e", 3)], ROOMY)
+            .expect("append");
         drop(s);
         let mut s = Store::open(&path).expect("reopen");
         assert_eq!(s.epoch().expect("epoch"), epoch);
         assert_eq!(s.depth(), 3);
         s.append(&[rec("p", 4)], ROOMY).expect("append");
-        let seqs: Vec<u64> = s.pending("p", 0, 100, 1 << 20).expect("pending").iter().map(|r| r.seq).collect();
+        let seqs: Vec<u64> = s
+            .pending("p", 0, 100, 1 << 20)
+            .expect("pending")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
         assert_eq!(seqs, vec![1, 2, 3]);
         assert_eq!(s.ack("p", 2).expect("ack"), 2);
         // Seqs are never reused, even after the records are gone.
         s.append(&[rec("p", 5)], ROOMY).expect("append");
-        let seqs: Vec<u64> = s.pending("p", 2, 100, 1 << 20).expect("pending").iter().map(|r| r.seq).collect();
+        let seqs: Vec<u64> = s
+            .pending("p", 2, 100, 1 << 20)
+            .expect("pending")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
         assert_eq!(seqs, vec![3, 4]);
         assert_eq!(s.stream_marks("p").expect("marks"), (2, 0));
         let ro = Store::open_readonly(&path).expect("read-only");
-        assert_eq!(ro.depth_by_stream().expect("depth"), vec![("e".into(), 1), ("p".into(), 2)]);
+        assert_eq!(
+            ro.depth_by_stream().expect("depth"),
+            vec![("e".into(), 1), ("p".into(), 2)]
+        );
     }
 
     #[test]
     fn pending_respects_byte_limit_but_returns_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(&dir.path().join("a.db")).expect("open");
-        s.append(&[rec("p", 1), rec("p", 2), rec("p", 3)], ROOMY).expect("append");
+        s.append(&[rec("p", 1), rec("p", 2), rec("p", 3)], ROOMY)
+            .expect("append");
         assert_eq!(s.pending("p", 0, 100, 1).expect("pending").len(), 1);
         assert_eq!(s.pending("p", 0, 2, 1 << 20).expect("pending").len(), 2);
     }
@@ -331,9 +403,18 @@ mod tests {
     fn when_full_drop_newest_refuses_and_counts() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(&dir.path().join("a.db")).expect("open");
-        let lim = Limits { max_records: 2, when_full: WhenFull::DropNewest };
+        let lim = Limits {
+            max_records: 2,
+            when_full: WhenFull::DropNewest,
+        };
         let out = s.append(&[rec("p", 1), rec("p", 2), rec("p", 3)], lim).expect("append");
-        assert_eq!(out, AppendOutcome { appended: 2, dropped: 1 });
+        assert_eq!(
+            out,
+            AppendOutcome {
+                appended: 2,
+                dropped: 1
+            }
+        );
         assert_eq!(s.stream_marks("p").expect("marks"), (0, 0));
     }
 
@@ -341,11 +422,25 @@ mod tests {
     fn when_full_drop_oldest_records_the_loss() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(&dir.path().join("a.db")).expect("open");
-        let lim = Limits { max_records: 2, when_full: WhenFull::DropOldest };
+        let lim = Limits {
+            max_records: 2,
+            when_full: WhenFull::DropOldest,
+        };
         let out = s.append(&[rec("p", 1), rec("p", 2), rec("p", 3)], lim).expect("append");
-        assert_eq!(out, AppendOutcome { appended: 3, dropped: 1 });
+        assert_eq!(
+            out,
+            AppendOutcome {
+                appended: 3,
+                dropped: 1
+            }
+        );
         assert_eq!(s.stream_marks("p").expect("marks"), (0, 1));
-        let seqs: Vec<u64> = s.pending("p", 0, 10, 1 << 20).expect("pending").iter().map(|r| r.seq).collect();
+        let seqs: Vec<u64> = s
+            .pending("p", 0, 10, 1 << 20)
+            .expect("pending")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
         assert_eq!(seqs, vec![2, 3]);
     }
 

@@ -102,7 +102,12 @@ impl SyncTask {
         };
         let mut streams: Vec<(&'static str, StreamSync)> = STREAMS
             .iter()
-            .map(|s| (*s, StreamSync::new(self.store.stream_marks(s).map(|m| m.0).unwrap_or(0))))
+            .map(|s| {
+                (
+                    *s,
+                    StreamSync::new(self.store.stream_marks(s).map(|m| m.0).unwrap_or(0)),
+                )
+            })
             .collect();
         self.metrics.outbox_depth.set(self.store.depth());
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
@@ -201,14 +206,19 @@ impl SyncTask {
     }
 
     fn send_batch(&mut self, stream: &'static str, epoch: &str, st: &mut StreamSync, now: Instant) {
-        let pending = match self.store.pending(stream, st.acked, self.cfg.batch_records, self.cfg.batch_bytes) {
+        let pending = match self
+            .store
+            .pending(stream, st.acked, self.cfg.batch_records, self.cfg.batch_bytes)
+        {
             Ok(p) => p,
             Err(e) => {
                 error!(error = %e, "cannot read the outbox");
                 return;
             }
         };
-        let Some(last) = pending.last().map(|r| r.seq) else { return };
+        let Some(last) = pending.last().map(|r| r.seq) else {
+            return;
+        };
         let lost_through = self.store.stream_marks(stream).map(|m| m.1).unwrap_or(0);
         let records = pending
             .into_iter()
@@ -218,10 +228,23 @@ impl SyncTask {
                 data: serde_json::from_str(&r.data).unwrap_or(serde_json::Value::String(r.data)),
             })
             .collect();
-        let batch = SyncBatch { device: self.device.to_string(), stream: stream.to_string(), epoch: epoch.to_string(), lost_through, records };
-        let topic = Topic::new(&self.fleet, &self.device, Channel::Sync(Name::new(stream).expect("stream names are valid")));
+        let batch = SyncBatch {
+            device: self.device.to_string(),
+            stream: stream.to_string(),
+            epoch: epoch.to_string(),
+            lost_through,
+            records,
+        };
+        let topic = Topic::new(
+            &self.fleet,
+            &self.device,
+            Channel::Sync(Name::new(stream).expect("stream names are valid")),
+        );
         let payload = serde_json::to_vec(&batch).expect("a batch serializes");
-        match self.client.try_publish(topic.to_string(), QoS::AtLeastOnce, false, payload) {
+        match self
+            .client
+            .try_publish(topic.to_string(), QoS::AtLeastOnce, false, payload)
+        {
             Ok(()) => {
                 st.sent(last, now);
                 debug!(stream, last, "batch sent");
@@ -232,7 +255,10 @@ impl SyncTask {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -249,7 +275,10 @@ mod tests {
         s.sent(5, t0);
         assert!(!s.may_send(t0, timeout));
         assert!(!s.may_send(t0 + Duration::from_secs(9), timeout));
-        assert!(s.may_send(t0 + Duration::from_secs(10), timeout), "resend after the ack timeout");
+        assert!(
+            s.may_send(t0 + Duration::from_secs(10), timeout),
+            "resend after the ack timeout"
+        );
         // A partial ack moves the watermark but keeps the batch in flight.
         assert!(s.on_ack(3));
         assert!(s.inflight.is_some());

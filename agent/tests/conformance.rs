@@ -23,23 +23,33 @@ fn close(got: f64, want: f64) -> bool {
 fn check(name: &str) -> Result<usize, String> {
     let dir = corpus();
     let onnx = std::fs::read(dir.join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
-    let cases: Value = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.cases.json"))).map_err(|e| e.to_string())?)
-        .map_err(|e| e.to_string())?;
+    let cases: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.cases.json"))).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     let rows: Vec<Vec<f32>> = cases["rows"]
         .as_array()
         .ok_or("no rows")?
         .iter()
-        .map(|r| r.as_array().map(|r| r.iter().map(|v| num(v) as f32).collect()).unwrap_or_default())
+        .map(|r| {
+            r.as_array()
+                .map(|r| r.iter().map(|v| num(v) as f32).collect())
+                .unwrap_or_default()
+        })
         .collect();
     let engine = Engine::load(&onnx, rows[0].len()).map_err(|e| format!("load: {e}"))?;
     let batch = engine.run(&rows).map_err(|e| format!("run: {e}"))?;
     let expected = cases["expected"].as_array().ok_or("no expected")?;
     for (i, (got, want)) in batch.iter().zip(expected).enumerate() {
         for (out, values) in want.as_object().ok_or("expected row is not an object")? {
-            let g = got.get(out).ok_or_else(|| format!("row {i}: no output {out:?} (have {:?})", got.keys()))?;
+            let g = got
+                .get(out)
+                .ok_or_else(|| format!("row {i}: no output {out:?} (have {:?})", got.keys()))?;
             let w: Vec<f64> = values.as_array().ok_or("values")?.iter().map(num).collect();
             if g.len() != w.len() || !g.iter().zip(&w).all(|(a, b)| close(*a, *b)) {
-                return Err(format!("row {i} ({:?}) output {out}: got {g:?}, onnxruntime {w:?}", cases["rows"][i]));
+                return Err(format!(
+                    "row {i} ({:?}) output {out}: got {g:?}, onnxruntime {w:?}",
+                    cases["rows"][i]
+                ));
             }
         }
     }
@@ -49,7 +59,8 @@ fn check(name: &str) -> Result<usize, String> {
 #[test]
 fn corpus_matches_onnxruntime() {
     let index: Vec<Value> =
-        serde_json::from_slice(&std::fs::read(corpus().join("index.json")).expect("fixtures/corpus/index.json")).expect("json");
+        serde_json::from_slice(&std::fs::read(corpus().join("index.json")).expect("fixtures/corpus/index.json"))
+            .expect("json");
     let (mut checked, mut cases, mut failures) = (0, 0, vec![]);
     for m in &index {
         let name = m["name"].as_str().expect("name");
@@ -62,7 +73,12 @@ fn corpus_matches_onnxruntime() {
         }
     }
     println!("conformance: {checked} models ({cases} cases) match onnxruntime");
-    assert!(failures.is_empty(), "{} model(s) do not match onnxruntime:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} model(s) do not match onnxruntime:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert_eq!(checked, index.len());
     assert!(checked >= 80, "the corpus shrank to {checked} models");
 }

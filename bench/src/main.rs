@@ -72,7 +72,13 @@ fn rows_of(name: &str) -> Result<(Vec<f32>, usize)> {
     // Finite rows only: the point is speed, not edge cases.
     let flat: Vec<Vec<f32>> = rows
         .iter()
-        .filter_map(|r| r.as_array().map(|r| r.iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect::<Vec<f32>>()))
+        .filter_map(|r| {
+            r.as_array().map(|r| {
+                r.iter()
+                    .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
+                    .collect::<Vec<f32>>()
+            })
+        })
         .filter(|r| r.iter().all(|v| v.is_finite() && v.abs() < 1e6))
         .collect();
     if flat.is_empty() {
@@ -92,9 +98,10 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
     let engine = Engine::load(&onnx, width)?;
     let r1: Vec<Vec<f32>> = vec![one.to_vec()];
     let rb: Vec<Vec<f32>> = batch.chunks(width).map(<[f32]>::to_vec).collect();
-    let ours = (time(budget, || engine.run(&r1).map(|_| ()).map_err(Into::into))?, time(budget, || {
-        engine.run(&rb).map(|_| ()).map_err(Into::into)
-    })?);
+    let ours = (
+        time(budget, || engine.run(&r1).map(|_| ()).map_err(Into::into))?,
+        time(budget, || engine.run(&rb).map(|_| ()).map_err(Into::into))?,
+    );
 
     // onnxruntime, one thread, all graph optimisations.
     let mut session = Session::builder()?
@@ -124,13 +131,26 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
             let t1 = Tensor::from_shape(&[1, width], one)?;
             let tb = Tensor::from_shape(&[BATCH, width], &batch)?;
             Some((
-                time(budget, || plan.run(tvec!(t1.clone().into_tvalue())).map(|_| ()).map_err(Into::into))?,
-                time(budget, || plan.run(tvec!(tb.clone().into_tvalue())).map(|_| ()).map_err(Into::into))?,
+                time(budget, || {
+                    plan.run(tvec!(t1.clone().into_tvalue()))
+                        .map(|_| ())
+                        .map_err(Into::into)
+                })?,
+                time(budget, || {
+                    plan.run(tvec!(tb.clone().into_tvalue()))
+                        .map(|_| ())
+                        .map_err(Into::into)
+                })?,
             ))
         }
         Err(_) => None,
     };
-    Ok(Row { name: name.into(), ours, ort: (ort1, ortb), tract })
+    Ok(Row {
+        name: name.into(),
+        ours,
+        ort: (ort1, ortb),
+        tract,
+    })
 }
 
 fn main() -> Result<()> {
@@ -144,7 +164,9 @@ fn main() -> Result<()> {
         }
     }
     let lib = lib.context("--ort-lib PATH (libonnxruntime.so from the onnxruntime wheel) is required")?;
-    ort::init_from(lib.display().to_string()).commit().with_context(|| format!("loading {}", Path::new(&lib).display()))?;
+    ort::init_from(lib.display().to_string())
+        .commit()
+        .with_context(|| format!("loading {}", Path::new(&lib).display()))?;
     if models.is_empty() {
         models = DEFAULT_MODELS.iter().map(|s| s.to_string()).collect();
     }

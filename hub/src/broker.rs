@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 /// Start a broker listening on `listen` in a background thread. It runs until the process ends.
 pub fn start(listen: SocketAddr, max_packet_bytes: usize) -> anyhow::Result<()> {
     // Fail early and plainly if the port is taken; rumqttd would only log it.
-    drop(std::net::TcpListener::bind(listen).map_err(|e| anyhow::anyhow!("embedded broker cannot listen on {listen}: {e}"))?);
+    drop(
+        std::net::TcpListener::bind(listen)
+            .map_err(|e| anyhow::anyhow!("embedded broker cannot listen on {listen}: {e}"))?,
+    );
     let server = rumqttd::ServerSettings {
         name: "v4".into(),
         listen,
@@ -36,11 +39,13 @@ pub fn start(listen: SocketAddr, max_packet_bytes: usize) -> anyhow::Result<()> 
         ..Default::default()
     };
     let mut broker = rumqttd::Broker::new(config);
-    std::thread::Builder::new().name("embedded-broker".into()).spawn(move || {
-        if let Err(e) = broker.start() {
-            tracing::error!(error = %e, "embedded broker stopped");
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("embedded-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })?;
     // Wait until it completes an MQTT handshake.
     for _ in 0..100 {
         if handshake(listen).is_ok() {
@@ -57,7 +62,22 @@ fn handshake(addr: SocketAddr) -> std::io::Result<()> {
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(std::time::Duration::from_millis(500)))?;
     let id = b"lathe-hub-probe";
-    let mut pkt = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0, id.len() as u8];
+    let mut pkt = vec![
+        0x10,
+        (10 + 2 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        0x02,
+        0,
+        10,
+        0,
+        id.len() as u8,
+    ];
     pkt.extend_from_slice(id);
     s.write_all(&pkt)?;
     let mut ack = [0u8; 4];

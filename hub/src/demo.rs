@@ -45,7 +45,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("lathe"),
     };
-    anyhow::ensure!(agent_bin.exists(), "agent binary {} not found; build it with `cargo build -p lathe` or pass --agent", agent_bin.display());
+    anyhow::ensure!(
+        agent_bin.exists(),
+        "agent binary {} not found; build it with `cargo build -p lathe` or pass --agent",
+        agent_bin.display()
+    );
     let dir = tempfile::tempdir()?;
     let (fleet, device) = (Name::new("demo-plant")?, Name::new("press-7")?);
 
@@ -55,7 +59,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     broker::start(addr, 16 << 20)?;
     println!("    broker on {addr}");
     let proxy = Proxy::start(addr).await?;
-    println!("    the agent reaches the hub through a link we can cut, {} -> {addr}", proxy.addr);
+    println!(
+        "    the agent reaches the hub through a link we can cut, {} -> {addr}",
+        proxy.addr
+    );
 
     step("generating a signing key and packing a signed bundle");
     let key = SigningKey::generate(&ring::rand::SystemRandom::new())?;
@@ -77,7 +84,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         },
         &[&key],
     )?;
-    println!("    {} v{}: {} bytes, signed by key {}, inputs [{}]", m.name, m.version, bundle.len(), key.key_id(), features.join(", "));
+    println!(
+        "    {} v{}: {} bytes, signed by key {}, inputs [{}]",
+        m.name,
+        m.version,
+        bundle.len(),
+        key.key_id(),
+        features.join(", ")
+    );
 
     step("starting the hub's ingest service");
     let stats = Arc::new(IngestStats::default());
@@ -140,7 +154,10 @@ interval_secs = 5
     let mut agent = tokio::process::Command::new(&agent_bin)
         .args(["run", "--config"])
         .arg(&config)
-        .env("LATHE_LOG", std::env::var("LATHE_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "LATHE_LOG",
+            std::env::var("LATHE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .kill_on_drop(true)
         .spawn()?;
     println!("    {} run --config {}", agent_bin.display(), config.display());
@@ -171,7 +188,12 @@ interval_secs = 5
     });
 
     step("deploying the signed bundle to the device");
-    let target = ops::Target { host: "127.0.0.1".into(), port, fleet: fleet.clone(), device: device.clone() };
+    let target = ops::Target {
+        host: "127.0.0.1".into(),
+        port,
+        fleet: fleet.clone(),
+        device: device.clone(),
+    };
     let resp = ops::deploy(&target, &bundle, Duration::from_secs(30)).await?;
     println!("    device answered: ok={} {}", resp.ok, resp.message);
     anyhow::ensure!(resp.ok, "deploy refused");
@@ -200,16 +222,33 @@ interval_secs = 5
                 obj.insert(f.clone(), serde_json::json!(v));
             }
             obj.insert("id".into(), serde_json::json!(i));
-            if sc.publish(input_topic.clone(), QoS::AtLeastOnce, false, serde_json::to_vec(&obj).expect("json")).await.is_ok() {
+            if sc
+                .publish(
+                    input_topic.clone(),
+                    QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&obj).expect("json"),
+                )
+                .await
+                .is_ok()
+            {
                 sent2.fetch_add(1, Ordering::Relaxed);
             }
             i += 1;
         }
     });
     tokio::time::sleep(Duration::from_secs(4)).await;
-    println!("    {} readings sent, {} predictions seen live, {} stored at the hub", sent.load(Ordering::Relaxed), live.load(Ordering::Relaxed), stats.predictions.load(Ordering::Relaxed));
+    println!(
+        "    {} readings sent, {} predictions seen live, {} stored at the hub",
+        sent.load(Ordering::Relaxed),
+        live.load(Ordering::Relaxed),
+        stats.predictions.load(Ordering::Relaxed)
+    );
 
-    step(format!("cutting the link between the agent and the hub for {}s (packets vanish, nothing closes)", args.cut_secs));
+    step(format!(
+        "cutting the link between the agent and the hub for {}s (packets vanish, nothing closes)",
+        args.cut_secs
+    ));
     proxy.cut();
     let at_cut = stats.predictions.load(Ordering::Relaxed);
     for _ in 0..(args.cut_secs / 4).max(1) {
@@ -249,7 +288,10 @@ interval_secs = 5
 
     step("stopping the agent");
     if let Some(pid) = agent.id() {
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
     }
     let _ = tokio::time::timeout(Duration::from_secs(15), agent.wait()).await;
     shutdown.cancel();

@@ -57,7 +57,9 @@ impl Ingest {
                     // Straight to the front of the event loop's queue: never refused, sent first.
                     let filters = [filter::all_sync(), filter::all_state(), filter::all_events()]
                         .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
-                    eventloop.pending.push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
+                    eventloop
+                        .pending
+                        .push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
                     info!("ingest connected");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -66,7 +68,12 @@ impl Ingest {
                     match &t.channel {
                         Channel::Sync(stream) => self.on_batch(&mut store, &client, &t, stream.as_str(), &p.payload),
                         Channel::State if self.echo => {
-                            println!("hub    | {}/{} state: {}", t.fleet, t.device, String::from_utf8_lossy(&p.payload));
+                            println!(
+                                "hub    | {}/{} state: {}",
+                                t.fleet,
+                                t.device,
+                                String::from_utf8_lossy(&p.payload)
+                            );
                         }
                         Channel::Events if self.echo => {
                             if let Ok(e) = serde_json::from_slice::<protocol::messages::Event>(&p.payload) {
@@ -105,15 +112,19 @@ impl Ingest {
             warn!(fleet = %t.fleet, device = %t.device, "sync batch names another device or stream than its topic; dropped");
             return;
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let stored = match tokio::task::block_in_place(|| store.store_batch(t.fleet.as_str(), t.device.as_str(), &batch, now)) {
-            Ok(s) => s,
-            Err(e) => {
-                // Not acked: the device keeps the records and sends them again.
-                warn!(error = %e, "cannot store sync batch; not acked");
-                return;
-            }
-        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let stored =
+            match tokio::task::block_in_place(|| store.store_batch(t.fleet.as_str(), t.device.as_str(), &batch, now)) {
+                Ok(s) => s,
+                Err(e) => {
+                    // Not acked: the device keeps the records and sends them again.
+                    warn!(error = %e, "cannot store sync batch; not acked");
+                    return;
+                }
+            };
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats.inserted.fetch_add(stored.inserted, Ordering::Relaxed);
         if stream == protocol::streams::PREDICTIONS {
@@ -125,9 +136,22 @@ impl Ingest {
             warn!(fleet = %t.fleet, device = %t.device, stream, lost = stored.newly_lost, "device reports records dropped by its when-full policy");
         }
         debug!(device = %t.device, stream, inserted = stored.inserted, duplicates = stored.duplicates, acked = stored.acked, "batch stored");
-        let ack = Ack { stream: stream.to_string(), epoch: batch.epoch.clone(), acked: stored.acked };
-        let ack_topic = Topic::new(&t.fleet, &t.device, Channel::Ack(protocol::Name::new(stream).expect("checked by the topic parser")));
-        if let Err(e) = client.try_publish(ack_topic.to_string(), QoS::AtLeastOnce, false, serde_json::to_vec(&ack).expect("ack serializes")) {
+        let ack = Ack {
+            stream: stream.to_string(),
+            epoch: batch.epoch.clone(),
+            acked: stored.acked,
+        };
+        let ack_topic = Topic::new(
+            &t.fleet,
+            &t.device,
+            Channel::Ack(protocol::Name::new(stream).expect("checked by the topic parser")),
+        );
+        if let Err(e) = client.try_publish(
+            ack_topic.to_string(),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&ack).expect("ack serializes"),
+        ) {
             warn!(error = %e, "ack not queued; the device will resend");
         }
     }

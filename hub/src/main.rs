@@ -123,13 +123,23 @@ struct TargetArgs {
 impl TargetArgs {
     fn target(&self) -> anyhow::Result<ops::Target> {
         let (host, port) = split_addr(&self.broker)?;
-        Ok(ops::Target { host, port, fleet: Name::new(self.fleet.clone())?, device: Name::new(self.device.clone())? })
+        Ok(ops::Target {
+            host,
+            port,
+            fleet: Name::new(self.fleet.clone())?,
+            device: Name::new(self.device.clone())?,
+        })
     }
 }
 
 fn split_addr(s: &str) -> anyhow::Result<(String, u16)> {
-    let (h, p) = s.rsplit_once(':').with_context(|| format!("broker {s:?} must be host:port"))?;
-    Ok((h.to_string(), p.parse().with_context(|| format!("broker {s:?}: bad port"))?))
+    let (h, p) = s
+        .rsplit_once(':')
+        .with_context(|| format!("broker {s:?} must be host:port"))?;
+    Ok((
+        h.to_string(),
+        p.parse().with_context(|| format!("broker {s:?}: bad port"))?,
+    ))
 }
 
 fn main() -> ExitCode {
@@ -146,10 +156,15 @@ fn main() -> ExitCode {
         _ => "info,rumqttd=warn",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| default_filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -171,11 +186,27 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             }
             write_private(&kpath, key.to_text().as_bytes())?;
             std::fs::write(&ppath, format!("{} {name}\n", key.public_key().to_text()))?;
-            println!("key id {}: private {} public {}", key.key_id(), kpath.display(), ppath.display());
+            println!(
+                "key id {}: private {} public {}",
+                key.key_id(),
+                kpath.display(),
+                ppath.display()
+            );
             println!("add the public key line to each agent's trust.keys_file");
             Ok(0)
         }
-        Cmd::Bundle(BundleCmd::Pack { model, name, version, features, features_file, keys, expires_in_days, baseline, selftest, out }) => {
+        Cmd::Bundle(BundleCmd::Pack {
+            model,
+            name,
+            version,
+            features,
+            features_file,
+            keys,
+            expires_in_days,
+            baseline,
+            selftest,
+            out,
+        }) => {
             let features = match features_file {
                 Some(f) => serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("{}", f.display()))?)
                     .with_context(|| format!("{}: expected a JSON array of names", f.display()))?,
@@ -202,16 +233,38 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             };
             let (bytes, m) = ops::pack(input, &keys.iter().collect::<Vec<_>>())?;
             std::fs::write(&out, &bytes).with_context(|| format!("{}", out.display()))?;
-            println!("packed {} v{} ({} bytes) into {}", m.name, m.version, bytes.len(), out.display());
+            println!(
+                "packed {} v{} ({} bytes) into {}",
+                m.name,
+                m.version,
+                bytes.len(),
+                out.display()
+            );
             Ok(0)
         }
-        Cmd::Bundle(BundleCmd::Verify { file, trust, threshold, installed_version }) => {
+        Cmd::Bundle(BundleCmd::Verify {
+            file,
+            trust,
+            threshold,
+            installed_version,
+        }) => {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
-            let trust = TrustStore::parse(&std::fs::read_to_string(&trust).with_context(|| format!("{}", trust.display()))?)?;
-            let policy = Policy { trust: &trust, threshold, now: ops::now_secs(), installed_version };
+            let trust =
+                TrustStore::parse(&std::fs::read_to_string(&trust).with_context(|| format!("{}", trust.display()))?)?;
+            let policy = Policy {
+                trust: &trust,
+                threshold,
+                now: ops::now_secs(),
+                installed_version,
+            };
             match bundle::verify(&bytes, &policy) {
                 Ok(v) => {
-                    println!("ok: {} v{} signed by {}", v.manifest.name, v.manifest.version, v.signed_by.join(", "));
+                    println!(
+                        "ok: {} v{} signed by {}",
+                        v.manifest.name,
+                        v.manifest.version,
+                        v.signed_by.join(", ")
+                    );
                     Ok(0)
                 }
                 Err(e) => {
@@ -225,7 +278,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             let (m, env) = bundle::inspect(&bytes)?;
             let keyids: Vec<&str> = env.signatures.iter().map(|s| s.keyid.as_str()).collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"manifest": m, "signatures": keyids}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"manifest": m, "signatures": keyids}))?
+                );
             } else {
                 println!("bundle     {} v{} (not verified)", m.name, m.version);
                 println!("created    {}  expires {}", m.created, m.expires);
@@ -234,7 +290,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                     println!("output     {} {}", o.name, o.dtype);
                 }
                 for p in &m.payloads {
-                    println!("payload    {:?} {} {} bytes sha256 {}", p.role, p.name, p.size, p.sha256);
+                    println!(
+                        "payload    {:?} {} {} bytes sha256 {}",
+                        p.role, p.name, p.size, p.sha256
+                    );
                 }
                 println!("signed by  {}", keyids.join(", "));
             }
@@ -246,16 +305,31 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             print_response(&resp)
         }
         Cmd::Rollback { target } => {
-            let resp = ops::command(&target.target()?, &Command::Rollback, Duration::from_secs(target.timeout_secs)).await?;
+            let resp = ops::command(
+                &target.target()?,
+                &Command::Rollback,
+                Duration::from_secs(target.timeout_secs),
+            )
+            .await?;
             print_response(&resp)
         }
-        Cmd::Serve { broker, embedded_broker, listen, db, max_packet_bytes } => {
+        Cmd::Serve {
+            broker,
+            embedded_broker,
+            listen,
+            db,
+            max_packet_bytes,
+        } => {
             let (host, port) = if embedded_broker {
                 broker::start(listen, max_packet_bytes)?;
                 println!("embedded broker listening on {listen}");
                 (listen.ip().to_string(), listen.port())
             } else {
-                split_addr(broker.as_deref().context("give --broker host:port or --embedded-broker")?)?
+                split_addr(
+                    broker
+                        .as_deref()
+                        .context("give --broker host:port or --embedded-broker")?,
+                )?
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let sd = shutdown.clone();
@@ -280,12 +354,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
 }
 
 fn print_response(resp: &protocol::messages::Response) -> anyhow::Result<u8> {
-    let model = resp.model.as_ref().map(|m| format!("{} v{}", m.name, m.version)).unwrap_or_else(|| "none".into());
+    let model = resp
+        .model
+        .as_ref()
+        .map(|m| format!("{} v{}", m.name, m.version))
+        .unwrap_or_else(|| "none".into());
     if resp.ok {
         println!("ok: {} (active: {model})", resp.message);
         Ok(0)
     } else {
-        println!("refused ({}): {} (active: {model})", resp.code.as_deref().unwrap_or("?"), resp.message);
+        println!(
+            "refused ({}): {} (active: {model})",
+            resp.code.as_deref().unwrap_or("?"),
+            resp.message
+        );
         Ok(1)
     }
 }

@@ -33,10 +33,26 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
         created: input.created,
         expires: input.expires,
         payloads: vec![],
-        input: InputSchema { name: engine.input_name().to_string(), dtype: "float32".into(), features: input.features },
-        outputs: engine.outputs().iter().map(|(n, t)| OutputSchema { name: n.clone(), dtype: t.clone() }).collect(),
+        input: InputSchema {
+            name: engine.input_name().to_string(),
+            dtype: "float32".into(),
+            features: input.features,
+        },
+        outputs: engine
+            .outputs()
+            .iter()
+            .map(|(n, t)| OutputSchema {
+                name: n.clone(),
+                dtype: t.clone(),
+            })
+            .collect(),
     };
-    let r = |role, name: &str| PayloadRef { role, name: name.into(), sha256: String::new(), size: 0 };
+    let r = |role, name: &str| PayloadRef {
+        role,
+        name: name.into(),
+        sha256: String::new(),
+        size: 0,
+    };
     let mut payloads = vec![(r(Role::Model, "model.onnx"), input.model)];
     if let Some(b) = input.baseline {
         payloads.push((r(Role::Baseline, "baseline.json"), b));
@@ -89,7 +105,10 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
                         s.reason.as_deref().unwrap_or("unknown")
                     ),
                 };
-                anyhow::bail!("no answer from {fleet}/{device} within {}s: {why} (command {id})", timeout.as_secs());
+                anyhow::bail!(
+                    "no answer from {fleet}/{device} within {}s: {why} (command {id})",
+                    timeout.as_secs()
+                );
             }
         };
         match ev {
@@ -102,7 +121,9 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
                 let online = state.as_ref().is_some_and(|s| s.status == Status::Online);
                 last_state = state;
                 if online && !sent {
-                    client.publish(cmd_topic.clone(), QoS::AtLeastOnce, false, payload.clone()).await?;
+                    client
+                        .publish(cmd_topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                        .await?;
                     sent = true;
                 }
             }
@@ -120,7 +141,9 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
 
 /// Deploy a bundle file's bytes.
 pub async fn deploy(target: &Target, bundle: &[u8], timeout: Duration) -> anyhow::Result<Response> {
-    let cmd = Command::Deploy { bundle: base64::engine::general_purpose::STANDARD.encode(bundle) };
+    let cmd = Command::Deploy {
+        bundle: base64::engine::general_purpose::STANDARD.encode(bundle),
+    };
     command(target, &cmd, timeout).await
 }
 
@@ -131,5 +154,8 @@ fn rand_u64() -> u64 {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

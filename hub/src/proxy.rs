@@ -57,7 +57,11 @@ impl Drop for Proxy {
 
 async fn serve(mut client: TcpStream, upstream: SocketAddr, mut rx: watch::Receiver<(Mode, u64)>) {
     let (start_mode, generation) = *rx.borrow_and_update();
-    let mut server = if start_mode == Mode::Forward { TcpStream::connect(upstream).await.ok() } else { None };
+    let mut server = if start_mode == Mode::Forward {
+        TcpStream::connect(upstream).await.ok()
+    } else {
+        None
+    };
     let (mut cbuf, mut sbuf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
     loop {
         let mode = rx.borrow().0;

@@ -50,19 +50,28 @@ CREATE TABLE IF NOT EXISTS watermarks (
 
 impl HubStore {
     pub fn open(path: &Path) -> Result<HubStore, StoreError> {
-        let err = |source| StoreError { path: path.to_path_buf(), source };
+        let err = |source| StoreError {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(HubStore { conn, path: path.to_path_buf() })
+        Ok(HubStore {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Store a batch from `fleet`/`device` and return the watermark to ack.
     pub fn store_batch(&mut self, fleet: &str, device: &str, b: &SyncBatch, now_ms: u64) -> Result<Stored, StoreError> {
         let path = self.path.clone();
-        let err = |source| StoreError { path: path.clone(), source };
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(err)?;
         let key = params![fleet, device, b.stream, b.epoch];
         let (acked, lost): (u64, u64) = tx
@@ -89,7 +98,16 @@ impl HubStore {
                     continue;
                 }
                 let n = ins
-                    .execute(params![fleet, device, b.stream, b.epoch, r.seq as i64, r.ts_ms as i64, r.data.to_string(), now_ms as i64])
+                    .execute(params![
+                        fleet,
+                        device,
+                        b.stream,
+                        b.epoch,
+                        r.seq as i64,
+                        r.ts_ms as i64,
+                        r.data.to_string(),
+                        now_ms as i64
+                    ])
                     .map_err(err)?;
                 if n == 1 {
                     inserted += 1;
@@ -119,9 +137,10 @@ impl HubStore {
                 )
                 .map_err(err)?;
             let rows = st
-                .query_map(params![fleet, device, b.stream, b.epoch, acked.max(b.lost_through) as i64], |r| {
-                    r.get::<_, i64>(0)
-                })
+                .query_map(
+                    params![fleet, device, b.stream, b.epoch, acked.max(b.lost_through) as i64],
+                    |r| r.get::<_, i64>(0),
+                )
                 .map_err(err)?;
             let mut v = vec![];
             let mut expect = acked.max(b.lost_through) + 1;
@@ -139,11 +158,23 @@ impl HubStore {
         tx.execute(
             "INSERT INTO watermarks (fleet, device, stream, epoch, acked, lost) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(fleet, device, stream, epoch) DO UPDATE SET acked = excluded.acked, lost = excluded.lost",
-            params![fleet, device, b.stream, b.epoch, new_acked as i64, (lost + newly_lost) as i64],
+            params![
+                fleet,
+                device,
+                b.stream,
+                b.epoch,
+                new_acked as i64,
+                (lost + newly_lost) as i64
+            ],
         )
         .map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(Stored { inserted, duplicates, acked: new_acked, newly_lost })
+        Ok(Stored {
+            inserted,
+            duplicates,
+            acked: new_acked,
+            newly_lost,
+        })
     }
 
     /// Records stored for a device and stream, all epochs, in seq order.
@@ -155,7 +186,10 @@ impl HubStore {
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n as u64)
-            .map_err(|source| StoreError { path: self.path.clone(), source })
+            .map_err(|source| StoreError {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
@@ -170,7 +204,14 @@ mod tests {
             stream: "predictions".into(),
             epoch: "00000000000000aa".into(),
             lost_through,
-            records: seqs.iter().map(|s| Record { seq: *s, ts_ms: *s, data: serde_json::json!({"n": s}) }).collect(),
+            records: seqs
+                .iter()
+                .map(|s| Record {
+                    seq: *s,
+                    ts_ms: *s,
+                    data: serde_json::json!({"n": s}),
+                })
+                .collect(),
         }
     }
 

@@ -97,7 +97,10 @@ impl Manifest {
 
     fn check(&self) -> Result<(), String> {
         if self.format != MANIFEST_FORMAT {
-            return Err(format!("format {} is not supported (expected {MANIFEST_FORMAT})", self.format));
+            return Err(format!(
+                "format {} is not supported (expected {MANIFEST_FORMAT})",
+                self.format
+            ));
         }
         crate::topic::Name::new(self.name.clone()).map_err(|e| format!("name: {e}"))?;
         let count = |r: Role| self.payloads.iter().filter(|p| p.role == r).count();
@@ -116,7 +119,10 @@ impl Manifest {
             return Err("input.features is empty".into());
         }
         if self.input.dtype != "float32" {
-            return Err(format!("input.dtype {:?} is not supported (expected \"float32\")", self.input.dtype));
+            return Err(format!(
+                "input.dtype {:?} is not supported (expected \"float32\")",
+                self.input.dtype
+            ));
         }
         if self.expires <= self.created {
             return Err("expires must be after created".into());
@@ -179,8 +185,15 @@ pub enum VerifyError {
     TrailingData(u64),
     #[error("payload {name:?} does not match its sha256 in the manifest")]
     DigestMismatch { name: String },
-    #[error("bundle {name} v{version} expired at {expires} (now {now}); re-sign with a later expiry or check the clock")]
-    Expired { name: String, version: u64, expires: u64, now: u64 },
+    #[error(
+        "bundle {name} v{version} expired at {expires} (now {now}); re-sign with a later expiry or check the clock"
+    )]
+    Expired {
+        name: String,
+        version: u64,
+        expires: u64,
+        now: u64,
+    },
     #[error("bundle {name} v{version} is not newer than installed v{installed}")]
     NotNewer { name: String, version: u64, installed: u64 },
 }
@@ -199,7 +212,14 @@ fn threshold_message(
     if !invalid.is_empty() {
         m += &format!("; bad signature(s) from {}", invalid.join(", "));
     }
-    m += &format!(" (trusted: {})", if trusted.is_empty() { "none".to_string() } else { trusted.join(", ") });
+    m += &format!(
+        " (trusted: {})",
+        if trusted.is_empty() {
+            "none".to_string()
+        } else {
+            trusted.join(", ")
+        }
+    );
     if !unknown.is_empty() {
         m += "; add the key to the trust store or re-sign";
     }
@@ -248,11 +268,16 @@ pub struct Verified {
 
 impl Verified {
     pub fn payload(&self, role: Role) -> Option<&[u8]> {
-        self.manifest.payloads.iter().position(|p| p.role == role).map(|i| self.payloads[i].as_slice())
+        self.manifest
+            .payloads
+            .iter()
+            .position(|p| p.role == role)
+            .map(|i| self.payloads[i].as_slice())
     }
 
     pub fn model(&self) -> &[u8] {
-        self.payload(Role::Model).expect("a verified manifest has exactly one model payload")
+        self.payload(Role::Model)
+            .expect("a verified manifest has exactly one model payload")
     }
 }
 
@@ -284,9 +309,15 @@ fn split(bytes: &[u8]) -> Result<Container<'_>, VerifyError> {
     }
     let end = 12 + len;
     if bytes.len() < end {
-        return Err(VerifyError::Truncated(format!("envelope needs {len} bytes, {} present", bytes.len() - 12)));
+        return Err(VerifyError::Truncated(format!(
+            "envelope needs {len} bytes, {} present",
+            bytes.len() - 12
+        )));
     }
-    Ok(Container { envelope: &bytes[12..end], rest: &bytes[end..] })
+    Ok(Container {
+        envelope: &bytes[12..end],
+        rest: &bytes[end..],
+    })
 }
 
 /// Read the manifest without verifying anything. For display only (`bundle inspect`).
@@ -294,7 +325,9 @@ pub fn inspect(bytes: &[u8]) -> Result<(Manifest, Envelope), VerifyError> {
     let c = split(bytes)?;
     let env: Envelope =
         serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
-    let body = B64.decode(&env.payload).map_err(|e| VerifyError::MalformedEnvelope(format!("payload: {e}")))?;
+    let body = B64
+        .decode(&env.payload)
+        .map_err(|e| VerifyError::MalformedEnvelope(format!("payload: {e}")))?;
     let m: Manifest = serde_json::from_slice(&body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
     Ok((m, env))
 }
@@ -307,7 +340,9 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
     if env.payload_type != PAYLOAD_TYPE {
         return Err(VerifyError::WrongPayloadType(env.payload_type));
     }
-    let body = B64.decode(&env.payload).map_err(|e| VerifyError::MalformedEnvelope(format!("payload: {e}")))?;
+    let body = B64
+        .decode(&env.payload)
+        .map_err(|e| VerifyError::MalformedEnvelope(format!("payload: {e}")))?;
     if env.signatures.len() > MAX_SIGNATURES {
         return Err(VerifyError::MalformedEnvelope(format!(
             "{} signatures, at most {MAX_SIGNATURES} allowed",
@@ -347,8 +382,7 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
     if canonical::encode(&value).ok().as_deref() != Some(body.as_slice()) {
         return Err(VerifyError::NonCanonicalManifest);
     }
-    let manifest: Manifest =
-        serde_json::from_value(value).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
     manifest.check().map_err(VerifyError::InvalidManifest)?;
 
     let mut payloads = Vec::with_capacity(manifest.payloads.len());
@@ -384,10 +418,18 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
     }
     if let Some(installed) = policy.installed_version {
         if manifest.version <= installed {
-            return Err(VerifyError::NotNewer { name: manifest.name.clone(), version: manifest.version, installed });
+            return Err(VerifyError::NotNewer {
+                name: manifest.name.clone(),
+                version: manifest.version,
+                installed,
+            });
         }
     }
-    Ok(Verified { manifest, signed_by: valid, payloads })
+    Ok(Verified {
+        manifest,
+        signed_by: valid,
+        payloads,
+    })
 }
 
 /// Build a bundle file: fill in payload digests and sizes, sign, and lay out the bytes.
@@ -419,7 +461,10 @@ pub fn pack(
         payload: B64.encode(&body),
         signatures: keys
             .iter()
-            .map(|k| Signature { keyid: k.key_id().0, sig: B64.encode(k.sign(&signed)) })
+            .map(|k| Signature {
+                keyid: k.key_id().0,
+                sig: B64.encode(k.sign(&signed)),
+            })
             .collect(),
     };
     Ok(assemble(&env, payloads.iter().map(|(_, d)| d.as_slice())))
@@ -455,13 +500,25 @@ mod tests {
             created: 1000,
             expires: 2000,
             payloads: vec![],
-            input: InputSchema { name: "x".into(), dtype: "float32".into(), features: vec!["a".into()] },
-            outputs: vec![OutputSchema { name: "y".into(), dtype: "float32".into() }],
+            input: InputSchema {
+                name: "x".into(),
+                dtype: "float32".into(),
+                features: vec!["a".into()],
+            },
+            outputs: vec![OutputSchema {
+                name: "y".into(),
+                dtype: "float32".into(),
+            }],
         }
     }
 
     fn model_ref() -> PayloadRef {
-        PayloadRef { role: Role::Model, name: "model.onnx".into(), sha256: String::new(), size: 0 }
+        PayloadRef {
+            role: Role::Model,
+            name: "model.onnx".into(),
+            sha256: String::new(),
+            size: 0,
+        }
     }
 
     #[test]
@@ -469,7 +526,12 @@ mod tests {
         let (k1, k2, k3) = (key(1), key(2), key(3));
         let trust = TrustStore::new([k1.public_key(), k2.public_key()]);
         let b = pack(manifest(1), &[(model_ref(), b"onnx".to_vec())], &[&k1, &k1, &k3]).expect("packs");
-        let policy = |threshold| Policy { trust: &trust, threshold, now: 1500, installed_version: None };
+        let policy = |threshold| Policy {
+            trust: &trust,
+            threshold,
+            now: 1500,
+            installed_version: None,
+        };
         assert!(verify(&b, &policy(1)).is_ok());
         let err = verify(&b, &policy(2)).expect_err("one distinct trusted key only");
         assert_eq!(err.code(), "signature_threshold");
@@ -484,7 +546,12 @@ mod tests {
         let k = key(7);
         let trust = TrustStore::new([k.public_key()]);
         let b = pack(manifest(1), &[(model_ref(), b"0123456789".to_vec())], &[&k]).expect("packs");
-        let p = Policy { trust: &trust, threshold: 1, now: 1500, installed_version: None };
+        let p = Policy {
+            trust: &trust,
+            threshold: 1,
+            now: 1500,
+            installed_version: None,
+        };
         for n in 0..b.len() {
             assert!(verify(&b[..n], &p).is_err(), "prefix of {n} bytes accepted");
         }
@@ -496,7 +563,12 @@ mod tests {
         let k = key(9);
         let trust = TrustStore::new([k.public_key()]);
         let b = pack(manifest(1), &[(model_ref(), b"model-bytes".to_vec())], &[&k]).expect("packs");
-        let p = Policy { trust: &trust, threshold: 1, now: 1500, installed_version: None };
+        let p = Policy {
+            trust: &trust,
+            threshold: 1,
+            now: 1500,
+            installed_version: None,
+        };
         for i in 0..b.len() {
             let mut t = b.clone();
             t[i] ^= 0x01;

@@ -69,9 +69,15 @@ mod tests {
 
     #[test]
     fn canonical_form() {
-        check(json!({"b": 1, "a": [true, null, "x"]}), r#"{"a":[true,null,"x"],"b":1}"#);
+        check(
+            json!({"b": 1, "a": [true, null, "x"]}),
+            r#"{"a":[true,null,"x"],"b":1}"#,
+        );
         check(json!({"é": 1, "z": 2, "Z": 3}), r#"{"Z":3,"z":2,"é":1}"#);
-        check(json!("a/b\"c\\d\n\t\u{1}\u{7f}é"), "\"a/b\\\"c\\\\d\\n\\t\\u0001\u{7f}é\"");
+        check(
+            json!("a/b\"c\\d\n\t\u{1}\u{7f}é"),
+            "\"a/b\\\"c\\\\d\\n\\t\\u0001\u{7f}é\"",
+        );
         check(json!(-12), "-12");
         check(json!(18446744073709551615u64), "18446744073709551615");
         check(json!({"nested": {"y": {}, "x": []}}), r#"{"nested":{"x":[],"y":{}}}"#);

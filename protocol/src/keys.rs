@@ -69,7 +69,10 @@ impl SigningKey {
 
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<SigningKey, KeyError> {
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| KeyError::BadPrivateKey)?;
-        Ok(SigningKey { pair, pkcs8: pkcs8.to_vec() })
+        Ok(SigningKey {
+            pair,
+            pkcs8: pkcs8.to_vec(),
+        })
     }
 
     /// Parse the text of a private key file.
@@ -129,7 +132,9 @@ pub struct TrustStore {
 
 impl TrustStore {
     pub fn new(keys: impl IntoIterator<Item = PublicKey>) -> TrustStore {
-        TrustStore { keys: keys.into_iter().map(|k| (k.key_id(), k)).collect() }
+        TrustStore {
+            keys: keys.into_iter().map(|k| (k.key_id(), k)).collect(),
+        }
     }
 
     /// Parse the text of a trust store file.
@@ -194,6 +199,9 @@ mod tests {
         let text = format!("# hub keys\n\n{} line-3 signer\n", k.public_key().to_text());
         let ts = TrustStore::parse(&text).expect("parses");
         assert_eq!(ts.ids(), vec![k.key_id()]);
-        assert!(matches!(TrustStore::parse("abc\n"), Err(KeyError::BadPublicKey { line: 1 })));
+        assert!(matches!(
+            TrustStore::parse("abc\n"),
+            Err(KeyError::BadPublicKey { line: 1 })
+        ));
     }
 }

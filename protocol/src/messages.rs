@@ -169,12 +169,19 @@ mod tests {
     fn commands_are_tagged_by_op() {
         let c: Command = serde_json::from_value(json!({"op": "deploy", "bundle": "AAAA"})).expect("parses");
         assert_eq!(c, Command::Deploy { bundle: "AAAA".into() });
-        assert_eq!(serde_json::to_value(Command::Rollback).expect("ser"), json!({"op": "rollback"}));
+        assert_eq!(
+            serde_json::to_value(Command::Rollback).expect("ser"),
+            json!({"op": "rollback"})
+        );
         assert!(serde_json::from_value::<Command>(json!({"op": "format_disk"})).is_err());
     }
 
     fn check(acked: u64, lost: u64, stored: &[u64], expected: u64) {
-        assert_eq!(advance_watermark(acked, lost, stored.iter().copied()), expected, "{acked} {lost} {stored:?}");
+        assert_eq!(
+            advance_watermark(acked, lost, stored.iter().copied()),
+            expected,
+            "{acked} {lost} {stored:?}"
+        );
     }
 
     #[test]

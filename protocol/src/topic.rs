@@ -46,7 +46,8 @@ impl Name {
         let s = s.into();
         let ok = !s.is_empty()
             && s.len() <= MAX_NAME_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if ok {
             Ok(Name(s))
         } else {
@@ -103,7 +104,11 @@ pub struct Topic {
 
 impl Topic {
     pub fn new(fleet: &Name, device: &Name, channel: Channel) -> Self {
-        Topic { fleet: fleet.clone(), device: device.clone(), channel }
+        Topic {
+            fleet: fleet.clone(),
+            device: device.clone(),
+            channel,
+        }
     }
 }
 
@@ -215,7 +220,10 @@ mod tests {
         check("lathe/v1/plant1/press-7/res/c1", Ok(Channel::Response(n("c1"))));
         check("lathe/v1/plant1/press-7/pred", Ok(Channel::Predictions));
         check("lathe/v1/plant1/press-7/events", Ok(Channel::Events));
-        check("lathe/v1/plant1/press-7/sync/predictions", Ok(Channel::Sync(n("predictions"))));
+        check(
+            "lathe/v1/plant1/press-7/sync/predictions",
+            Ok(Channel::Sync(n("predictions"))),
+        );
         check("lathe/v1/plant1/press-7/ack/events", Ok(Channel::Ack(n("events"))));
         check("lathe/v2/plant1/press-7/state", Err(()));
         check("lathe/v1/plant1/press-7", Err(()));

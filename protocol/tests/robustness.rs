@@ -15,10 +15,22 @@ fn valid() -> (Vec<u8>, TrustStore) {
         created: 10,
         expires: 1 << 40,
         payloads: vec![],
-        input: InputSchema { name: "x".into(), dtype: "float32".into(), features: vec!["a".into(), "b".into()] },
-        outputs: vec![OutputSchema { name: "y".into(), dtype: "float32".into() }],
+        input: InputSchema {
+            name: "x".into(),
+            dtype: "float32".into(),
+            features: vec!["a".into(), "b".into()],
+        },
+        outputs: vec![OutputSchema {
+            name: "y".into(),
+            dtype: "float32".into(),
+        }],
     };
-    let r = PayloadRef { role: Role::Model, name: "model.onnx".into(), sha256: String::new(), size: 0 };
+    let r = PayloadRef {
+        role: Role::Model,
+        name: "model.onnx".into(),
+        sha256: String::new(),
+        size: 0,
+    };
     let b = bundle::pack(m, &[(r, b"not really onnx, but hashed".to_vec())], &[&k]).expect("packs");
     (b, TrustStore::new([k.public_key()]))
 }

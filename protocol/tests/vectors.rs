@@ -40,12 +40,20 @@ fn manifest(expires: u64) -> Manifest {
             dtype: "float32".into(),
             features: vec!["rms".into(), "kurtosis".into(), "crest_factor".into(), "peak_hz".into()],
         },
-        outputs: vec![OutputSchema { name: "variable".into(), dtype: "float32".into() }],
+        outputs: vec![OutputSchema {
+            name: "variable".into(),
+            dtype: "float32".into(),
+        }],
     }
 }
 
 fn model_ref() -> PayloadRef {
-    PayloadRef { role: Role::Model, name: "model.onnx".into(), sha256: String::new(), size: 0 }
+    PayloadRef {
+        role: Role::Model,
+        name: "model.onnx".into(),
+        sha256: String::new(),
+        size: 0,
+    }
 }
 
 /// An envelope signed over arbitrary manifest bytes and payload type, for the malformed cases.
@@ -54,7 +62,13 @@ fn raw(payload_type: &str, body: &[u8], keys: &[&SigningKey], model: &[u8]) -> V
     let env = Envelope {
         payload_type: payload_type.into(),
         payload: B64.encode(body),
-        signatures: keys.iter().map(|k| Signature { keyid: k.key_id().0, sig: B64.encode(k.sign(&signed)) }).collect(),
+        signatures: keys
+            .iter()
+            .map(|k| Signature {
+                keyid: k.key_id().0,
+                sig: B64.encode(k.sign(&signed)),
+            })
+            .collect(),
     };
     bundle::assemble(&env, [model])
 }
@@ -71,9 +85,27 @@ fn cases(model: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<u64>, usize, &'stat
         ("valid.lbundle", valid.clone(), Some(6), 1, "ok"),
         ("valid.lbundle", valid.clone(), Some(7), 1, "not_newer"),
         ("valid.lbundle", valid.clone(), None, 2, "signature_threshold"),
-        ("two-signers.lbundle", pack(manifest(4_000_000_000), &[&s, &second()]), None, 2, "ok"),
-        ("expired.lbundle", pack(manifest(1_750_000_000), &[&s]), None, 1, "expired"),
-        ("unknown-key.lbundle", pack(manifest(4_000_000_000), &[&stranger()]), None, 1, "signature_threshold"),
+        (
+            "two-signers.lbundle",
+            pack(manifest(4_000_000_000), &[&s, &second()]),
+            None,
+            2,
+            "ok",
+        ),
+        (
+            "expired.lbundle",
+            pack(manifest(1_750_000_000), &[&s]),
+            None,
+            1,
+            "expired",
+        ),
+        (
+            "unknown-key.lbundle",
+            pack(manifest(4_000_000_000), &[&stranger()]),
+            None,
+            1,
+            "signature_threshold",
+        ),
     ];
 
     // The signed manifest says version 7; the envelope now carries version 8 with the old signature.
@@ -81,20 +113,41 @@ fn cases(model: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<u64>, usize, &'stat
     let mut forged = manifest(4_000_000_000);
     forged.payloads = bundle::inspect(&valid).expect("inspects").0.payloads;
     forged.version = 8;
-    let forged_env = Envelope { payload: B64.encode(forged.canonical_bytes()), ..env.clone() };
-    v.push(("tampered-manifest.lbundle", bundle::assemble(&forged_env, [model]), None, 1, "signature_threshold"));
+    let forged_env = Envelope {
+        payload: B64.encode(forged.canonical_bytes()),
+        ..env.clone()
+    };
+    v.push((
+        "tampered-manifest.lbundle",
+        bundle::assemble(&forged_env, [model]),
+        None,
+        1,
+        "signature_threshold",
+    ));
 
     // A signature of the right key over other bytes.
     let mut bad_sig = env.clone();
     bad_sig.signatures[0].sig = B64.encode(s.sign(b"something else"));
-    v.push(("bad-signature.lbundle", bundle::assemble(&bad_sig, [model]), None, 1, "signature_threshold"));
+    v.push((
+        "bad-signature.lbundle",
+        bundle::assemble(&bad_sig, [model]),
+        None,
+        1,
+        "signature_threshold",
+    ));
 
     let mut tampered_model = valid.clone();
     let last = tampered_model.len() - 1;
     tampered_model[last] ^= 0x01;
     v.push(("tampered-model.lbundle", tampered_model, None, 1, "digest_mismatch"));
 
-    v.push(("truncated.lbundle", valid[..valid.len() - 1].to_vec(), None, 1, "truncated"));
+    v.push((
+        "truncated.lbundle",
+        valid[..valid.len() - 1].to_vec(),
+        None,
+        1,
+        "truncated",
+    ));
     let mut trailing = valid.clone();
     trailing.push(0);
     v.push(("trailing.lbundle", trailing, None, 1, "trailing_data"));
@@ -105,7 +158,13 @@ fn cases(model: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<u64>, usize, &'stat
     let mut with_digest = manifest(4_000_000_000);
     with_digest.payloads = forged.payloads.clone();
     let pretty = serde_json::to_vec_pretty(&with_digest).expect("serializes");
-    v.push(("non-canonical.lbundle", raw(bundle::PAYLOAD_TYPE, &pretty, &[&s], model), None, 1, "non_canonical_manifest"));
+    v.push((
+        "non-canonical.lbundle",
+        raw(bundle::PAYLOAD_TYPE, &pretty, &[&s], model),
+        None,
+        1,
+        "non_canonical_manifest",
+    ));
     v.push((
         "wrong-payload-type.lbundle",
         raw("application/json", &with_digest.canonical_bytes(), &[&s], model),
@@ -116,7 +175,13 @@ fn cases(model: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<u64>, usize, &'stat
     let mut no_model: Value = serde_json::to_value(&with_digest).expect("to value");
     no_model["payloads"][0]["role"] = json!("baseline");
     let no_model = protocol::canonical::encode(&no_model).expect("canonical");
-    v.push(("no-model.lbundle", raw(bundle::PAYLOAD_TYPE, &no_model, &[&s], model), None, 1, "invalid_manifest"));
+    v.push((
+        "no-model.lbundle",
+        raw(bundle::PAYLOAD_TYPE, &no_model, &[&s], model),
+        None,
+        1,
+        "invalid_manifest",
+    ));
     v
 }
 
@@ -141,14 +206,19 @@ fn vectors_match_their_verdicts_and_files() {
             .map(|(f, _, inst, th, verdict)| json!({"file": f, "installed_version": inst, "threshold": th, "verdict": verdict}))
             .collect();
         let doc = json!({"now": NOW, "trust": "trust.keys", "cases": listing});
-        std::fs::write(d.join("vectors.json"), serde_json::to_string_pretty(&doc).expect("json") + "\n").expect("write");
+        std::fs::write(
+            d.join("vectors.json"),
+            serde_json::to_string_pretty(&doc).expect("json") + "\n",
+        )
+        .expect("write");
         for (f, bytes, ..) in &cases {
             std::fs::write(d.join(f), bytes).expect("write");
         }
     }
 
     // The committed listing is what is checked, from the files alone, as another implementation would.
-    let doc: Value = serde_json::from_slice(&std::fs::read(d.join("vectors.json")).expect("vectors.json")).expect("json");
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(d.join("vectors.json")).expect("vectors.json")).expect("json");
     let trust = TrustStore::parse(&std::fs::read_to_string(d.join("trust.keys")).expect("trust.keys")).expect("parses");
     let listed = doc["cases"].as_array().expect("cases");
     assert_eq!(listed.len(), cases.len(), "vectors.json is out of date; regenerate");
@@ -168,5 +238,10 @@ fn vectors_match_their_verdicts_and_files() {
         };
         assert_eq!(verdict, case["verdict"].as_str().expect("verdict"), "{file}: {case}");
     }
-    assert_eq!(signer().public_key(), SigningKey::from_text(&std::fs::read_to_string(d.join("signer.key")).expect("key")).expect("parses").public_key());
+    assert_eq!(
+        signer().public_key(),
+        SigningKey::from_text(&std::fs::read_to_string(d.join("signer.key")).expect("key"))
+            .expect("parses")
+            .public_key()
+    );
 }

@@ -39,9 +39,16 @@ pub fn label_encoder(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<d
     ) {
         (Some(v), None) => (v.into_iter().map(|v| v as u64).collect(), false),
         (None, Some(v)) => (v.into_iter().map(|v| v.to_bits() as u64).collect(), true),
-        _ => bail!("node {name:?}: LabelEncoder supports values_int64s or values_floats (string values are not supported)"),
+        _ => bail!(
+            "node {name:?}: LabelEncoder supports values_int64s or values_floats (string values are not supported)"
+        ),
     };
-    ensure!(keys.len() == values.len(), "node {name:?}: {} keys for {} values", keys.len(), values.len());
+    ensure!(
+        keys.len() == values.len(),
+        "node {name:?}: {} keys for {} values",
+        keys.len(),
+        values.len()
+    );
     let default = if values_are_floats {
         node.get_attr_opt::<f32>("default_float")?.unwrap_or(-0.0).to_bits() as u64
     } else {
@@ -49,7 +56,15 @@ pub fn label_encoder(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<d
     };
     let mut table: Vec<(u64, u64)> = keys.into_iter().zip(values).collect();
     table.sort();
-    Ok((expand(Expand(Custom::Label(LabelEncoder { keys_are_floats, table, values_are_floats, default }))), vec![]))
+    Ok((
+        expand(Expand(Custom::Label(LabelEncoder {
+            keys_are_floats,
+            table,
+            values_are_floats,
+            default,
+        }))),
+        vec![],
+    ))
 }
 
 impl LabelEncoder {
@@ -58,7 +73,10 @@ impl LabelEncoder {
         let view = x.to_plain_array_view::<f64>()?;
         let look = |v: f64| {
             let k = key_bits(v, self.keys_are_floats);
-            self.table.binary_search_by_key(&k, |e| e.0).map(|i| self.table[i].1).unwrap_or(self.default)
+            self.table
+                .binary_search_by_key(&k, |e| e.0)
+                .map(|i| self.table[i].1)
+                .unwrap_or(self.default)
         };
         let shape = view.shape().to_vec();
         Ok(if self.values_are_floats {
@@ -71,7 +89,11 @@ impl LabelEncoder {
     }
 
     fn datum_type(&self) -> DatumType {
-        if self.values_are_floats { f32::datum_type() } else { i64::datum_type() }
+        if self.values_are_floats {
+            f32::datum_type()
+        } else {
+            i64::datum_type()
+        }
     }
 }
 
@@ -85,10 +107,16 @@ pub struct OneHotEncoder {
 
 pub fn one_hot_encoder(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let categories = node.get_attr_opt_vec::<i64>("cats_int64s")?.ok_or_else(|| {
-        format_err!("node {:?}: OneHotEncoder supports cats_int64s (string categories are not supported)", node.name)
+        format_err!(
+            "node {:?}: OneHotEncoder supports cats_int64s (string categories are not supported)",
+            node.name
+        )
     })?;
     let zeros = node.get_attr_opt::<i64>("zeros")?.unwrap_or(1) != 0;
-    Ok((expand(Expand(Custom::OneHot(OneHotEncoder { categories, zeros }))), vec![]))
+    Ok((
+        expand(Expand(Custom::OneHot(OneHotEncoder { categories, zeros }))),
+        vec![],
+    ))
 }
 
 impl OneHotEncoder {

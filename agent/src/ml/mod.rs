@@ -47,7 +47,11 @@ fn to_f32(prefix: &str, model: &mut TypedModel, x: OutletId) -> TractResult<Outl
     if model.outlet_fact(x)?.datum_type == f32::datum_type() {
         return Ok(x);
     }
-    Ok(model.wire_node(format!("{prefix}.to_f32"), tract_core::ops::cast::cast(f32::datum_type()), &[x])?[0])
+    Ok(model.wire_node(
+        format!("{prefix}.to_f32"),
+        tract_core::ops::cast::cast(f32::datum_type()),
+        &[x],
+    )?[0])
 }
 
 fn same_shape_f32<'r, 'p: 'r, 's: 'r>(
@@ -104,8 +108,17 @@ struct Scaler {
 fn scaler(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let offset: Vec<f32> = node.get_attr_opt_vec("offset")?.unwrap_or_else(|| vec![0.0]);
     let scale: Vec<f32> = node.get_attr_opt_vec("scale")?.unwrap_or_else(|| vec![1.0]);
-    node.expect(!offset.is_empty() && !scale.is_empty(), "offset and scale are not empty")?;
-    Ok((expand(Scaler { offset: row_param(&offset)?, scale: row_param(&scale)? }), vec![]))
+    node.expect(
+        !offset.is_empty() && !scale.is_empty(),
+        "offset and scale are not empty",
+    )?;
+    Ok((
+        expand(Scaler {
+            offset: row_param(&offset)?,
+            scale: row_param(&scale)?,
+        }),
+        vec![],
+    ))
 }
 
 impl Expansion for Scaler {
@@ -127,7 +140,11 @@ impl Expansion for Scaler {
         let offset = model.add_const(format!("{prefix}.offset"), self.offset.clone())?;
         let scale = model.add_const(format!("{prefix}.scale"), self.scale.clone())?;
         let centred = model.wire_node(format!("{prefix}.sub"), tract_core::ops::math::sub(), &[x, offset])?;
-        model.wire_node(format!("{prefix}.mul"), tract_core::ops::math::mul(), &[centred[0], scale])
+        model.wire_node(
+            format!("{prefix}.mul"),
+            tract_core::ops::math::mul(),
+            &[centred[0], scale],
+        )
     }
 }
 
@@ -146,8 +163,18 @@ fn imputer(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn Inferen
         .ok_or_else(|| format_err!("Imputer {:?}: only imputed_value_floats is supported", node.name))?;
     node.expect(!imputed.is_empty(), "imputed_value_floats is not empty")?;
     let replaced: f32 = node.get_attr_opt("replaced_value_float")?.unwrap_or(0.0);
-    let replaced = if replaced.is_nan() { None } else { Some(row_param(&[replaced])?) };
-    Ok((expand(Imputer { imputed: row_param(&imputed)?, replaced }), vec![]))
+    let replaced = if replaced.is_nan() {
+        None
+    } else {
+        Some(row_param(&[replaced])?)
+    };
+    Ok((
+        expand(Imputer {
+            imputed: row_param(&imputed)?,
+            replaced,
+        }),
+        vec![],
+    ))
 }
 
 impl Expansion for Imputer {
@@ -194,7 +221,12 @@ struct Binarizer {
 
 fn binarizer(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let threshold: f32 = node.get_attr_opt("threshold")?.unwrap_or(0.0);
-    Ok((expand(Binarizer { threshold: row_param(&[threshold])? }), vec![]))
+    Ok((
+        expand(Binarizer {
+            threshold: row_param(&[threshold])?,
+        }),
+        vec![],
+    ))
 }
 
 impl Expansion for Binarizer {
@@ -216,7 +248,11 @@ impl Expansion for Binarizer {
         let t = model.add_const(format!("{prefix}.threshold"), self.threshold.clone())?;
         let gt = tract_core::ops::binary::TypedBinOp(tract_core::ops::logic::comp_gt(), None);
         let above = model.wire_node(format!("{prefix}.gt"), gt, &[x, t])?;
-        model.wire_node(format!("{prefix}.to_f32"), tract_core::ops::cast::cast(f32::datum_type()), &above)
+        model.wire_node(
+            format!("{prefix}.to_f32"),
+            tract_core::ops::cast::cast(f32::datum_type()),
+            &above,
+        )
     }
 }
 
@@ -265,13 +301,25 @@ impl Expansion for ArrayFeatureExtractor {
             _ => {
                 let from: TVec<TDim> = idx_fact.shape.to_tvec();
                 let n: TDim = from.iter().product();
-                idx = model.wire_node(format!("{prefix}.flat_index"), AxisOp::Reshape(0, from, tvec!(n)), &[idx])?[0];
+                idx = model.wire_node(
+                    format!("{prefix}.flat_index"),
+                    AxisOp::Reshape(0, from, tvec!(n)),
+                    &[idx],
+                )?[0];
             }
         }
         if idx_fact.datum_type != i64::datum_type() {
-            idx = model.wire_node(format!("{prefix}.index_i64"), tract_core::ops::cast::cast(i64::datum_type()), &[idx])?[0];
+            idx = model.wire_node(
+                format!("{prefix}.index_i64"),
+                tract_core::ops::cast::cast(i64::datum_type()),
+                &[idx],
+            )?[0];
         }
-        let picked = model.wire_node(format!("{prefix}.gather"), tract_core::ops::array::Gather::new(rank - 1), &[inputs[0], idx])?;
+        let picked = model.wire_node(
+            format!("{prefix}.gather"),
+            tract_core::ops::array::Gather::new(rank - 1),
+            &[inputs[0], idx],
+        )?;
         if rank == 1 {
             model.wire_node(prefix, AxisOp::Add(0), &picked)
         } else {

@@ -46,8 +46,15 @@ impl Params {
         };
         let kp: Vec<f32> = node.get_attr_opt_vec("kernel_params")?.unwrap_or_default();
         let kp = if kp.is_empty() { vec![0.0, 0.0, 0.0] } else { kp };
-        ensure!(kp.len() == 3, "node {:?}: kernel_params must hold gamma, coef0, degree", node.name);
-        Ok(Params { kernel, kp: Floats::new(&kp) })
+        ensure!(
+            kp.len() == 3,
+            "node {:?}: kernel_params must hold gamma, coef0, degree",
+            node.name
+        );
+        Ok(Params {
+            kernel,
+            kp: Floats::new(&kp),
+        })
     }
 
     /// Kernel values of one row against `n` vectors of `k` features; `c` is added to linear
@@ -133,9 +140,10 @@ pub struct Classifier {
 impl Classifier {
     fn parse(node: &NodeProto) -> TractResult<Classifier> {
         let name = &node.name;
-        let labels: Vec<i64> = node.get_attr_opt_vec("classlabels_ints")?.filter(|l: &Vec<i64>| !l.is_empty()).ok_or_else(|| {
-            format_err!("node {name:?}: only integer class labels (classlabels_ints) are supported")
-        })?;
+        let labels: Vec<i64> = node
+            .get_attr_opt_vec("classlabels_ints")?
+            .filter(|l: &Vec<i64>| !l.is_empty())
+            .ok_or_else(|| format_err!("node {name:?}: only integer class labels (classlabels_ints) are supported"))?;
         let vpc: Vec<i64> = node.get_attr_opt_vec("vectors_per_class")?.unwrap_or_default();
         let support: Vec<f32> = node.get_attr_opt_vec("support_vectors")?.unwrap_or_default();
         let coefficients: Vec<f32> = node.get_attr_vec("coefficients")?;
@@ -147,15 +155,31 @@ impl Classifier {
         ensure!(classes >= 2, "node {name:?}: at least two classes are needed");
         ensure!(!rho.is_empty(), "node {name:?}: rho is empty");
         let features = if vectors > 0 {
-            ensure!(vpc.len() == classes, "node {name:?}: vectors_per_class has {} entries for {classes} classes", vpc.len());
-            ensure!(support.len() % vectors == 0, "node {name:?}: support_vectors do not divide into {vectors} vectors");
-            ensure!(coefficients.len() == (classes - 1) * vectors, "node {name:?}: coefficients have the wrong size");
+            ensure!(
+                vpc.len() == classes,
+                "node {name:?}: vectors_per_class has {} entries for {classes} classes",
+                vpc.len()
+            );
+            ensure!(
+                support.len() % vectors == 0,
+                "node {name:?}: support_vectors do not divide into {vectors} vectors"
+            );
+            ensure!(
+                coefficients.len() == (classes - 1) * vectors,
+                "node {name:?}: coefficients have the wrong size"
+            );
             let pairs = classes * (classes - 1) / 2;
             ensure!(rho.len() >= pairs, "node {name:?}: rho needs {pairs} values");
-            ensure!(prob_a.is_empty() || (prob_a.len() >= pairs && prob_b.len() >= pairs), "node {name:?}: prob_a/prob_b need {pairs} values");
+            ensure!(
+                prob_a.is_empty() || (prob_a.len() >= pairs && prob_b.len() >= pairs),
+                "node {name:?}: prob_a/prob_b need {pairs} values"
+            );
             support.len() / vectors
         } else {
-            ensure!(coefficients.len() % classes == 0, "node {name:?}: coefficients do not divide into {classes} classes");
+            ensure!(
+                coefficients.len() % classes == 0,
+                "node {name:?}: coefficients do not divide into {classes} classes"
+            );
             coefficients.len() / classes
         };
         Ok(Classifier {
@@ -208,7 +232,11 @@ impl Classifier {
             let (mut scores, maxclass, max_weight): (Vec<f32>, usize, f32);
             if !svc {
                 scores = self.params.kernels(row, &coef, f, rho[0]);
-                let (m, w) = scores.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bw), (i, w)| if *w > bw { (i, *w) } else { (bi, bw) });
+                let (m, w) =
+                    scores.iter().enumerate().fold(
+                        (0, f32::NEG_INFINITY),
+                        |(bi, bw), (i, w)| if *w > bw { (i, *w) } else { (bi, bw) },
+                    );
                 maxclass = m;
                 max_weight = w;
             } else {
@@ -246,7 +274,10 @@ impl Classifier {
                 } else {
                     pair
                 };
-                maxclass = votes.iter().enumerate().fold(0, |b, (i, v)| if *v > votes[b] { i } else { b });
+                maxclass = votes
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (i, v)| if *v > votes[b] { i } else { b });
                 max_weight = 0.0;
             }
             let label = if c == 2 {
@@ -304,8 +335,14 @@ impl Regressor {
         let rho: Vec<f32> = node.get_attr_vec("rho")?;
         ensure!(!rho.is_empty(), "node {name:?}: rho is empty");
         let features = if n_supports > 0 {
-            ensure!(support.len() % n_supports as usize == 0, "node {name:?}: support_vectors do not divide into n_supports");
-            ensure!(coefficients.len() == n_supports as usize, "node {name:?}: one coefficient per support vector is needed");
+            ensure!(
+                support.len() % n_supports as usize == 0,
+                "node {name:?}: support_vectors do not divide into n_supports"
+            );
+            ensure!(
+                coefficients.len() == n_supports as usize,
+                "node {name:?}: one coefficient per support vector is needed"
+            );
             support.len() / n_supports as usize
         } else {
             coefficients.len()
@@ -381,14 +418,21 @@ impl EvalOp for Svm {
         let x = input.cast_to::<f32>()?;
         let view = x.to_plain_array_view::<f32>()?;
         let f = self.features();
-        ensure!(view.shape().last() == Some(&f), "SVM input has shape {:?}; the model has {f} features", view.shape());
+        ensure!(
+            view.shape().last() == Some(&f),
+            "SVM input has shape {:?}; the model has {f} features",
+            view.shape()
+        );
         let rows = view.len() / f;
         let data: Vec<f32> = view.iter().copied().collect();
         Ok(match self {
             Svm::Regressor(r) => tvec!(tensor1(&r.eval(&data, rows)).into_shape(&[rows, 1])?.into_tvalue()),
             Svm::Classifier(c) => {
                 let (labels, scores) = c.eval(&data, rows);
-                tvec!(tensor1(&labels).into_tvalue(), tensor1(&scores).into_shape(&[rows, c.score_width()])?.into_tvalue())
+                tvec!(
+                    tensor1(&labels).into_tvalue(),
+                    tensor1(&scores).into_shape(&[rows, c.score_width()])?.into_tvalue()
+                )
             }
         })
     }

@@ -64,7 +64,11 @@ impl Forest {
         let n = tree_ids.len();
         let get_i = |a: &str| -> TractResult<Vec<i64>> {
             let v: Vec<i64> = node.get_attr_vec(a)?;
-            ensure!(v.len() == n, "node {name:?}: {a} has {} values, nodes_treeids {n}", v.len());
+            ensure!(
+                v.len() == n,
+                "node {name:?}: {a} has {} values, nodes_treeids {n}",
+                v.len()
+            );
             Ok(v)
         };
         let node_ids = get_i("nodes_nodeids")?;
@@ -75,16 +79,32 @@ impl Forest {
             Some(v) => v,
             None => bail!("node {name:?}: nodes_values is required (nodes_values_as_tensor is not supported)"),
         };
-        ensure!(values.len() == n, "node {name:?}: nodes_values has {} values, expected {n}", values.len());
+        ensure!(
+            values.len() == n,
+            "node {name:?}: nodes_values has {} values, expected {n}",
+            values.len()
+        );
         let modes: Vec<&str> = node.get_attr_vec("nodes_modes")?;
-        ensure!(modes.len() == n, "node {name:?}: nodes_modes has {} values, expected {n}", modes.len());
-        let missing: Vec<i64> = node.get_attr_opt_vec("nodes_missing_value_tracks_true")?.unwrap_or_else(|| vec![0; n]);
-        ensure!(missing.len() == n, "node {name:?}: nodes_missing_value_tracks_true has the wrong length");
+        ensure!(
+            modes.len() == n,
+            "node {name:?}: nodes_modes has {} values, expected {n}",
+            modes.len()
+        );
+        let missing: Vec<i64> = node
+            .get_attr_opt_vec("nodes_missing_value_tracks_true")?
+            .unwrap_or_else(|| vec![0; n]);
+        ensure!(
+            missing.len() == n,
+            "node {name:?}: nodes_missing_value_tracks_true has the wrong length"
+        );
 
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| (tree_ids[i], node_ids[i]));
-        let index: std::collections::HashMap<(i64, i64), u32> =
-            order.iter().enumerate().map(|(pos, &i)| ((tree_ids[i], node_ids[i]), pos as u32)).collect();
+        let index: std::collections::HashMap<(i64, i64), u32> = order
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| ((tree_ids[i], node_ids[i]), pos as u32))
+            .collect();
         ensure!(index.len() == n, "node {name:?}: duplicate (tree, node) ids");
 
         // Leaves: group (output, weight) by (tree, node).
@@ -99,13 +119,26 @@ impl Forest {
         );
         let mut by_leaf: std::collections::HashMap<u32, Vec<(u32, u32)>> = Default::default();
         for j in 0..m {
-            let at = *index
-                .get(&(l_trees[j], l_nodes[j]))
-                .ok_or_else(|| format_err!("node {name:?}: {prefix} weight for unknown node {}/{}", l_trees[j], l_nodes[j]))?;
-            let out = usize::try_from(l_ids[j]).ok().filter(|o| *o < n_outputs).ok_or_else(|| {
-                format_err!("node {name:?}: {prefix}_ids value {} is outside 0..{n_outputs}", l_ids[j])
+            let at = *index.get(&(l_trees[j], l_nodes[j])).ok_or_else(|| {
+                format_err!(
+                    "node {name:?}: {prefix} weight for unknown node {}/{}",
+                    l_trees[j],
+                    l_nodes[j]
+                )
             })?;
-            by_leaf.entry(at).or_default().push((out as u32, l_weights[j].to_bits()));
+            let out = usize::try_from(l_ids[j])
+                .ok()
+                .filter(|o| *o < n_outputs)
+                .ok_or_else(|| {
+                    format_err!(
+                        "node {name:?}: {prefix}_ids value {} is outside 0..{n_outputs}",
+                        l_ids[j]
+                    )
+                })?;
+            by_leaf
+                .entry(at)
+                .or_default()
+                .push((out as u32, l_weights[j].to_bits()));
         }
 
         let mut nodes = Vec::with_capacity(n);
@@ -135,16 +168,39 @@ impl Forest {
             } else {
                 let child = |c: i64| {
                     index.get(&(tree_ids[i], c)).copied().ok_or_else(|| {
-                        format_err!("node {name:?}: tree {} node {} points to missing node {c}", tree_ids[i], node_ids[i])
+                        format_err!(
+                            "node {name:?}: tree {} node {} points to missing node {c}",
+                            tree_ids[i],
+                            node_ids[i]
+                        )
                     })
                 };
                 (child(trues[i])?, child(falses[i])?)
             };
-            let feature = if mode == Mode::Leaf { 0 } else { u32::try_from(features[i]).map_err(|_| format_err!("node {name:?}: negative feature id"))? };
-            nodes.push(Node { feature, value: values[i].to_bits(), mode, missing_true: missing[i] != 0, yes, no });
+            let feature = if mode == Mode::Leaf {
+                0
+            } else {
+                u32::try_from(features[i]).map_err(|_| format_err!("node {name:?}: negative feature id"))?
+            };
+            nodes.push(Node {
+                feature,
+                value: values[i].to_bits(),
+                mode,
+                missing_true: missing[i] != 0,
+                yes,
+                no,
+            });
         }
-        ensure!(by_leaf.is_empty(), "node {name:?}: {prefix} weights on nodes that are not leaves");
-        let max_feature = nodes.iter().filter(|n| n.mode != Mode::Leaf).map(|n| n.feature as usize).max().unwrap_or(0);
+        ensure!(
+            by_leaf.is_empty(),
+            "node {name:?}: {prefix} weights on nodes that are not leaves"
+        );
+        let max_feature = nodes
+            .iter()
+            .filter(|n| n.mode != Mode::Leaf)
+            .map(|n| n.feature as usize)
+            .max()
+            .unwrap_or(0);
         let base: Vec<f32> = node.get_attr_opt_vec("base_values")?.unwrap_or_default();
         ensure!(
             base.is_empty() || base.len() == n_outputs || (prefix == "class" && base.len() == 1),
@@ -158,7 +214,15 @@ impl Forest {
                 bail!("node {name:?}: a node points back to an earlier node; refusing a tree that could loop");
             }
         }
-        Ok(Forest { nodes, roots, leaves, n_outputs, aggregate, base: base.iter().map(|b| b.to_bits()).collect(), max_feature })
+        Ok(Forest {
+            nodes,
+            roots,
+            leaves,
+            n_outputs,
+            aggregate,
+            base: base.iter().map(|b| b.to_bits()).collect(),
+            max_feature,
+        })
     }
 
     /// Sum (or min, max) of leaf weights per row and output, with a flag for outputs that got
@@ -221,7 +285,11 @@ impl Forest {
             [r, w] => (*r, *w),
             other => bail!("tree ensemble input has shape {other:?}; expected [N, features]"),
         };
-        ensure!(width > self.max_feature, "tree ensemble reads feature {} of rows that have {width}", self.max_feature);
+        ensure!(
+            width > self.max_feature,
+            "tree ensemble reads feature {} of rows that have {width}",
+            self.max_feature
+        );
         Ok((view.iter().copied().collect(), rows, width))
     }
 }
@@ -298,14 +366,21 @@ impl TreeEnsemble {
         }
         (
             tensor1(&out_labels),
-            tensor1(&out_scores).into_shape(&[rows, k]).expect("rows * classes values"),
+            tensor1(&out_scores)
+                .into_shape(&[rows, k])
+                .expect("rows * classes values"),
         )
     }
 }
 
 impl Op for TreeEnsemble {
     fn name(&self) -> StaticName {
-        if self.labels.is_some() { "LatheTreeEnsembleClassifier" } else { "LatheTreeEnsembleRegressor" }.into()
+        if self.labels.is_some() {
+            "LatheTreeEnsembleClassifier"
+        } else {
+            "LatheTreeEnsembleRegressor"
+        }
+        .into()
     }
 
     op_as_typed_op!();
@@ -386,7 +461,11 @@ impl Expansion for TreeExpansion {
     fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
         let mut x = inputs[0];
         if model.outlet_fact(x)?.rank() == 1 {
-            x = model.wire_node(format!("{prefix}.batch"), tract_core::ops::change_axes::AxisOp::Add(0), &[x])?[0];
+            x = model.wire_node(
+                format!("{prefix}.batch"),
+                tract_core::ops::change_axes::AxisOp::Add(0),
+                &[x],
+            )?[0];
         }
         model.wire_node(prefix, self.0.clone(), &[x])
     }
@@ -403,7 +482,14 @@ pub fn regressor(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn I
         other => bail!("node {:?}: unknown aggregate_function {other:?}", node.name),
     };
     let forest = Forest::parse(node, "target", n_targets as usize, aggregate)?;
-    Ok((expand(TreeExpansion(TreeEnsemble { forest, post: PostTransform::parse(node)?, labels: None })), vec![]))
+    Ok((
+        expand(TreeExpansion(TreeEnsemble {
+            forest,
+            post: PostTransform::parse(node)?,
+            labels: None,
+        })),
+        vec![],
+    ))
 }
 
 pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
@@ -415,5 +501,12 @@ pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn 
         ),
     };
     let forest = Forest::parse(node, "class", labels.len(), Aggregate::Sum)?;
-    Ok((expand(TreeExpansion(TreeEnsemble { forest, post: PostTransform::parse(node)?, labels: Some(labels) })), vec![]))
+    Ok((
+        expand(TreeExpansion(TreeEnsemble {
+            forest,
+            post: PostTransform::parse(node)?,
+            labels: Some(labels),
+        })),
+        vec![],
+    ))
 }

@@ -66,6 +66,30 @@ fn same_shape_f32<'r, 'p: 'r, 's: 'r>(
     Ok(())
 }
 
+/// Output rules shared by the estimators: a regressor gives `[N, k]` float32; a classifier
+/// gives labels `[N]` int64 and scores `[N, k]` float32.
+fn estimator_rules<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    classifier: bool,
+    k: usize,
+) -> InferenceResult {
+    check_input_arity(inputs, 1)?;
+    check_output_arity(outputs, if classifier { 2 } else { 1 })?;
+    let scores = &outputs[outputs.len() - 1];
+    if classifier {
+        s.equals(&outputs[0].datum_type, i64::datum_type())?;
+        s.equals(&outputs[0].rank, 1)?;
+        s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+    }
+    s.equals(&scores.datum_type, f32::datum_type())?;
+    s.equals(&scores.rank, 2)?;
+    s.equals(&scores.shape[0], &inputs[0].shape[0])?;
+    s.equals(&scores.shape[1], k.to_dim())?;
+    Ok(())
+}
+
 /// ZipMap turns a probability tensor into a sequence of maps keyed by class. Lathe reports
 /// every output as numbers per row, in class order, so the tensor itself is the answer.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]

@@ -464,27 +464,10 @@ impl Expansion for Expand {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
         match &self.0 {
-            Svm::Regressor(_) => {
-                check_output_arity(outputs, 1)?;
-                s.equals(&outputs[0].datum_type, f32::datum_type())?;
-                s.equals(&outputs[0].rank, 2)?;
-                s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
-                s.equals(&outputs[0].shape[1], 1.to_dim())?;
-            }
-            Svm::Classifier(c) => {
-                check_output_arity(outputs, 2)?;
-                s.equals(&outputs[0].datum_type, i64::datum_type())?;
-                s.equals(&outputs[0].rank, 1)?;
-                s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
-                s.equals(&outputs[1].datum_type, f32::datum_type())?;
-                s.equals(&outputs[1].rank, 2)?;
-                s.equals(&outputs[1].shape[0], &inputs[0].shape[0])?;
-                s.equals(&outputs[1].shape[1], c.score_width().to_dim())?;
-            }
+            Svm::Regressor(_) => super::estimator_rules(s, inputs, outputs, false, 1),
+            Svm::Classifier(c) => super::estimator_rules(s, inputs, outputs, true, c.score_width()),
         }
-        Ok(())
     }
 
     fn nboutputs(&self) -> TractResult<usize> {

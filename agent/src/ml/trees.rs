@@ -430,28 +430,7 @@ impl Expansion for TreeExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        let k = self.0.forest.n_outputs.to_dim();
-        match self.0.labels {
-            None => {
-                check_output_arity(outputs, 1)?;
-                s.equals(&outputs[0].datum_type, f32::datum_type())?;
-                s.equals(&outputs[0].rank, 2)?;
-                s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
-                s.equals(&outputs[0].shape[1], k)?;
-            }
-            Some(_) => {
-                check_output_arity(outputs, 2)?;
-                s.equals(&outputs[0].datum_type, i64::datum_type())?;
-                s.equals(&outputs[0].rank, 1)?;
-                s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
-                s.equals(&outputs[1].datum_type, f32::datum_type())?;
-                s.equals(&outputs[1].rank, 2)?;
-                s.equals(&outputs[1].shape[0], &inputs[0].shape[0])?;
-                s.equals(&outputs[1].shape[1], k)?;
-            }
-        }
-        Ok(())
+        super::estimator_rules(s, inputs, outputs, self.0.labels.is_some(), self.0.forest.n_outputs)
     }
 
     fn nboutputs(&self) -> TractResult<usize> {

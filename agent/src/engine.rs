@@ -1,11 +1,13 @@
 //! Loading and running ONNX models with tract.
 //!
 //! A model is loaded once into an optimised plan whose batch dimension is symbolic, so one
-//! plan serves any number of rows. The plan is shared (`Arc`) by every caller; each run gets
-//! its own state. Running is CPU work: callers run it off the async runtime.
+//! plan serves any number of rows. The plan is shared (`Arc`) by every caller; each run takes
+//! a run state from a small pool (or makes one), so that a one-row call does not rebuild it.
+//! Results come back columnar: one flat array per model output. Running is CPU work: callers
+//! run it off the async runtime.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::dims;
 use tract_onnx::tract_hir::infer::Factoid;
@@ -151,12 +153,18 @@ fn onnx_dtype_name(t: i32) -> String {
     .into()
 }
 
+/// Run states kept for reuse; more callers at once than this make their own.
+const POOLED_STATES: usize = 4;
+
 /// A loaded, optimised model.
 pub struct Engine {
     plan: Arc<TypedRunnableModel>,
+    states: Mutex<Vec<TypedSimpleState>>,
     n_features: usize,
     input_name: String,
     output_names: Vec<String>,
+    /// The output names again, cheap to hand out with every result.
+    column_names: Vec<Arc<str>>,
     output_types: Vec<String>,
 }
 
@@ -169,8 +177,50 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-/// One row's outputs: each model output flattened to numbers.
-pub type Outputs = BTreeMap<String, Vec<f64>>;
+/// A batch's results: for each model output, every row's values flattened to numbers
+/// (labels included), row after row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outputs {
+    rows: usize,
+    columns: Vec<Column>,
+}
+
+/// One model output over a batch: `width` numbers per row, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub name: Arc<str>,
+    pub width: usize,
+    pub values: Vec<f64>,
+}
+
+impl Column {
+    /// Row `i`'s values.
+    pub fn row(&self, i: usize) -> &[f64] {
+        &self.values[i * self.width..(i + 1) * self.width]
+    }
+}
+
+impl Outputs {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| &*c.name == name)
+    }
+
+    /// Row `i` as a map from output name to its values: the shape of a prediction.
+    pub fn row(&self, i: usize) -> BTreeMap<String, Vec<f64>> {
+        self.columns
+            .iter()
+            .map(|c| (c.name.to_string(), c.row(i).to_vec()))
+            .collect()
+    }
+}
 
 impl Engine {
     /// Load ONNX bytes for rows of `n_features` float32 features, with a symbolic batch axis.
@@ -225,8 +275,10 @@ impl Engine {
         let plan = typed.into_runnable().map_err(load)?;
         Ok(Engine {
             plan,
+            states: Mutex::new(vec![]),
             n_features,
             input_name,
+            column_names: output_names.iter().map(|n| Arc::from(n.as_str())).collect(),
             output_names,
             output_types,
         })
@@ -254,44 +306,108 @@ impl Engine {
             .collect()
     }
 
-    /// Run a batch of rows, each of `n_features` values. Returns one [`Outputs`] per row.
-    pub fn run(&self, rows: &[Vec<f32>]) -> Result<Vec<Outputs>, EngineError> {
-        let run = |e: TractError| EngineError::Run(format!("{e:#}"));
-        let n = rows.len();
-        if n == 0 {
-            return Ok(vec![]);
+    /// Run a batch of rows, each of `n_features` values.
+    pub fn run(&self, rows: &[Vec<f32>]) -> Result<Outputs, EngineError> {
+        if let Some(bad) = rows.iter().find(|r| r.len() != self.n_features) {
+            return Err(EngineError::Run(format!(
+                "row has {} values, model takes {}",
+                bad.len(),
+                self.n_features
+            )));
         }
-        let mut flat = Vec::with_capacity(n * self.n_features);
-        for r in rows {
-            if r.len() != self.n_features {
-                return Err(EngineError::Run(format!(
-                    "row has {} values, model takes {}",
-                    r.len(),
-                    self.n_features
-                )));
+        let mut input = Tensor::zero::<f32>(&[rows.len(), self.n_features]).map_err(run_error)?;
+        if !rows.is_empty() {
+            let mut plain = input.try_as_plain_ram_mut().map_err(run_error)?;
+            let dst = plain.as_slice_mut::<f32>().map_err(run_error)?;
+            for (d, r) in dst.chunks_exact_mut(self.n_features).zip(rows) {
+                d.copy_from_slice(r);
             }
-            flat.extend_from_slice(r);
         }
-        let input = Tensor::from_shape(&[n, self.n_features], &flat).map_err(run)?;
-        let outputs = self.plan.run(tvec!(input.into_tvalue())).map_err(run)?;
-        let mut per_row: Vec<Outputs> = vec![BTreeMap::new(); n];
-        for (name, value) in self.output_names.iter().zip(outputs.iter()) {
-            let as_f64 = value.cast_to::<f64>().map_err(run)?;
-            let view = as_f64.to_plain_array_view::<f64>().map_err(run)?;
-            let shape = view.shape();
+        self.run_tensor(input, rows.len())
+    }
+
+    /// Run rows given back to back in one array of `rows * n_features` values.
+    pub fn run_flat(&self, x: &[f32]) -> Result<Outputs, EngineError> {
+        if x.len() % self.n_features != 0 {
+            return Err(EngineError::Run(format!(
+                "{} values do not make rows of {}",
+                x.len(),
+                self.n_features
+            )));
+        }
+        let n = x.len() / self.n_features;
+        let input = Tensor::from_shape(&[n, self.n_features], x).map_err(run_error)?;
+        self.run_tensor(input, n)
+    }
+
+    fn run_tensor(&self, input: Tensor, n: usize) -> Result<Outputs, EngineError> {
+        let run = run_error;
+        if n == 0 {
+            return Ok(Outputs {
+                rows: 0,
+                columns: self
+                    .column_names
+                    .iter()
+                    .map(|name| Column {
+                        name: name.clone(),
+                        width: 0,
+                        values: vec![],
+                    })
+                    .collect(),
+            });
+        }
+        let pooled = self.states.lock().map(|mut s| s.pop()).unwrap_or(None);
+        let mut state = match pooled {
+            Some(s) => s,
+            None => self.plan.spawn().map_err(run)?,
+        };
+        let outputs = state.run(tvec!(input.into_tvalue())).map_err(run)?;
+        if let Ok(mut pool) = self.states.lock() {
+            if pool.len() < POOLED_STATES {
+                pool.push(state);
+            }
+        }
+        let mut columns = Vec::with_capacity(outputs.len());
+        for (name, value) in self.column_names.iter().zip(outputs.iter()) {
+            let shape = value.shape();
             if shape.first().copied() != Some(n) {
                 return Err(EngineError::Run(format!(
                     "output {name:?} has shape {shape:?}, expected {n} rows first"
                 )));
             }
-            let per = if n == 0 { 0 } else { view.len() / n };
-            let values: Vec<f64> = view.iter().copied().collect();
-            for (i, row) in per_row.iter_mut().enumerate() {
-                row.insert(name.clone(), values[i * per..(i + 1) * per].to_vec());
-            }
+            columns.push(Column {
+                name: name.clone(),
+                width: value.len() / n,
+                values: as_f64(value).map_err(run)?,
+            });
         }
-        Ok(per_row)
+        Ok(Outputs { rows: n, columns })
     }
+}
+
+fn run_error(e: TractError) -> EngineError {
+    EngineError::Run(format!("{e:#}"))
+}
+
+/// A tensor's values as f64, in order.
+fn as_f64(t: &Tensor) -> TractResult<Vec<f64>> {
+    let plain = t.try_as_plain_ram()?;
+    Ok(match t.datum_type() {
+        DatumType::F32 => plain.as_slice::<f32>()?.iter().map(|v| *v as f64).collect(),
+        DatumType::I64 => plain.as_slice::<i64>()?.iter().map(|v| *v as f64).collect(),
+        DatumType::F64 => plain.as_slice::<f64>()?.to_vec(),
+        // ONNX int64 casts can come out of tract's optimiser as symbolic dimensions.
+        DatumType::TDim => plain
+            .as_slice::<TDim>()?
+            .iter()
+            .map(|d| d.to_i64().map(|v| v as f64).map_err(|e| anyhow::anyhow!("{e:?}")))
+            .collect::<TractResult<Vec<f64>>>()?,
+        _ => {
+            let cast = t.cast_to::<f64>()?;
+            let view = cast.to_plain_array_view::<f64>()?;
+            view.iter().copied().collect()
+        }
+    })
 }
 
 /// Parse CSV of numbers: a header row of column names, then one row of values per line.
@@ -377,13 +493,11 @@ mod tests {
             .collect();
         let engine = Engine::load(&onnx, rows[0].len()).expect("loads");
         let batch = engine.run(&rows).expect("runs");
-        for (i, (got, want)) in batch
-            .iter()
-            .zip(cases["expected"].as_array().expect("expected"))
-            .enumerate()
-        {
+        assert_eq!(batch.rows(), rows.len());
+        for (i, want) in cases["expected"].as_array().expect("expected").iter().enumerate() {
+            let got = batch.row(i);
             let single = engine.run(&rows[i..=i]).expect("runs one");
-            assert_eq!(&single[0], got, "{name} row {i}: batch and single differ");
+            assert_eq!(single.row(0), got, "{name} row {i}: batch and single differ");
             for (out, values) in want.as_object().expect("object") {
                 let g = &got[out];
                 let w: Vec<f64> = values

@@ -166,14 +166,14 @@ impl InferenceTask {
             }
         };
         let ts_ms = now_ms();
-        let mut records = Vec::with_capacity(outputs.len());
-        for (p, outputs) in batch.into_iter().zip(outputs) {
+        let mut records = Vec::with_capacity(outputs.rows());
+        for (i, p) in batch.into_iter().enumerate() {
             let pred = Prediction {
                 ts_ms,
                 model: model.model_ref(),
                 source: p.source,
                 reading_id: p.row.id,
-                outputs,
+                outputs: outputs.row(i),
             };
             let data = serde_json::to_string(&pred).expect("a prediction serializes");
             let connected = *self.conn.borrow() == crate::link::ConnState::Connected;

@@ -181,9 +181,10 @@ fn model_run(model: &std::path::Path, input: &std::path::Path, json: bool) -> i3
         let engine =
             lathe::engine::Engine::load(&onnx, header.len()).map_err(|e| format!("{}: {e}", model.display()))?;
         let outputs = engine.run(&rows).map_err(|e| format!("{}: {e}", model.display()))?;
-        for (i, o) in outputs.iter().enumerate() {
+        for i in 0..outputs.rows() {
+            let o = outputs.row(i);
             if json {
-                println!("{}", serde_json::to_string(o).expect("outputs serialize"));
+                println!("{}", serde_json::to_string(&o).expect("outputs serialize"));
             } else {
                 let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
                 println!("row {i}: {}", parts.join(" "));

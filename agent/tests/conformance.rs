@@ -39,11 +39,15 @@ fn check(name: &str) -> Result<usize, String> {
     let engine = Engine::load(&onnx, rows[0].len()).map_err(|e| format!("load: {e}"))?;
     let batch = engine.run(&rows).map_err(|e| format!("run: {e}"))?;
     let expected = cases["expected"].as_array().ok_or("no expected")?;
-    for (i, (got, want)) in batch.iter().zip(expected).enumerate() {
+    if batch.rows() != rows.len() {
+        return Err(format!("{} rows in, {} out", rows.len(), batch.rows()));
+    }
+    for (i, want) in expected.iter().enumerate() {
         for (out, values) in want.as_object().ok_or("expected row is not an object")? {
-            let g = got
-                .get(out)
-                .ok_or_else(|| format!("row {i}: no output {out:?} (have {:?})", got.keys()))?;
+            let g = batch
+                .column(out)
+                .ok_or_else(|| format!("row {i}: no output {out:?} (have {:?})", batch.row(i).keys()))?
+                .row(i);
             let w: Vec<f64> = values.as_array().ok_or("values")?.iter().map(num).collect();
             if g.len() != w.len() || !g.iter().zip(&w).all(|(a, b)| close(*a, *b)) {
                 return Err(format!(

@@ -6,6 +6,9 @@
 //! stock tract can load the model, for bare tract; and prints Lathe's time divided by
 //! onnxruntime's.
 //!
+//! The engines are timed in alternating rounds (see [`ROUNDS`]) and each figure is the median
+//! of its rounds, so that a noisy neighbour on a shared machine slows all of them alike.
+//!
 //! Usage: lathe-bench --ort-lib PATH [--secs S] [MODEL ...]   (models by corpus name)
 //! `bench/run.sh` finds the library and runs it.
 
@@ -28,6 +31,8 @@ const DEFAULT_MODELS: &[&str] = &[
     "gradient_boosting_classifier_binary_nozipmap",
     "hist_gradient_boosting_classifier_multiclass_nozipmap",
     "isolation_forest",
+    "lightgbm_regressor",
+    "xgboost_classifier_binary_nozipmap",
     "logreg_binary_nozipmap",
     "logreg_multiclass_nozipmap",
     "linear_regression",
@@ -44,18 +49,39 @@ fn corpus() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus")
 }
 
-/// Run `f` repeatedly for about `budget` after a warm-up; mean seconds per call.
-fn time(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let warm = Instant::now();
-    while warm.elapsed() < budget / 10 {
-        f()?;
-    }
+/// Rounds each measurement is split into. The rounds of all engines alternate, so that a
+/// noisy neighbour slows them alike; each figure is the median of its rounds.
+const ROUNDS: usize = 7;
+
+/// Mean seconds per call of `f`, called repeatedly for about `budget`.
+fn time(budget: Duration, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let (start, mut n) = (Instant::now(), 0u64);
     while start.elapsed() < budget || n < 10 {
         f()?;
         n += 1;
     }
     Ok(start.elapsed().as_secs_f64() / n as f64)
+}
+
+/// Warm every runner up, then time them in alternating rounds; the median per runner.
+fn measure(budget: Duration, runners: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<f64>> {
+    let round = budget / ROUNDS as u32;
+    for r in runners.iter_mut() {
+        time(round, *r)?;
+    }
+    let mut samples = vec![vec![]; runners.len()];
+    for _ in 0..ROUNDS {
+        for (r, s) in runners.iter_mut().zip(samples.iter_mut()) {
+            s.push(time(round, *r)?);
+        }
+    }
+    Ok(samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        })
+        .collect())
 }
 
 struct Row {
@@ -94,30 +120,30 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
     let (batch, width) = rows_of(name)?;
     let one = &batch[..width];
 
-    // Lathe's engine, exactly as the agent loads it.
+    // Lathe's engine, exactly as the agent loads it and as the agent calls it.
     let engine = Engine::load(&onnx, width)?;
     let r1: Vec<Vec<f32>> = vec![one.to_vec()];
     let rb: Vec<Vec<f32>> = batch.chunks(width).map(<[f32]>::to_vec).collect();
-    let ours = (
-        time(budget, || engine.run(&r1).map(|_| ()).map_err(Into::into))?,
-        time(budget, || engine.run(&rb).map(|_| ()).map_err(Into::into))?,
-    );
+    let mut ours1 = || engine.run(&r1).map(|_| ()).map_err(Into::into);
+    let mut oursb = || engine.run(&rb).map(|_| ()).map_err(Into::into);
 
     // onnxruntime, one thread, all graph optimisations.
-    let mut session = Session::builder()?
-        .with_optimization_level(GraphOptimizationLevel::Level3)?
-        .with_intra_threads(1)?
-        .with_inter_threads(1)?
-        .with_parallel_execution(false)?
-        .commit_from_file(&path)?;
-    let input = session.inputs[0].name.clone();
-    let mut ort_run = |data: &[f32], n: usize| -> Result<()> {
+    let session = std::cell::RefCell::new(
+        Session::builder()?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(1)?
+            .with_inter_threads(1)?
+            .with_parallel_execution(false)?
+            .commit_from_file(&path)?,
+    );
+    let input = session.borrow().inputs[0].name.clone();
+    let ort_run = |data: &[f32], n: usize| -> Result<()> {
         let t = TensorRef::from_array_view(([n, width], data))?;
-        let _ = session.run(ort::inputs![input.as_str() => t])?;
+        let _ = session.borrow_mut().run(ort::inputs![input.as_str() => t])?;
         Ok(())
     };
-    let ort1 = time(budget, || ort_run(one, 1))?;
-    let ortb = time(budget, || ort_run(&batch, BATCH))?;
+    let mut ort1 = || ort_run(one, 1);
+    let mut ortb = || ort_run(&batch, BATCH);
 
     // Bare tract, when stock tract can load the model.
     let bare = || -> TractResult<Arc<TypedRunnableModel>> {
@@ -126,29 +152,31 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
         m = m.with_input_fact(0, f32::fact(tract_onnx::tract_core::dims!(n, width)).into())?;
         m.into_optimized()?.into_runnable()
     };
-    let tract = match bare() {
-        Ok(plan) => {
-            let t1 = Tensor::from_shape(&[1, width], one)?;
-            let tb = Tensor::from_shape(&[BATCH, width], &batch)?;
-            Some((
-                time(budget, || {
-                    plan.run(tvec!(t1.clone().into_tvalue()))
-                        .map(|_| ())
-                        .map_err(Into::into)
-                })?,
-                time(budget, || {
-                    plan.run(tvec!(tb.clone().into_tvalue()))
-                        .map(|_| ())
-                        .map_err(Into::into)
-                })?,
-            ))
-        }
-        Err(_) => None,
+    let plan = bare().ok();
+    let t1 = Tensor::from_shape(&[1, width], one)?;
+    let tb = Tensor::from_shape(&[BATCH, width], &batch)?;
+    let tract_run = |t: &Tensor| -> Result<()> {
+        let plan = plan.as_ref().expect("only timed when tract loads the model");
+        plan.run(tvec!(t.clone().into_tvalue()))?;
+        Ok(())
+    };
+    let mut tract1 = || tract_run(&t1);
+    let mut tractb = || tract_run(&tb);
+
+    let (ours, ort, tract) = if plan.is_some() {
+        let t = measure(
+            budget,
+            &mut [&mut ours1, &mut ort1, &mut tract1, &mut oursb, &mut ortb, &mut tractb],
+        )?;
+        ((t[0], t[3]), (t[1], t[4]), Some((t[2], t[5])))
+    } else {
+        let t = measure(budget, &mut [&mut ours1, &mut ort1, &mut oursb, &mut ortb])?;
+        ((t[0], t[2]), (t[1], t[3]), None)
     };
     Ok(Row {
         name: name.into(),
         ours,
-        ort: (ort1, ortb),
+        ort,
         tract,
     })
 }
@@ -171,7 +199,9 @@ fn main() -> Result<()> {
         models = DEFAULT_MODELS.iter().map(|s| s.to_string()).collect();
     }
     let budget = Duration::from_secs_f64(secs);
-    println!("one thread; latency = mean of 1-row calls; throughput = 256-row batches; ratio = Lathe / onnxruntime");
+    println!(
+        "one thread; latency = mean of 1-row calls; throughput = 256-row batches; median of {ROUNDS} alternating rounds; ratio = Lathe / onnxruntime"
+    );
     println!(
         "{:<48} {:>10} {:>10} {:>10} {:>7} | {:>10} {:>10} {:>10} {:>7}",
         "model", "lathe µs", "ort µs", "tract µs", "ratio", "lathe r/s", "ort r/s", "tract r/s", "ratio"

@@ -6,6 +6,7 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 use super::post::{logistic, probit, Post};
+use super::rowop::{row_op, Computed, Outputs, RowOp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
@@ -384,105 +385,55 @@ impl Regressor {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Svm {
-    Classifier(Classifier),
-    Regressor(Regressor),
+fn check_features(features: usize, width: usize) -> TractResult<()> {
+    ensure!(
+        width == features,
+        "SVM input rows have {width} values; the model has {features} features"
+    );
+    Ok(())
 }
 
-impl Svm {
-    fn features(&self) -> usize {
-        match self {
-            Svm::Classifier(c) => c.features,
-            Svm::Regressor(r) => r.features,
-        }
-    }
-}
-
-impl Op for Svm {
-    fn name(&self) -> StaticName {
-        match self {
-            Svm::Classifier(_) => "LatheSVMClassifier".into(),
-            Svm::Regressor(_) => "LatheSVMRegressor".into(),
-        }
+impl RowOp for Classifier {
+    fn name(&self) -> &'static str {
+        "LatheSVMClassifier"
     }
 
-    op_as_typed_op!();
-}
+    fn outputs(&self) -> Outputs {
+        Outputs::Classifier(self.score_width())
+    }
 
-impl EvalOp for Svm {
-    op_out_of_plan!();
+    fn check_width(&self, width: usize) -> TractResult<()> {
+        check_features(self.features, width)
+    }
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let x = input.cast_to::<f32>()?;
-        let view = x.to_plain_array_view::<f32>()?;
-        let f = self.features();
-        ensure!(
-            view.shape().last() == Some(&f),
-            "SVM input has shape {:?}; the model has {f} features",
-            view.shape()
-        );
-        let rows = view.len() / f;
-        let data: Vec<f32> = view.iter().copied().collect();
-        Ok(match self {
-            Svm::Regressor(r) => tvec!(tensor1(&r.eval(&data, rows)).into_shape(&[rows, 1])?.into_tvalue()),
-            Svm::Classifier(c) => {
-                let (labels, scores) = c.eval(&data, rows);
-                tvec!(
-                    tensor1(&labels).into_tvalue(),
-                    tensor1(&scores).into_shape(&[rows, c.score_width()])?.into_tvalue()
-                )
-            }
-        })
+    fn eval(&self, x: &[f32], rows: usize, _width: usize) -> TractResult<Computed> {
+        let (labels, scores) = Classifier::eval(self, x, rows);
+        Ok(Computed::Classes { labels, scores })
     }
 }
 
-impl TypedOp for Svm {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let n = inputs[0].shape[0].clone();
-        Ok(match self {
-            Svm::Regressor(_) => tvec!(f32::fact([n, 1.to_dim()])),
-            Svm::Classifier(c) => tvec!(i64::fact([n.clone()]), f32::fact([n, c.score_width().to_dim()])),
-        })
+impl RowOp for Regressor {
+    fn name(&self) -> &'static str {
+        "LatheSVMRegressor"
     }
 
-    as_op!();
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Expand(Svm);
-
-impl Expansion for Expand {
-    fn name(&self) -> StaticName {
-        self.0.name()
+    fn outputs(&self) -> Outputs {
+        Outputs::Regressor(1)
     }
 
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        match &self.0 {
-            Svm::Regressor(_) => super::estimator_rules(s, inputs, outputs, false, 1),
-            Svm::Classifier(c) => super::estimator_rules(s, inputs, outputs, true, c.score_width()),
-        }
+    fn check_width(&self, width: usize) -> TractResult<()> {
+        check_features(self.features, width)
     }
 
-    fn nboutputs(&self) -> TractResult<usize> {
-        Ok(if matches!(self.0, Svm::Classifier(_)) { 2 } else { 1 })
-    }
-
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, self.0.clone(), inputs)
+    fn eval(&self, x: &[f32], rows: usize, _width: usize) -> TractResult<Computed> {
+        Ok(Computed::Values(Regressor::eval(self, x, rows)))
     }
 }
 
 pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(Expand(Svm::Classifier(Classifier::parse(node)?))), vec![]))
+    Ok((row_op(Classifier::parse(node)?), vec![]))
 }
 
 pub fn regressor(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(Expand(Svm::Regressor(Regressor::parse(node)?))), vec![]))
+    Ok((row_op(Regressor::parse(node)?), vec![]))
 }

@@ -1,27 +1,37 @@
 //! `TreeEnsembleRegressor` and `TreeEnsembleClassifier`, with onnxruntime's semantics.
 //!
-//! The ensemble is flattened once at load: every node of every tree in one array (feature,
-//! threshold, mode, the two children), leaves pointing into one array of (output, weight).
-//! Evaluation is tree-major over the batch: each tree's nodes stay in cache while every row
-//! walks it.
+//! The ensemble is flattened once at load: every node of every tree in one array of 16-byte
+//! nodes (mode, feature, threshold, the two children); a leaf with one weight holds it inline,
+//! other leaves point into one array of (output, weight). The walk is specialised for the
+//! branch mode when the whole forest uses one (scikit-learn: `<=`). Evaluation is tree-major
+//! over the batch: each tree's nodes stay in cache while the rows walk it, eight at a time so
+//! that their walks overlap.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
-use tract_onnx::tract_core;
 use tract_onnx::tract_hir::internal::*;
 
 use super::post::{logistic, probit, Post as PostTransform};
+use super::rowop::{row_op, Computed, Outputs, RowOp};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Mode {
-    Leq,
-    Lt,
-    Gte,
-    Gt,
-    Eq,
-    Neq,
-    Leaf,
-}
+/// Branch modes, in the order of [`cmp`]; leaves come after them.
+const LEQ: u32 = 0;
+const LT: u32 = 1;
+const GTE: u32 = 2;
+const GT: u32 = 3;
+const EQ: u32 = 4;
+const NEQ: u32 = 5;
+/// A leaf with one (output, weight), held in the node itself.
+const LEAF_ONE: u32 = 6;
+/// A leaf whose (output, weight) pairs are `Forest::leaves[yes..no]`.
+const LEAF_MANY: u32 = 7;
+/// A forest whose branches use more than one mode.
+const MIXED: u32 = 15;
+
+const MODE_SHIFT: u32 = 24;
+const INDEX_MASK: u32 = (1 << MODE_SHIFT) - 1;
+/// A NaN feature takes the `yes` branch.
+const MISSING_YES: u32 = 1 << 28;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Aggregate {
@@ -31,29 +41,104 @@ enum Aggregate {
     Max,
 }
 
-/// One node. For a leaf, `yes..no` is its range in `Forest::leaves`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// One node in 16 bytes. `tag` holds the mode (bits 24..28), [`MISSING_YES`], and the
+/// feature index (a branch) or output index (a [`LEAF_ONE`]). `value` is the threshold, or a
+/// [`LEAF_ONE`]'s weight, as f32 bits (bits, so that the operator can be hashed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Node {
-    feature: u32,
-    /// f32 bits of the threshold (kept as bits so the op can be hashed).
+    tag: u32,
     value: u32,
-    mode: Mode,
-    missing_true: bool,
     yes: u32,
     no: u32,
+}
+
+impl Node {
+    fn mode(self) -> u32 {
+        (self.tag >> MODE_SHIFT) & 0xF
+    }
+}
+
+/// `v` against threshold `t` by branch mode `M`, or by `mode` when `M` is [`MIXED`].
+#[inline(always)]
+fn cmp<const M: u32>(mode: u32, v: f32, t: f32) -> bool {
+    match if M == MIXED { mode } else { M } {
+        LEQ => v <= t,
+        LT => v < t,
+        GTE => v >= t,
+        GT => v > t,
+        EQ => v == t,
+        _ => v != t,
+    }
+}
+
+/// Walk one tree from `root` for `row`; the index of the leaf reached.
+#[inline(always)]
+fn walk<const M: u32>(nodes: &[Node], root: u32, row: &[f32]) -> usize {
+    let mut i = root as usize;
+    loop {
+        let nd = nodes[i];
+        let mode = nd.mode();
+        if mode >= LEAF_ONE {
+            return i;
+        }
+        let v = row[(nd.tag & INDEX_MASK) as usize];
+        let go = if v.is_nan() {
+            nd.tag & MISSING_YES != 0
+        } else {
+            cmp::<M>(mode, v, f32::from_bits(nd.value))
+        };
+        i = if go { nd.yes } else { nd.no } as usize;
+    }
+}
+
+/// Rows walked together through a tree.
+const LANES: usize = 8;
+
+/// Walk one tree for [`LANES`] rows at once (`block` holds them back to back); the leaf each
+/// reaches.
+#[inline(always)]
+fn walk_lanes<const M: u32>(nodes: &[Node], root: u32, block: &[f32], width: usize) -> [usize; LANES] {
+    let mut at = [root as usize; LANES];
+    loop {
+        let mut moved = false;
+        for (l, i) in at.iter_mut().enumerate() {
+            let nd = nodes[*i];
+            let mode = nd.mode();
+            if mode >= LEAF_ONE {
+                continue;
+            }
+            moved = true;
+            let v = block[l * width + (nd.tag & INDEX_MASK) as usize];
+            let go = if v.is_nan() {
+                nd.tag & MISSING_YES != 0
+            } else {
+                cmp::<M>(mode, v, f32::from_bits(nd.value))
+            };
+            *i = if go { nd.yes } else { nd.no } as usize;
+        }
+        if !moved {
+            return at;
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Forest {
     nodes: Vec<Node>,
     roots: Vec<u32>,
-    /// (output index, f32 bits of the weight)
+    /// (output index, f32 bits of the weight) of [`LEAF_MANY`] leaves.
     leaves: Vec<(u32, u32)>,
     n_outputs: usize,
     aggregate: Aggregate,
     /// f32 bits, one per output, or empty.
     base: Vec<u32>,
     max_feature: usize,
+    /// The branch mode every branch uses, or [`MIXED`].
+    mode: u32,
+    /// Output indices that some leaf adds weight to, ascending.
+    used: Vec<u32>,
+    /// Every leaf weight is >= 0.
+    all_positive: bool,
 }
 
 impl Forest {
@@ -141,54 +226,83 @@ impl Forest {
                 .push((out as u32, l_weights[j].to_bits()));
         }
 
+        let used: Vec<u32> = by_leaf
+            .values()
+            .flatten()
+            .map(|l| l.0)
+            .collect::<std::collections::BTreeSet<u32>>()
+            .into_iter()
+            .collect();
+        let all_positive = by_leaf.values().flatten().all(|l| f32::from_bits(l.1) >= 0.0);
+        ensure!(
+            n_outputs <= INDEX_MASK as usize,
+            "node {name:?}: {n_outputs} outputs is more than Lathe supports"
+        );
+
         let mut nodes = Vec::with_capacity(n);
         let mut leaves = Vec::with_capacity(m);
         let mut roots = vec![];
         let mut last_tree = None;
+        let mut modes_seen = std::collections::BTreeSet::new();
         for &i in &order {
             if last_tree != Some(tree_ids[i]) {
                 roots.push(nodes.len() as u32);
                 last_tree = Some(tree_ids[i]);
             }
             let mode = match modes[i] {
-                "BRANCH_LEQ" => Mode::Leq,
-                "BRANCH_LT" => Mode::Lt,
-                "BRANCH_GTE" => Mode::Gte,
-                "BRANCH_GT" => Mode::Gt,
-                "BRANCH_EQ" => Mode::Eq,
-                "BRANCH_NEQ" => Mode::Neq,
-                "LEAF" => Mode::Leaf,
+                "BRANCH_LEQ" => LEQ,
+                "BRANCH_LT" => LT,
+                "BRANCH_GTE" => GTE,
+                "BRANCH_GT" => GT,
+                "BRANCH_EQ" => EQ,
+                "BRANCH_NEQ" => NEQ,
+                "LEAF" => LEAF_MANY,
                 other => bail!("node {name:?}: unknown node mode {other:?}"),
             };
             let pos = nodes.len() as u32;
-            let (yes, no) = if mode == Mode::Leaf {
-                let start = leaves.len() as u32;
-                leaves.extend(by_leaf.remove(&pos).unwrap_or_default());
-                (start, leaves.len() as u32)
-            } else {
-                let child = |c: i64| {
-                    index.get(&(tree_ids[i], c)).copied().ok_or_else(|| {
-                        format_err!(
-                            "node {name:?}: tree {} node {} points to missing node {c}",
-                            tree_ids[i],
-                            node_ids[i]
-                        )
-                    })
-                };
-                (child(trues[i])?, child(falses[i])?)
+            if mode == LEAF_MANY {
+                let mine = by_leaf.remove(&pos).unwrap_or_default();
+                nodes.push(match mine.as_slice() {
+                    [(out, w)] => Node {
+                        tag: (LEAF_ONE << MODE_SHIFT) | out,
+                        value: *w,
+                        yes: 0,
+                        no: 0,
+                    },
+                    _ => {
+                        let start = leaves.len() as u32;
+                        leaves.extend(mine);
+                        Node {
+                            tag: LEAF_MANY << MODE_SHIFT,
+                            value: 0,
+                            yes: start,
+                            no: leaves.len() as u32,
+                        }
+                    }
+                });
+                continue;
+            }
+            modes_seen.insert(mode);
+            let child = |c: i64| {
+                index.get(&(tree_ids[i], c)).copied().ok_or_else(|| {
+                    format_err!(
+                        "node {name:?}: tree {} node {} points to missing node {c}",
+                        tree_ids[i],
+                        node_ids[i]
+                    )
+                })
             };
-            let feature = if mode == Mode::Leaf {
-                0
-            } else {
-                u32::try_from(features[i]).map_err(|_| format_err!("node {name:?}: negative feature id"))?
-            };
+            let feature = u32::try_from(features[i])
+                .ok()
+                .filter(|f| *f <= INDEX_MASK)
+                .ok_or_else(|| format_err!("node {name:?}: feature id {} is out of range", features[i]))?;
+            // NaN != t holds, so NEQ sends missing values to `yes` whatever the flag says.
+            let missing = if missing[i] != 0 || mode == NEQ { MISSING_YES } else { 0 };
             nodes.push(Node {
-                feature,
+                tag: (mode << MODE_SHIFT) | missing | feature,
                 value: values[i].to_bits(),
-                mode,
-                missing_true: missing[i] != 0,
-                yes,
-                no,
+                yes: child(trues[i])?,
+                no: child(falses[i])?,
             });
         }
         ensure!(
@@ -197,8 +311,8 @@ impl Forest {
         );
         let max_feature = nodes
             .iter()
-            .filter(|n| n.mode != Mode::Leaf)
-            .map(|n| n.feature as usize)
+            .filter(|n| n.mode() < LEAF_ONE)
+            .map(|n| (n.tag & INDEX_MASK) as usize)
             .max()
             .unwrap_or(0);
         let base: Vec<f32> = node.get_attr_opt_vec("base_values")?.unwrap_or_default();
@@ -210,10 +324,14 @@ impl Forest {
         // Walking a tree must end: children come after their parent in a well-formed export,
         // but check that no walk can loop.
         for (pos, nd) in nodes.iter().enumerate() {
-            if nd.mode != Mode::Leaf && (nd.yes as usize <= pos || nd.no as usize <= pos) {
+            if nd.mode() < LEAF_ONE && (nd.yes as usize <= pos || nd.no as usize <= pos) {
                 bail!("node {name:?}: a node points back to an earlier node; refusing a tree that could loop");
             }
         }
+        let mode = match modes_seen.len() {
+            1 => *modes_seen.iter().next().expect("one mode"),
+            _ => MIXED,
+        };
         Ok(Forest {
             nodes,
             roots,
@@ -222,51 +340,64 @@ impl Forest {
             aggregate,
             base: base.iter().map(|b| b.to_bits()).collect(),
             max_feature,
+            mode,
+            used,
+            all_positive,
         })
     }
 
-    /// Sum (or min, max) of leaf weights per row and output, with a flag for outputs that got
-    /// any weight. Returns (scores, has_score), both `[rows * n_outputs]`.
-    fn accumulate(&self, x: &[f32], rows: usize, width: usize) -> (Vec<f32>, Vec<bool>) {
+    /// Sum (or average, min, max) of leaf weights per row and output. With `track`, also
+    /// flags the outputs that got any weight. Returns (scores, has_score), `[rows * n_outputs]`
+    /// each (`has_score` empty without `track`).
+    fn accumulate(&self, x: &[f32], rows: usize, width: usize, track: bool) -> (Vec<f32>, Vec<bool>) {
+        match self.mode {
+            LEQ => self.accumulate_as::<LEQ>(x, rows, width, track),
+            LT => self.accumulate_as::<LT>(x, rows, width, track),
+            GTE => self.accumulate_as::<GTE>(x, rows, width, track),
+            GT => self.accumulate_as::<GT>(x, rows, width, track),
+            _ => self.accumulate_as::<MIXED>(x, rows, width, track),
+        }
+    }
+
+    fn accumulate_as<const M: u32>(&self, x: &[f32], rows: usize, width: usize, track: bool) -> (Vec<f32>, Vec<bool>) {
         let k = self.n_outputs;
+        let track = track || matches!(self.aggregate, Aggregate::Min | Aggregate::Max);
         let mut scores = vec![0f32; rows * k];
-        let mut has = vec![false; rows * k];
-        for &root in &self.roots {
-            for r in 0..rows {
-                let row = &x[r * width..(r + 1) * width];
-                let mut i = root as usize;
-                loop {
-                    let nd = &self.nodes[i];
-                    if nd.mode == Mode::Leaf {
-                        for &(out, w) in &self.leaves[nd.yes as usize..nd.no as usize] {
-                            let (slot, w) = (r * k + out as usize, f32::from_bits(w));
-                            scores[slot] = match (self.aggregate, has[slot]) {
-                                (Aggregate::Min, true) => scores[slot].min(w),
-                                (Aggregate::Max, true) => scores[slot].max(w),
-                                (Aggregate::Min | Aggregate::Max, false) => w,
-                                _ => scores[slot] + w,
-                            };
-                            has[slot] = true;
-                        }
-                        break;
-                    }
-                    let v = row[nd.feature as usize];
-                    let t = f32::from_bits(nd.value);
-                    let go = if v.is_nan() {
-                        nd.missing_true || nd.mode == Mode::Neq
-                    } else {
-                        match nd.mode {
-                            Mode::Leq => v <= t,
-                            Mode::Lt => v < t,
-                            Mode::Gte => v >= t,
-                            Mode::Gt => v > t,
-                            Mode::Eq => v == t,
-                            Mode::Neq => v != t,
-                            Mode::Leaf => unreachable!("leaves are handled above"),
-                        }
-                    };
-                    i = if go { nd.yes } else { nd.no } as usize;
+        let mut has = if track { vec![false; rows * k] } else { vec![] };
+        let mut add = |slot: usize, w: u32| {
+            let w = f32::from_bits(w);
+            scores[slot] = match self.aggregate {
+                Aggregate::Sum | Aggregate::Average => scores[slot] + w,
+                Aggregate::Min if has[slot] => scores[slot].min(w),
+                Aggregate::Max if has[slot] => scores[slot].max(w),
+                Aggregate::Min | Aggregate::Max => w,
+            };
+            if track {
+                has[slot] = true;
+            }
+        };
+        let mut leaf_of = |r: usize, leaf: usize| {
+            let leaf = self.nodes[leaf];
+            if leaf.mode() == LEAF_ONE {
+                add(r * k + (leaf.tag & INDEX_MASK) as usize, leaf.value);
+            } else {
+                for &(out, w) in &self.leaves[leaf.yes as usize..leaf.no as usize] {
+                    add(r * k + out as usize, w);
                 }
+            }
+        };
+        // Tree-major: one tree's nodes stay in cache while every row walks it, LANES rows
+        // at a time so that their walks overlap in the CPU.
+        let blocked = rows - rows % LANES;
+        for &root in &self.roots {
+            for first in (0..blocked).step_by(LANES) {
+                let block = &x[first * width..(first + LANES) * width];
+                for (l, leaf) in walk_lanes::<M>(&self.nodes, root, block, width).into_iter().enumerate() {
+                    leaf_of(first + l, leaf);
+                }
+            }
+            for r in blocked..rows {
+                leaf_of(r, walk::<M>(&self.nodes, root, &x[r * width..(r + 1) * width]));
             }
         }
         if self.aggregate == Aggregate::Average {
@@ -275,26 +406,9 @@ impl Forest {
         }
         (scores, has)
     }
-
-    fn input(&self, input: &TValue) -> TractResult<(Vec<f32>, usize, usize)> {
-        let x = input.cast_to::<f32>()?;
-        let view = x.to_plain_array_view::<f32>()?;
-        let shape = view.shape().to_vec();
-        let (rows, width) = match shape.as_slice() {
-            [w] => (1, *w),
-            [r, w] => (*r, *w),
-            other => bail!("tree ensemble input has shape {other:?}; expected [N, features]"),
-        };
-        ensure!(
-            width > self.max_feature,
-            "tree ensemble reads feature {} of rows that have {width}",
-            self.max_feature
-        );
-        Ok((view.iter().copied().collect(), rows, width))
-    }
 }
 
-/// The typed operator: one input, one output (regressor) or two (classifier).
+/// `TreeEnsembleRegressor` (no labels) or `TreeEnsembleClassifier`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TreeEnsemble {
     forest: Forest,
@@ -304,149 +418,108 @@ pub struct TreeEnsemble {
 }
 
 impl TreeEnsemble {
-    fn regress(&self, x: &[f32], rows: usize, width: usize) -> Tensor {
+    fn regress(&self, x: &[f32], rows: usize, width: usize) -> Vec<f32> {
         let k = self.forest.n_outputs;
-        let (mut scores, _) = self.forest.accumulate(x, rows, width);
-        for r in 0..rows {
-            let row = &mut scores[r * k..(r + 1) * k];
+        let (mut scores, _) = self.forest.accumulate(x, rows, width, false);
+        for row in scores.chunks_exact_mut(k) {
             for (o, b) in self.forest.base.iter().enumerate() {
                 row[o] += f32::from_bits(*b);
             }
             self.post.apply(row);
         }
-        tensor1(&scores).into_shape(&[rows, k]).expect("rows * outputs values")
+        scores
     }
 
-    fn classify(&self, labels: &[i64], x: &[f32], rows: usize, width: usize) -> (Tensor, Tensor) {
+    /// A binary model: two classes, and weights for only one of them.
+    fn binary_class(&self) -> Option<usize> {
+        match self.forest.used.as_slice() {
+            [c] if self.forest.n_outputs == 2 => Some(*c as usize),
+            _ => None,
+        }
+    }
+
+    fn classify(&self, labels: &[i64], x: &[f32], rows: usize, width: usize) -> (Vec<i64>, Vec<f32>) {
         let k = self.forest.n_outputs;
-        let (mut scores, has) = self.forest.accumulate(x, rows, width);
-        let used: std::collections::BTreeSet<u32> = self.forest.leaves.iter().map(|l| l.0).collect();
-        let binary = k == 2 && used.len() == 1;
-        let all_positive = self.forest.leaves.iter().all(|l| f32::from_bits(l.1) >= 0.0);
+        let binary = self.binary_class();
+        let (mut scores, has) = self.forest.accumulate(x, rows, width, binary.is_none());
+        let all_positive = self.forest.all_positive;
         let base: Vec<f32> = self.forest.base.iter().map(|b| f32::from_bits(*b)).collect();
         let mut out_labels = Vec::with_capacity(rows);
-        let mut out_scores = Vec::with_capacity(rows * k);
-        for r in 0..rows {
-            let row = &mut scores[r * k..(r + 1) * k];
-            if !binary {
-                if base.len() == k {
-                    row.iter_mut().zip(&base).for_each(|(s, b)| *s += b);
-                }
-                let best = (0..k)
-                    .filter(|&c| has[r * k + c] || base.len() == k)
-                    .fold(None, |best: Option<usize>, c| match best {
-                        Some(b) if row[b] >= row[c] => Some(b),
-                        _ => Some(c),
-                    })
-                    .unwrap_or(0);
-                out_labels.push(labels[best]);
-                self.post.apply(row);
-                out_scores.extend_from_slice(row);
-            } else {
-                let c = *used.iter().next().expect("binary case has one class id") as usize;
-                let mut s = row[c];
-                match base.len() {
-                    1 => s += base[0],
-                    2 => s += base[c],
-                    _ => {}
-                }
-                let positive = if all_positive { s > 0.5 } else { s > 0.0 };
-                out_labels.push(labels[positive as usize]);
-                let pair = match (self.post, all_positive) {
-                    (PostTransform::Probit, _) => {
-                        let p = probit(s);
-                        [1.0 - p, p]
+        for (r, row) in scores.chunks_exact_mut(k).enumerate() {
+            match binary {
+                None => {
+                    if base.len() == k {
+                        row.iter_mut().zip(&base).for_each(|(s, b)| *s += b);
                     }
-                    (_, true) => [1.0 - s, s],
-                    (PostTransform::Logistic, false) => [logistic(-s), logistic(s)],
-                    (_, false) => [-s, s],
-                };
-                out_scores.extend_from_slice(&pair);
+                    let best = (0..k)
+                        .filter(|&c| has[r * k + c] || base.len() == k)
+                        .fold(None, |best: Option<usize>, c| match best {
+                            Some(b) if row[b] >= row[c] => Some(b),
+                            _ => Some(c),
+                        })
+                        .unwrap_or(0);
+                    out_labels.push(labels[best]);
+                    self.post.apply(row);
+                }
+                Some(c) => {
+                    let mut s = row[c];
+                    match base.len() {
+                        1 => s += base[0],
+                        2 => s += base[c],
+                        _ => {}
+                    }
+                    let positive = if all_positive { s > 0.5 } else { s > 0.0 };
+                    out_labels.push(labels[positive as usize]);
+                    let pair = match (self.post, all_positive) {
+                        (PostTransform::Probit, _) => {
+                            let p = probit(s);
+                            [1.0 - p, p]
+                        }
+                        (_, true) => [1.0 - s, s],
+                        (PostTransform::Logistic, false) => [logistic(-s), logistic(s)],
+                        (_, false) => [-s, s],
+                    };
+                    row.copy_from_slice(&pair);
+                }
             }
         }
-        (
-            tensor1(&out_labels),
-            tensor1(&out_scores)
-                .into_shape(&[rows, k])
-                .expect("rows * classes values"),
-        )
+        (out_labels, scores)
     }
 }
 
-impl Op for TreeEnsemble {
-    fn name(&self) -> StaticName {
+impl RowOp for TreeEnsemble {
+    fn name(&self) -> &'static str {
         if self.labels.is_some() {
             "LatheTreeEnsembleClassifier"
         } else {
             "LatheTreeEnsembleRegressor"
         }
-        .into()
     }
 
-    op_as_typed_op!();
-}
+    fn outputs(&self) -> Outputs {
+        match self.labels {
+            Some(_) => Outputs::Classifier(self.forest.n_outputs),
+            None => Outputs::Regressor(self.forest.n_outputs),
+        }
+    }
 
-impl EvalOp for TreeEnsemble {
-    op_out_of_plan!();
+    fn check_width(&self, width: usize) -> TractResult<()> {
+        ensure!(
+            width > self.forest.max_feature,
+            "tree ensemble reads feature {} of rows that have {width}",
+            self.forest.max_feature
+        );
+        Ok(())
+    }
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
-        let (x, rows, width) = self.forest.input(&input)?;
+    fn eval(&self, x: &[f32], rows: usize, width: usize) -> TractResult<Computed> {
         Ok(match &self.labels {
-            None => tvec!(self.regress(&x, rows, width).into_tvalue()),
+            None => Computed::Values(self.regress(x, rows, width)),
             Some(labels) => {
-                let (l, s) = self.classify(labels, &x, rows, width);
-                tvec!(l.into_tvalue(), s.into_tvalue())
+                let (labels, scores) = self.classify(labels, x, rows, width);
+                Computed::Classes { labels, scores }
             }
         })
-    }
-}
-
-impl TypedOp for TreeEnsemble {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let n = inputs[0].shape[0].clone();
-        let k = self.forest.n_outputs.to_dim();
-        Ok(match self.labels {
-            None => tvec!(f32::fact([n, k])),
-            Some(_) => tvec!(i64::fact([n.clone()]), f32::fact([n, k])),
-        })
-    }
-
-    as_op!();
-}
-
-/// The inference-time wrapper that the ONNX loader builds.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct TreeExpansion(TreeEnsemble);
-
-impl Expansion for TreeExpansion {
-    fn name(&self) -> StaticName {
-        self.0.name()
-    }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        super::estimator_rules(s, inputs, outputs, self.0.labels.is_some(), self.0.forest.n_outputs)
-    }
-
-    fn nboutputs(&self) -> TractResult<usize> {
-        Ok(if self.0.labels.is_some() { 2 } else { 1 })
-    }
-
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
-        let mut x = inputs[0];
-        if model.outlet_fact(x)?.rank() == 1 {
-            x = model.wire_node(
-                format!("{prefix}.batch"),
-                tract_core::ops::change_axes::AxisOp::Add(0),
-                &[x],
-            )?[0];
-        }
-        model.wire_node(prefix, self.0.clone(), &[x])
     }
 }
 
@@ -462,11 +535,11 @@ pub fn regressor(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn I
     };
     let forest = Forest::parse(node, "target", n_targets as usize, aggregate)?;
     Ok((
-        expand(TreeExpansion(TreeEnsemble {
+        row_op(TreeEnsemble {
             forest,
             post: PostTransform::parse(node)?,
             labels: None,
-        })),
+        }),
         vec![],
     ))
 }
@@ -481,11 +554,11 @@ pub fn classifier(_: &ParsingContext, node: &NodeProto) -> TractResult<(Box<dyn 
     };
     let forest = Forest::parse(node, "class", labels.len(), Aggregate::Sum)?;
     Ok((
-        expand(TreeExpansion(TreeEnsemble {
+        row_op(TreeEnsemble {
             forest,
             post: PostTransform::parse(node)?,
             labels: Some(labels),
-        })),
+        }),
         vec![],
     ))
 }

@@ -226,6 +226,9 @@ impl Engine {
     /// Load ONNX bytes for rows of `n_features` float32 features, with a symbolic batch axis.
     pub fn load(onnx: &[u8], n_features: usize) -> Result<Engine, EngineError> {
         let load = |e: TractError| EngineError::Load(format!("{e:#}"));
+        if n_features == 0 {
+            return Err(EngineError::Load("the model must take at least one feature".into()));
+        }
         let proto = parse(onnx)?;
         let missing = unsupported(&proto);
         if !missing.is_empty() {
@@ -524,6 +527,39 @@ mod tests {
         check("rul_linear");
         check("health_mlp");
         check("forest_regressor");
+    }
+
+    #[test]
+    fn flat_rows_and_empty_batches() {
+        let (onnx, cases) = fixture("vibration_logreg");
+        let rows: Vec<Vec<f32>> = cases["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .expect("row")
+                    .iter()
+                    .map(|v| v.as_f64().expect("num") as f32)
+                    .collect()
+            })
+            .collect();
+        let engine = Engine::load(&onnx, rows[0].len()).expect("loads");
+        let flat: Vec<f32> = rows.concat();
+        let (a, b) = (
+            engine.run(&rows).expect("runs"),
+            engine.run_flat(&flat).expect("runs flat"),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.columns().iter().map(|c| c.width).collect::<Vec<_>>(), vec![1, 2]);
+        let err = engine.run_flat(&flat[1..]).expect_err("a partial row");
+        assert!(err.to_string().contains("do not make rows"), "{err}");
+        let err = engine.run(&[vec![1.0]]).expect_err("a short row");
+        assert!(err.to_string().contains("row has 1 values"), "{err}");
+        let empty = engine.run(&[]).expect("no rows");
+        assert_eq!(empty.rows(), 0);
+        assert_eq!(empty.columns().len(), 2);
+        assert!(Engine::load(&onnx, 0).is_err());
     }
 
     #[test]

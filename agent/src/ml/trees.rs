@@ -1,8 +1,8 @@
 //! `TreeEnsembleRegressor` and `TreeEnsembleClassifier`, with onnxruntime's semantics.
 //!
 //! The ensemble is flattened once at load: every node of every tree in one array of 16-byte
-//! nodes (mode, feature, threshold, the two children); a leaf with one weight holds it inline,
-//! other leaves point into one array of (output, weight). The walk is specialised for the
+//! nodes (mode, feature, threshold, the two children; a leaf is its own child), and beside it
+//! each leaf's weight (or its range in one array of (output, weight) when it has several). The walk is specialised for the
 //! branch mode when the whole forest uses one (scikit-learn: `<=`). Evaluation is tree-major
 //! over the batch: each tree's nodes stay in cache while the rows walk it, eight at a time so
 //! that their walks overlap.
@@ -21,9 +21,10 @@ const GTE: u32 = 2;
 const GT: u32 = 3;
 const EQ: u32 = 4;
 const NEQ: u32 = 5;
-/// A leaf with one (output, weight), held in the node itself.
+/// A leaf with one (output, weight): `Forest::payload` holds them.
 const LEAF_ONE: u32 = 6;
-/// A leaf whose (output, weight) pairs are `Forest::leaves[yes..no]`.
+/// A leaf whose (output, weight) pairs are `Forest::leaves[start..end]`, with (start, end) in
+/// `Forest::payload`.
 const LEAF_MANY: u32 = 7;
 /// A forest whose branches use more than one mode.
 const MIXED: u32 = 15;
@@ -42,8 +43,9 @@ enum Aggregate {
 }
 
 /// One node in 16 bytes. `tag` holds the mode (bits 24..28), [`MISSING_YES`], and the
-/// feature index (a branch) or output index (a [`LEAF_ONE`]). `value` is the threshold, or a
-/// [`LEAF_ONE`]'s weight, as f32 bits (bits, so that the operator can be hashed).
+/// feature index; `value` is the threshold, as f32 bits (bits, so that the operator can be
+/// hashed). A leaf reads feature 0 and both its children are itself, so a walk can step
+/// through it without asking whether it is a leaf.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Node {
     tag: u32,
@@ -100,21 +102,16 @@ const LANES: usize = 8;
 fn walk_lanes<const M: u32>(nodes: &[Node], root: u32, block: &[f32], width: usize) -> [usize; LANES] {
     let mut at = [root as usize; LANES];
     loop {
+        // Every lane steps, leaves included (they step to themselves): no branch on the
+        // data but the loop's end.
         let mut moved = false;
         for (l, i) in at.iter_mut().enumerate() {
             let nd = nodes[*i];
-            let mode = nd.mode();
-            if mode >= LEAF_ONE {
-                continue;
-            }
-            moved = true;
             let v = block[l * width + (nd.tag & INDEX_MASK) as usize];
-            let go = if v.is_nan() {
-                nd.tag & MISSING_YES != 0
-            } else {
-                cmp::<M>(mode, v, f32::from_bits(nd.value))
-            };
-            *i = if go { nd.yes } else { nd.no } as usize;
+            let go = cmp::<M>(nd.mode(), v, f32::from_bits(nd.value)) | (v.is_nan() & (nd.tag & MISSING_YES != 0));
+            let next = if go { nd.yes } else { nd.no } as usize;
+            moved |= next != *i;
+            *i = next;
         }
         if !moved {
             return at;
@@ -126,6 +123,9 @@ fn walk_lanes<const M: u32>(nodes: &[Node], root: u32, block: &[f32], width: usi
 pub struct Forest {
     nodes: Vec<Node>,
     roots: Vec<u32>,
+    /// Per node: for a [`LEAF_ONE`], (output index, f32 bits of the weight); for a
+    /// [`LEAF_MANY`], its range in `leaves`; for a branch, unused.
+    payload: Vec<(u32, u32)>,
     /// (output index, f32 bits of the weight) of [`LEAF_MANY`] leaves.
     leaves: Vec<(u32, u32)>,
     n_outputs: usize,
@@ -241,6 +241,7 @@ impl Forest {
 
         let mut nodes = Vec::with_capacity(n);
         let mut leaves = Vec::with_capacity(m);
+        let mut payload = Vec::with_capacity(n);
         let mut roots = vec![];
         let mut last_tree = None;
         let mut modes_seen = std::collections::BTreeSet::new();
@@ -262,24 +263,21 @@ impl Forest {
             let pos = nodes.len() as u32;
             if mode == LEAF_MANY {
                 let mine = by_leaf.remove(&pos).unwrap_or_default();
-                nodes.push(match mine.as_slice() {
-                    [(out, w)] => Node {
-                        tag: (LEAF_ONE << MODE_SHIFT) | out,
-                        value: *w,
-                        yes: 0,
-                        no: 0,
-                    },
+                let (kind, data) = match mine.as_slice() {
+                    [one] => (LEAF_ONE, *one),
                     _ => {
                         let start = leaves.len() as u32;
                         leaves.extend(mine);
-                        Node {
-                            tag: LEAF_MANY << MODE_SHIFT,
-                            value: 0,
-                            yes: start,
-                            no: leaves.len() as u32,
-                        }
+                        (LEAF_MANY, (start, leaves.len() as u32))
                     }
+                };
+                nodes.push(Node {
+                    tag: kind << MODE_SHIFT,
+                    value: 0,
+                    yes: pos,
+                    no: pos,
                 });
+                payload.push(data);
                 continue;
             }
             modes_seen.insert(mode);
@@ -304,6 +302,7 @@ impl Forest {
                 yes: child(trues[i])?,
                 no: child(falses[i])?,
             });
+            payload.push((0, 0));
         }
         ensure!(
             by_leaf.is_empty(),
@@ -335,6 +334,7 @@ impl Forest {
         Ok(Forest {
             nodes,
             roots,
+            payload,
             leaves,
             n_outputs,
             aggregate,
@@ -377,11 +377,11 @@ impl Forest {
             }
         };
         let mut leaf_of = |r: usize, leaf: usize| {
-            let leaf = self.nodes[leaf];
-            if leaf.mode() == LEAF_ONE {
-                add(r * k + (leaf.tag & INDEX_MASK) as usize, leaf.value);
+            let (a, b) = self.payload[leaf];
+            if self.nodes[leaf].mode() == LEAF_ONE {
+                add(r * k + a as usize, b);
             } else {
-                for &(out, w) in &self.leaves[leaf.yes as usize..leaf.no as usize] {
+                for &(out, w) in &self.leaves[a as usize..b as usize] {
                     add(r * k + out as usize, w);
                 }
             }

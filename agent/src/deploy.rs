@@ -308,7 +308,7 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
     };
     let engine = Engine::load(v.model(), m.input.features.len()).map_err(|e| err(e.to_string()))?;
     let declared: Vec<&str> = m.outputs.iter().map(|o| o.name.as_str()).collect();
-    let actual: Vec<&str> = engine.output_names().iter().map(String::as_str).collect();
+    let actual: Vec<&str> = engine.output_names().iter().map(|n| &**n).collect();
     if declared != actual {
         return Err(err(format!(
             "manifest outputs {declared:?} differ from the model's {actual:?}"

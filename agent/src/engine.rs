@@ -162,9 +162,8 @@ pub struct Engine {
     states: Mutex<Vec<TypedSimpleState>>,
     n_features: usize,
     input_name: String,
-    output_names: Vec<String>,
-    /// The output names again, cheap to hand out with every result.
-    column_names: Vec<Arc<str>>,
+    /// Shared, so that every result can name its columns without copying strings.
+    output_names: Vec<Arc<str>>,
     output_types: Vec<String>,
 }
 
@@ -267,12 +266,11 @@ impl Engine {
         let mut output_names = vec![];
         let mut output_types = vec![];
         for o in typed.output_outlets().map_err(load)? {
-            output_names.push(
+            output_names.push(Arc::from(
                 typed
                     .outlet_label(*o)
-                    .map(str::to_string)
-                    .unwrap_or_else(|| typed.node(o.node).name.clone()),
-            );
+                    .unwrap_or_else(|| typed.node(o.node).name.as_str()),
+            ));
             output_types.push(dtype_name(typed.outlet_fact(*o).map_err(load)?.datum_type));
         }
         let plan = typed.into_runnable().map_err(load)?;
@@ -281,7 +279,6 @@ impl Engine {
             states: Mutex::new(vec![]),
             n_features,
             input_name,
-            column_names: output_names.iter().map(|n| Arc::from(n.as_str())).collect(),
             output_names,
             output_types,
         })
@@ -291,7 +288,7 @@ impl Engine {
         self.n_features
     }
 
-    pub fn output_names(&self) -> &[String] {
+    pub fn output_names(&self) -> &[Arc<str>] {
         &self.output_names
     }
 
@@ -304,7 +301,7 @@ impl Engine {
     pub fn outputs(&self) -> Vec<(String, String)> {
         self.output_names
             .iter()
-            .cloned()
+            .map(|n| n.to_string())
             .zip(self.output_types.iter().cloned())
             .collect()
     }
@@ -349,7 +346,7 @@ impl Engine {
             return Ok(Outputs {
                 rows: 0,
                 columns: self
-                    .column_names
+                    .output_names
                     .iter()
                     .map(|name| Column {
                         name: name.clone(),
@@ -371,7 +368,7 @@ impl Engine {
             }
         }
         let mut columns = Vec::with_capacity(outputs.len());
-        for (name, value) in self.column_names.iter().zip(outputs.iter()) {
+        for (name, value) in self.output_names.iter().zip(outputs.iter()) {
             let shape = value.shape();
             if shape.first().copied() != Some(n) {
                 return Err(EngineError::Run(format!(
@@ -471,18 +468,13 @@ mod tests {
     use serde_json::Value;
     use std::path::PathBuf;
 
-    fn fixture(name: &str) -> (Vec<u8>, Value) {
+    fn fixture(name: &str) -> (Vec<u8>, Value, Vec<Vec<f32>>) {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
         let onnx = std::fs::read(dir.join(format!("{name}.onnx"))).expect("fixture model");
-        let cases = serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.cases.json"))).expect("cases"))
-            .expect("cases json");
-        (onnx, cases)
-    }
-
-    /// Run every fixture case in one batch and one at a time; compare with onnxruntime.
-    fn check(name: &str) {
-        let (onnx, cases) = fixture(name);
-        let rows: Vec<Vec<f32>> = cases["rows"]
+        let cases: Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.cases.json"))).expect("cases"))
+                .expect("cases json");
+        let rows = cases["rows"]
             .as_array()
             .expect("rows")
             .iter()
@@ -494,6 +486,12 @@ mod tests {
                     .collect()
             })
             .collect();
+        (onnx, cases, rows)
+    }
+
+    /// Run every fixture case in one batch and one at a time; compare with onnxruntime.
+    fn check(name: &str) {
+        let (onnx, cases, rows) = fixture(name);
         let engine = Engine::load(&onnx, rows[0].len()).expect("loads");
         let batch = engine.run(&rows).expect("runs");
         assert_eq!(batch.rows(), rows.len());
@@ -531,19 +529,7 @@ mod tests {
 
     #[test]
     fn flat_rows_and_empty_batches() {
-        let (onnx, cases) = fixture("vibration_logreg");
-        let rows: Vec<Vec<f32>> = cases["rows"]
-            .as_array()
-            .expect("rows")
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .expect("row")
-                    .iter()
-                    .map(|v| v.as_f64().expect("num") as f32)
-                    .collect()
-            })
-            .collect();
+        let (onnx, _, rows) = fixture("vibration_logreg");
         let engine = Engine::load(&onnx, rows[0].len()).expect("loads");
         let flat: Vec<f32> = rows.concat();
         let (a, b) = (
@@ -564,7 +550,7 @@ mod tests {
 
     #[test]
     fn wrong_feature_count_is_refused() {
-        let (onnx, _) = fixture("rul_linear");
+        let (onnx, _, _) = fixture("rul_linear");
         let err = Engine::load(&onnx, 3).expect_err("model takes 4 features");
         assert!(
             err.to_string().contains("features") || err.to_string().contains("load"),
@@ -574,7 +560,7 @@ mod tests {
 
     #[test]
     fn inspect_lists_operators_and_io() {
-        let (onnx, _) = fixture("vibration_logreg");
+        let (onnx, _, _) = fixture("vibration_logreg");
         let info = inspect(&onnx).expect("inspects");
         assert_eq!(info.inputs.len(), 1);
         assert_eq!(info.inputs[0].dtype, "float32");

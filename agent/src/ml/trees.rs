@@ -2,10 +2,10 @@
 //!
 //! The ensemble is flattened once at load: every node of every tree in one array of 16-byte
 //! nodes (mode, feature, threshold, the two children; a leaf is its own child), and beside it
-//! each leaf's weight (or its range in one array of (output, weight) when it has several). The walk is specialised for the
-//! branch mode when the whole forest uses one (scikit-learn: `<=`). Evaluation is tree-major
-//! over the batch: each tree's nodes stay in cache while the rows walk it, eight at a time so
-//! that their walks overlap.
+//! each leaf's weight (or its range in one array of (output, weight) when it has several).
+//! The walk is specialised for the branch mode when the whole forest uses one (scikit-learn:
+//! `<=`). Evaluation is tree-major over the batch: each tree's nodes stay in cache while the
+//! rows walk it, eight at a time so that their walks overlap.
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
@@ -73,23 +73,24 @@ fn cmp<const M: u32>(mode: u32, v: f32, t: f32) -> bool {
     }
 }
 
+/// One step down a tree for `row` from `nd`: the child to go to. A leaf steps to itself.
+#[inline(always)]
+fn step<const M: u32>(nd: Node, row: &[f32]) -> usize {
+    let v = row[(nd.tag & INDEX_MASK) as usize];
+    let go = cmp::<M>(nd.mode(), v, f32::from_bits(nd.value)) | (v.is_nan() & (nd.tag & MISSING_YES != 0));
+    (if go { nd.yes } else { nd.no }) as usize
+}
+
 /// Walk one tree from `root` for `row`; the index of the leaf reached.
 #[inline(always)]
 fn walk<const M: u32>(nodes: &[Node], root: u32, row: &[f32]) -> usize {
     let mut i = root as usize;
     loop {
-        let nd = nodes[i];
-        let mode = nd.mode();
-        if mode >= LEAF_ONE {
+        let next = step::<M>(nodes[i], row);
+        if next == i {
             return i;
         }
-        let v = row[(nd.tag & INDEX_MASK) as usize];
-        let go = if v.is_nan() {
-            nd.tag & MISSING_YES != 0
-        } else {
-            cmp::<M>(mode, v, f32::from_bits(nd.value))
-        };
-        i = if go { nd.yes } else { nd.no } as usize;
+        i = next;
     }
 }
 
@@ -97,19 +98,15 @@ fn walk<const M: u32>(nodes: &[Node], root: u32, row: &[f32]) -> usize {
 const LANES: usize = 8;
 
 /// Walk one tree for [`LANES`] rows at once (`block` holds them back to back); the leaf each
-/// reaches.
+/// reaches. Every lane steps until none moves, leaves included, so the only branch is the
+/// loop's end.
 #[inline(always)]
 fn walk_lanes<const M: u32>(nodes: &[Node], root: u32, block: &[f32], width: usize) -> [usize; LANES] {
     let mut at = [root as usize; LANES];
     loop {
-        // Every lane steps, leaves included (they step to themselves): no branch on the
-        // data but the loop's end.
         let mut moved = false;
         for (l, i) in at.iter_mut().enumerate() {
-            let nd = nodes[*i];
-            let v = block[l * width + (nd.tag & INDEX_MASK) as usize];
-            let go = cmp::<M>(nd.mode(), v, f32::from_bits(nd.value)) | (v.is_nan() & (nd.tag & MISSING_YES != 0));
-            let next = if go { nd.yes } else { nd.no } as usize;
+            let next = step::<M>(nodes[*i], &block[l * width..(l + 1) * width]);
             moved |= next != *i;
             *i = next;
         }

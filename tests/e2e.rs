@@ -1,265 +1,37 @@
 //! End to end: real `lathe` and `lathe-hub` processes against real Mosquitto brokers.
 
 use lathe_e2e::*;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, MqttOptions, QoS};
 use serde_json::Value;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-const FLEET: &str = "plant1";
 const DEVICE: &str = "press-7";
-
-struct Setup {
-    dir: tempfile::TempDir,
-    hub_broker: Mosquitto,
-    sensor_broker: Mosquitto,
-    bundle: PathBuf,
-    hub_db: PathBuf,
-    state_dir: PathBuf,
-    config: PathBuf,
-}
-
-fn fixture(name: &str) -> PathBuf {
-    repo_root().join("fixtures/models").join(name)
-}
-
-fn hub(args: &[&str]) -> Command {
-    let mut c = Command::new(&bins().1);
-    c.args(args).env("LATHE_LOG", "warn");
-    c
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let hub_broker = Mosquitto::start(dir.path(), "hub-broker");
-    let sensor_broker = Mosquitto::start(dir.path(), "sensor-broker");
-    let d = dir.path().to_str().expect("utf8 path").to_string();
-    let (code, out, err) = run(&mut hub(&["keygen", "--out-dir", &d, "--name", "k1"]));
-    assert_eq!(code, 0, "keygen: {out}{err}");
-    std::fs::copy(dir.path().join("k1.pub"), dir.path().join("trust.keys")).expect("trust.keys");
-    let bundle = pack(dir.path(), 1);
-    let state_dir = dir.path().join("agent-state");
-    let config = dir.path().join("lathe.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[device]
-fleet = "{FLEET}"
-id = "{DEVICE}"
-state_dir = "{state}"
-[broker]
-host = "127.0.0.1"
-port = {hub_port}
-keep_alive_secs = 5
-backoff_initial_ms = 100
-backoff_max_ms = 1000
-[inputs]
-topics = ["sensors/{DEVICE}/features"]
-qos = 1
-[inputs.broker]
-host = "127.0.0.1"
-port = {sensor_port}
-[trust]
-keys_file = "{d}/trust.keys"
-[sync]
-interval_ms = 100
-ack_timeout_ms = 2000
-batch_records = 50
-"#,
-            state = state_dir.display(),
-            hub_port = hub_broker.port,
-            sensor_port = sensor_broker.port,
-        ),
-    )
-    .expect("write config");
-    let hub_db = dir.path().join("hub.db");
-    Setup {
-        dir,
-        hub_broker,
-        sensor_broker,
-        bundle,
-        hub_db,
-        state_dir,
-        config,
-    }
-}
-
-/// Pack the fixture model as `bearing` at `version`, signed with k1.
-fn pack(dir: &Path, version: u64) -> PathBuf {
-    let out = dir.join(format!("bearing-{version}.lbundle"));
-    let (code, o, e) = run(&mut hub(&[
-        "bundle",
-        "pack",
-        "--model",
-        fixture("vibration_logreg.onnx").to_str().expect("utf8"),
-        "--name",
-        "bearing",
-        "--version",
-        &version.to_string(),
-        "--features-file",
-        fixture("vibration_logreg.features.json").to_str().expect("utf8"),
-        "--key",
-        dir.join("k1.key").to_str().expect("utf8"),
-        "--out",
-        out.to_str().expect("utf8"),
-    ]));
-    assert_eq!(code, 0, "pack: {o}{e}");
-    out
-}
-
-fn start_hub(s: &Setup) -> Proc {
-    Proc::spawn(
-        "lathe-hub serve",
-        hub(&[
-            "serve",
-            "--broker",
-            &format!("127.0.0.1:{}", s.hub_broker.port),
-            "--db",
-            s.hub_db.to_str().expect("utf8"),
-        ])
-        .stdout(Stdio::null()),
-    )
-}
-
-fn start_agent(s: &Setup) -> Proc {
-    Proc::spawn(
-        "lathe run",
-        Command::new(&bins().0)
-            .arg("run")
-            .arg("--config")
-            .arg(&s.config)
-            .env("LATHE_LOG", "info,rumqttc=warn"),
-    )
-}
-
-/// Subscribe on a broker and forward (topic, payload) of every publish.
-fn watch(port: u16, filter: &str, name: &str) -> mpsc::Receiver<(String, Vec<u8>)> {
-    let mut opts = MqttOptions::new(name, "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut conn) = Client::new(opts, 100);
-    let (tx, rx) = mpsc::channel();
-    let filter = filter.to_string();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
-    });
-    rx
-}
-
-fn wait_online(port: u16) {
-    let rx = watch(port, &format!("lathe/v1/{FLEET}/{DEVICE}/state"), "e2e-state-watch");
-    let online = eventually(Duration::from_secs(30), || {
-        let (_, p) = rx.recv_timeout(Duration::from_millis(200)).ok()?;
-        let v: Value = serde_json::from_slice(&p).ok()?;
-        (v["status"] == "online").then_some(())
-    });
-    assert!(online.is_some(), "the agent never published its birth message");
-}
-
-fn deploy(s: &Setup, bundle: &Path) -> (i32, String) {
-    let (code, out, err) = run(&mut hub(&[
-        "deploy",
-        "--broker",
-        &format!("127.0.0.1:{}", s.hub_broker.port),
-        "--fleet",
-        FLEET,
-        "--device",
-        DEVICE,
-        "--bundle",
-        bundle.to_str().expect("utf8"),
-        "--timeout-secs",
-        "30",
-    ]));
-    (code, format!("{out}{err}"))
-}
-
-fn status(s: &Setup) -> (i32, Value) {
-    let (code, out, err) = run(Command::new(&bins().0)
-        .args(["status", "--json", "--state-dir"])
-        .arg(&s.state_dir));
-    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}): {out}{err}"));
-    (code, v)
-}
-
-/// Predictions stored at the hub, by reading id (the row index the test sent).
-fn hub_predictions(db: &Path) -> Vec<(i64, Value)> {
-    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return vec![];
-    };
-    let Ok(mut st) = conn.prepare("SELECT data FROM records WHERE stream = 'predictions'") else {
-        return vec![];
-    };
-    let rows = st.query_map([], |r| r.get::<_, String>(0)).expect("query");
-    rows.filter_map(|r| r.ok())
-        .filter_map(|d| serde_json::from_str::<Value>(&d).ok())
-        .filter_map(|v| Some((v["reading_id"].as_i64()?, v)))
-        .collect()
-}
-
-struct Cases {
-    features: Vec<String>,
-    rows: Vec<Vec<f64>>,
-    expected: Vec<BTreeMap<String, Vec<f64>>>,
-}
-
-fn cases() -> Cases {
-    let v: Value =
-        serde_json::from_slice(&std::fs::read(fixture("vibration_logreg.cases.json")).expect("cases")).expect("json");
-    Cases {
-        features: serde_json::from_value(v["features"].clone()).expect("features"),
-        rows: serde_json::from_value(v["rows"].clone()).expect("rows"),
-        expected: serde_json::from_value(v["expected"].clone()).expect("expected"),
-    }
-}
-
-fn reading(c: &Cases, id: i64) -> Vec<u8> {
-    let row = &c.rows[id as usize % c.rows.len()];
-    let mut o = serde_json::Map::new();
-    for (f, v) in c.features.iter().zip(row) {
-        o.insert(f.clone(), Value::from(*v));
-    }
-    o.insert("id".into(), Value::from(id));
-    serde_json::to_vec(&o).expect("json")
-}
 
 #[test]
 fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
-    let mut s = setup();
-    let _hub = start_hub(&s);
-    let mut agent = start_agent(&s);
-    wait_online(s.hub_broker.port);
+    let mut s = Fleet::new();
+    let d = s.device(DEVICE, s.hub_broker.port, &[]);
+    let _hub = s.hub();
+    let mut agent = s.agent(&d);
+    wait_online(s.hub_broker.port, DEVICE);
 
     // A tampered bundle is refused with its reason, and nothing is active.
     let mut bytes = std::fs::read(&s.bundle).expect("bundle");
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
-    let tampered = s.dir.path().join("tampered.lbundle");
+    let tampered = s.path().join("tampered.lbundle");
     std::fs::write(&tampered, &bytes).expect("write");
-    let (code, out) = deploy(&s, &tampered);
+    let (code, out) = s.deploy(&d, &tampered);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("digest_mismatch") && out.contains("model.onnx"), "{out}");
     assert!(out.contains("active: none"), "{out}");
 
-    let (code, out) = deploy(&s, &s.bundle);
+    let (code, out) = s.deploy(&d, &s.bundle);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("activated bearing v1"), "{out}");
     // The same version again is not newer.
-    let (code, out) = deploy(&s, &s.bundle);
+    let (code, out) = s.deploy(&d, &s.bundle);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("not_newer") && out.contains("active: bearing v1"), "{out}");
 
@@ -274,6 +46,11 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
         s.hub_broker.port,
         &format!("lathe/v1/{FLEET}/{DEVICE}/pred"),
         "e2e-pred-watch",
+    );
+    let batches = watch(
+        s.hub_broker.port,
+        &format!("lathe/v1/{FLEET}/{DEVICE}/sync/predictions"),
+        "e2e-sync-watch",
     );
     // Warm up until one prediction comes back, so the agent's sensor subscription is in place.
     let warm = eventually(Duration::from_secs(30), || {
@@ -298,13 +75,13 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
     send(200, 400);
     // While the hub broker is down, status still answers from the device's database.
     let buffered = eventually(Duration::from_secs(20), || {
-        let (code, v) = status(&s);
+        let (code, v) = status(&d);
         (code == 1 && v["connection"]["state"] == "disconnected" && v["outbox_depth"].as_u64()? > 0).then_some(v)
     });
     assert!(
         buffered.is_some(),
         "status did not show a disconnected agent with a buffered outbox: {:?}",
-        status(&s)
+        status(&d)
     );
     s.hub_broker.up();
     send(400, N);
@@ -339,19 +116,35 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
     }
 
     let drained = eventually(Duration::from_secs(20), || {
-        let (_, v) = status(&s);
+        let (_, v) = status(&d);
         (v["outbox_depth"] == 0 && v["connection"]["state"] == "connected").then_some(v)
     });
-    let v = drained.unwrap_or_else(|| panic!("outbox did not drain: {:?}", status(&s)));
+    let v = drained.unwrap_or_else(|| panic!("outbox did not drain: {:?}", status(&d)));
     assert_eq!(v["model"]["name"], "bearing");
     assert_eq!(v["model"]["version"], 1);
+    // The hub's acks say it reads zstd, so batches after the first are compressed.
+    let compressed = batches
+        .try_iter()
+        .filter(|(_, p)| p.starts_with(&protocol::sync::ZSTD_MAGIC))
+        .count();
+    assert!(compressed > 0, "no batch was zstd-compressed");
+    // What was buffered while the hub broker was down arrived flagged historical; what was
+    // sent live was not.
+    let (code, audit) = s.audit();
+    assert_eq!(code, 0, "{audit:#}");
+    let p = audit["epochs"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["stream"] == "predictions"))
+        .expect("predictions at the hub");
+    let historical = p["historical"].as_u64().expect("historical");
+    assert!(historical >= 100 && historical < N as u64, "{p}");
 
     // A newer version deploys; a rollback returns to the previous one.
-    let v2 = pack(s.dir.path(), 2);
-    let (code, out) = deploy(&s, &v2);
+    let v2 = s.pack(2);
+    let (code, out) = s.deploy(&d, &v2);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("activated bearing v2"), "{out}");
-    let (code, out, err) = run(&mut hub(&[
+    let (code, out, err) = run(&mut hub_cmd(&[
         "rollback",
         "--broker",
         &format!("127.0.0.1:{}", s.hub_broker.port),
@@ -369,12 +162,12 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
         Some(0),
         "agent exits cleanly on SIGTERM"
     );
-    let _agent = start_agent(&s);
+    let _agent = s.agent(&d);
     let back = eventually(Duration::from_secs(30), || {
-        let (_, v) = status(&s);
+        let (_, v) = status(&d);
         (v["agent"] == "running" && v["connection"]["state"] == "connected").then_some(v)
     });
-    let v = back.unwrap_or_else(|| panic!("agent did not come back: {:?}", status(&s)));
+    let v = back.unwrap_or_else(|| panic!("agent did not come back: {:?}", status(&d)));
     assert_eq!(v["model"]["version"], 1, "{v}");
     assert_eq!(v["previous_model"]["version"], 2, "{v}");
     let after = eventually(Duration::from_secs(30), || {
@@ -409,10 +202,10 @@ fn bad_config_exits_with_the_config_code_and_names_the_field() {
 fn pack_refuses_a_model_the_agent_cannot_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_str().expect("utf8").to_string();
-    let (code, out, err) = run(&mut hub(&["keygen", "--out-dir", &d, "--name", "k1"]));
+    let (code, out, err) = run(&mut hub_cmd(&["keygen", "--out-dir", &d, "--name", "k1"]));
     assert_eq!(code, 0, "{out}{err}");
     let out_file = format!("{d}/x.lbundle");
-    let (code, out, err) = run(&mut hub(&[
+    let (code, out, err) = run(&mut hub_cmd(&[
         "bundle",
         "pack",
         "--model",

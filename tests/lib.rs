@@ -109,6 +109,11 @@ impl Mosquitto {
 
     /// Start with extra configuration lines (more listeners, TLS) after the plain listener.
     pub fn start_with(dir: &Path, name: &str, extra: &str) -> Mosquitto {
+        Self::start_conf(dir, name, &format!("allow_anonymous true\n{extra}"))
+    }
+
+    /// Start with these settings (authentication, ACLs, listeners) besides the plain listener.
+    pub fn start_conf(dir: &Path, name: &str, settings: &str) -> Mosquitto {
         let port = free_port();
         let conf = dir.join(format!("{name}.conf"));
         std::fs::write(
@@ -116,7 +121,7 @@ impl Mosquitto {
             format!(
                 // `user root`: when started as root, Mosquitto would otherwise switch to its own
                 // user, which cannot read the test's private temporary directory.
-                "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlistener {port} 127.0.0.1\n{extra}"
+                "user root\nper_listener_settings false\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\nlistener {port} 127.0.0.1\n{settings}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -184,5 +189,497 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A fleet on this machine for end-to-end tests: a hub broker and a sensor broker (real
+/// Mosquitto), a signing key and its trust store, a signed bundle of the fixture model, and
+/// helpers to run `lathe-hub` and `lathe` agents against them.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub hub_broker: Mosquitto,
+    pub sensor_broker: Mosquitto,
+    pub hub_db: PathBuf,
+    /// Bundle of the fixture model, version 1.
+    pub bundle: PathBuf,
+    /// Extra `lathe-hub` arguments for the hub broker (credentials).
+    pub hub_args: Vec<String>,
+}
+
+/// One agent's files.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub id: String,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+pub const FLEET: &str = "plant1";
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("fixtures/models").join(name)
+}
+
+/// `lathe-hub` with quiet logs.
+pub fn hub_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(&bins().1);
+    c.args(args).env("LATHE_LOG", "warn");
+    c
+}
+
+/// The base agent configuration, section by section; `overrides` replace or add `key = value`
+/// lines, as `("sync", "window = 1")`, or add sections.
+fn agent_toml(sections: &[(&str, String)], overrides: &[(&str, &str)]) -> String {
+    let mut out: Vec<(String, Vec<String>)> = sections
+        .iter()
+        .map(|(s, body)| (s.to_string(), body.lines().map(str::to_string).collect()))
+        .collect();
+    for (section, line) in overrides {
+        let key = line.split('=').next().unwrap_or("").trim().to_string();
+        let lines = match out.iter_mut().find(|(s, _)| s == section) {
+            Some((_, l)) => l,
+            None => {
+                out.push((section.to_string(), vec![]));
+                &mut out.last_mut().expect("pushed").1
+            }
+        };
+        lines.retain(|l| l.split('=').next().unwrap_or("").trim() != key);
+        lines.push(line.to_string());
+    }
+    out.into_iter()
+        .map(|(s, l)| format!("[{s}]\n{}\n", l.join("\n")))
+        .collect()
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        Self::with_hub_broker(|dir| Mosquitto::start(dir, "hub-broker"))
+    }
+
+    /// A fleet whose hub broker is made by `broker` (for authentication and ACLs).
+    pub fn with_hub_broker(broker: impl FnOnce(&Path) -> Mosquitto) -> Fleet {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hub_broker = broker(dir.path());
+        let sensor_broker = Mosquitto::start(dir.path(), "sensor-broker");
+        let d = dir.path().to_str().expect("utf8 path").to_string();
+        let (code, out, err) = run(&mut hub_cmd(&["keygen", "--out-dir", &d, "--name", "k1"]));
+        assert_eq!(code, 0, "keygen: {out}{err}");
+        std::fs::copy(dir.path().join("k1.pub"), dir.path().join("trust.keys")).expect("trust.keys");
+        let hub_db = dir.path().join("hub.db");
+        let mut f = Fleet {
+            dir,
+            hub_broker,
+            sensor_broker,
+            hub_db,
+            bundle: PathBuf::new(),
+            hub_args: vec![],
+        };
+        f.bundle = f.pack(1);
+        f
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Pack the fixture model as `bearing` at `version`, signed with k1.
+    pub fn pack(&self, version: u64) -> PathBuf {
+        let out = self.path().join(format!("bearing-{version}.lbundle"));
+        let (code, o, e) = run(&mut hub_cmd(&[
+            "bundle",
+            "pack",
+            "--model",
+            fixture("vibration_logreg.onnx").to_str().expect("utf8"),
+            "--name",
+            "bearing",
+            "--version",
+            &version.to_string(),
+            "--features-file",
+            fixture("vibration_logreg.features.json").to_str().expect("utf8"),
+            "--key",
+            self.path().join("k1.key").to_str().expect("utf8"),
+            "--out",
+            out.to_str().expect("utf8"),
+        ]));
+        assert_eq!(code, 0, "pack: {o}{e}");
+        out
+    }
+
+    /// Write an agent config for `id`: the hub link on `hub_port` (the hub broker, or a proxy
+    /// in front of it), readings from the sensor broker at QoS 1, fast sync timings.
+    pub fn device(&self, id: &str, hub_port: u16, overrides: &[(&str, &str)]) -> Device {
+        let state_dir = self.path().join(format!("{id}-state"));
+        let config = self.path().join(format!("{id}.toml"));
+        let sections = [
+            (
+                "device",
+                format!("fleet = \"{FLEET}\"\nid = \"{id}\"\nstate_dir = \"{}\"", state_dir.display()),
+            ),
+            (
+                "broker",
+                format!("host = \"127.0.0.1\"\nport = {hub_port}\nkeep_alive_secs = 5\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000"),
+            ),
+            ("inputs", format!("topics = [\"sensors/{id}/features\"]\nqos = 1")),
+            (
+                "inputs.broker",
+                format!("host = \"127.0.0.1\"\nport = {}\nkeep_alive_secs = 5\nbackoff_initial_ms = 100\nbackoff_max_ms = 1000", self.sensor_broker.port),
+            ),
+            ("trust", format!("keys_file = \"{}/trust.keys\"", self.path().display())),
+            ("sync", "interval_ms = 100\nack_timeout_ms = 2000\nbatch_records = 50".to_string()),
+            ("health", "interval_secs = 1".to_string()),
+        ];
+        std::fs::write(&config, agent_toml(&sections, overrides)).expect("write config");
+        Device {
+            id: id.to_string(),
+            config,
+            state_dir,
+        }
+    }
+
+    /// `lathe-hub serve` on the hub broker, storing into `hub_db`.
+    pub fn hub(&self) -> Proc {
+        self.hub_with(&[])
+    }
+
+    pub fn hub_with(&self, extra: &[&str]) -> Proc {
+        let port = format!("127.0.0.1:{}", self.hub_broker.port);
+        let mut args = vec!["serve", "--broker", &port, "--db", self.hub_db.to_str().expect("utf8")];
+        args.extend(self.hub_args.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        Proc::spawn("lathe-hub serve", hub_cmd(&args).stdout(Stdio::null()))
+    }
+
+    pub fn agent(&self, d: &Device) -> Proc {
+        Proc::spawn(
+            &format!("lathe run ({})", d.id),
+            Command::new(&bins().0)
+                .arg("run")
+                .arg("--config")
+                .arg(&d.config)
+                .env("LATHE_LOG", "info,rumqttc=warn"),
+        )
+    }
+
+    /// Deploy a bundle through the hub broker; (exit code, output).
+    pub fn deploy(&self, d: &Device, bundle: &Path) -> (i32, String) {
+        self.command(d, &["deploy", "--bundle", bundle.to_str().expect("utf8")])
+    }
+
+    /// A `lathe-hub` command to one device (`deploy …`, `rollback`); (exit code, output).
+    pub fn command(&self, d: &Device, args: &[&str]) -> (i32, String) {
+        let port = format!("127.0.0.1:{}", self.hub_broker.port);
+        let mut all = vec![
+            args[0],
+            "--broker",
+            &port,
+            "--fleet",
+            FLEET,
+            "--device",
+            &d.id,
+            "--timeout-secs",
+            "30",
+        ];
+        all.extend(self.hub_args.iter().map(String::as_str));
+        all.extend_from_slice(&args[1..]);
+        let (code, out, err) = run(&mut hub_cmd(&all));
+        (code, format!("{out}{err}"))
+    }
+
+    /// `lathe-hub audit --json` of the hub's store.
+    pub fn audit(&self) -> (i32, serde_json::Value) {
+        let (code, out, err) = run(&mut hub_cmd(&[
+            "audit",
+            "--json",
+            "--db",
+            self.hub_db.to_str().expect("utf8"),
+        ]));
+        let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("audit is not JSON ({e}): {out}{err}"));
+        (code, v)
+    }
+}
+
+/// `lathe status --json` of a device; (exit code, report). Waits up to 20 s for the agent to
+/// have created its database.
+pub fn status(d: &Device) -> (i32, serde_json::Value) {
+    let mut last = String::new();
+    let got = eventually(Duration::from_secs(20), || {
+        let (code, out, err) = run(Command::new(&bins().0)
+            .args(["status", "--json", "--config"])
+            .arg(&d.config));
+        match serde_json::from_str(&out) {
+            Ok(v) => Some((code, v)),
+            Err(e) => {
+                last = format!("status --json is not JSON ({e}): {out}{err}");
+                None
+            }
+        }
+    });
+    got.unwrap_or_else(|| panic!("{last}"))
+}
+
+/// Every record of a stream stored at the hub (copies of moved records excluded), as its
+/// data text.
+pub fn hub_records(db: &Path, stream: &str) -> Vec<String> {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return vec![];
+    };
+    let Ok(mut st) = conn.prepare("SELECT data FROM records WHERE stream = ?1 AND data IS NOT NULL") else {
+        return vec![];
+    };
+    let Ok(rows) = st.query_map([stream], |r| r.get::<_, String>(0)) else {
+        return vec![];
+    };
+    rows.filter_map(|r| r.ok()).collect()
+}
+
+/// Predictions stored at the hub, by reading id.
+pub fn hub_predictions(db: &Path) -> Vec<(i64, serde_json::Value)> {
+    hub_records(db, "predictions")
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| Some((v["reading_id"].as_i64()?, v)))
+        .collect()
+}
+
+/// Subscribe on a broker and forward (topic, payload) of every publish.
+pub fn watch(port: u16, filter: &str, name: &str) -> std::sync::mpsc::Receiver<(String, Vec<u8>)> {
+    watch_as(port, filter, name, None)
+}
+
+/// `watch`, with a username and password.
+pub fn watch_as(
+    port: u16,
+    filter: &str,
+    name: &str,
+    login: Option<(&str, &str)>,
+) -> std::sync::mpsc::Receiver<(String, Vec<u8>)> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(name, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(256 << 20, 256 << 20);
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    let (client, mut conn) = Client::new(opts, 100);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let filter = filter.to_string();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    });
+    rx
+}
+
+/// Wait until `device` publishes its retained birth message on the hub broker.
+pub fn wait_online(port: u16, device: &str) {
+    let rx = watch(
+        port,
+        &format!("lathe/v1/{FLEET}/{device}/state"),
+        &format!("state-watch-{device}-{}", free_port()),
+    );
+    let online = eventually(Duration::from_secs(30), || {
+        let (_, p) = rx.recv_timeout(Duration::from_millis(200)).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&p).ok()?;
+        (v["status"] == "online").then_some(())
+    });
+    assert!(online.is_some(), "{device} never published its birth message");
+}
+
+/// The fixture model's test rows, features and onnxruntime's outputs.
+pub struct Cases {
+    pub features: Vec<String>,
+    pub rows: Vec<Vec<f64>>,
+    pub expected: Vec<std::collections::BTreeMap<String, Vec<f64>>>,
+}
+
+pub fn cases() -> Cases {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("vibration_logreg.cases.json")).expect("cases")).expect("json");
+    Cases {
+        features: serde_json::from_value(v["features"].clone()).expect("features"),
+        rows: serde_json::from_value(v["rows"].clone()).expect("rows"),
+        expected: serde_json::from_value(v["expected"].clone()).expect("expected"),
+    }
+}
+
+/// A reading of the fixture's row `id % rows` with `id` as its id.
+pub fn reading(c: &Cases, id: i64) -> Vec<u8> {
+    let row = &c.rows[id.unsigned_abs() as usize % c.rows.len()];
+    let mut o = serde_json::Map::new();
+    for (f, v) in c.features.iter().zip(row) {
+        o.insert(f.clone(), serde_json::Value::from(*v));
+    }
+    o.insert("id".into(), serde_json::Value::from(id));
+    serde_json::to_vec(&o).expect("json")
+}
+
+/// A sensor publishing readings at QoS 1 to the sensor broker; it counts the readings the
+/// broker acknowledged.
+pub struct Sensor {
+    pub client: rumqttc::Client,
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub topic: String,
+}
+
+impl Sensor {
+    pub fn new(port: u16, device: &str) -> Sensor {
+        use rumqttc::{Client, Event, MqttOptions, Packet};
+        let mut opts = MqttOptions::new(format!("sensor-{device}-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(256 << 20, 256 << 20);
+        let (client, mut conn) = Client::new(opts, 10_000);
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let a = acked.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        Sensor {
+            client,
+            acked,
+            topic: format!("sensors/{device}/features"),
+        }
+    }
+
+    pub fn send(&self, payload: Vec<u8>) {
+        self.client
+            .publish(self.topic.clone(), rumqttc::QoS::AtLeastOnce, false, payload)
+            .expect("queue a reading");
+    }
+
+    /// Send readings `from..to`, `pause` apart.
+    pub fn send_range(&self, c: &Cases, from: i64, to: i64, pause: Duration) {
+        for id in from..to {
+            self.send(reading(c, id));
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
+    }
+
+    /// Wait until the broker acknowledged `n` readings in all.
+    pub fn wait_acked(&self, n: u64) {
+        let ok = eventually(Duration::from_secs(60), || {
+            (self.acked.load(std::sync::atomic::Ordering::Relaxed) >= n).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "the sensor broker acknowledged {} of {n} readings",
+            self.acked.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
+}
+
+/// Wait until the hub holds a prediction for every reading id in `ids`; returns them all.
+pub fn wait_hub_has(db: &Path, ids: impl IntoIterator<Item = i64>, timeout: Duration) -> Vec<(i64, serde_json::Value)> {
+    let want: std::collections::BTreeSet<i64> = ids.into_iter().collect();
+    let got = eventually(timeout, || {
+        let p = hub_predictions(db);
+        let have: std::collections::BTreeSet<i64> = p.iter().map(|(i, _)| *i).collect();
+        want.is_subset(&have).then_some(p)
+    });
+    got.unwrap_or_else(|| {
+        let have: std::collections::BTreeSet<i64> = hub_predictions(db).iter().map(|(i, _)| *i).collect();
+        let missing: Vec<&i64> = want.difference(&have).take(20).collect();
+        panic!(
+            "the hub lacks predictions for {} reading(s), first {missing:?}",
+            want.difference(&have).count()
+        )
+    })
+}
+
+/// A link that can be cut the way networks fail: bytes vanish, nothing is closed. Runs the
+/// hub's own proxy on a runtime of its own.
+pub struct BlackHole {
+    pub port: u16,
+    proxy: lathe_hub::proxy::Proxy,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl BlackHole {
+    pub fn to(port: u16) -> BlackHole {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let upstream: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let proxy = rt.block_on(lathe_hub::proxy::Proxy::start(upstream)).expect("proxy");
+        BlackHole {
+            port: proxy.addr.port(),
+            proxy,
+            _rt: rt,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.proxy.cut();
+    }
+
+    pub fn restore(&self) {
+        self.proxy.restore();
+    }
+}
+
+/// A NATS server with JetStream and its MQTT listener, for a broker that refuses
+/// subscriptions in its SUBACK (Mosquitto grants them and delivers nothing).
+pub struct Nats {
+    pub mqtt_port: u16,
+    _proc: Proc,
+}
+
+impl Nats {
+    /// `authorization` is the body of NATS's authorization block.
+    pub fn start(dir: &Path, authorization: &str) -> Nats {
+        let (port, mqtt_port) = (free_port(), free_port());
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: lathe_test\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\nmqtt {{ listen: 127.0.0.1:{mqtt_port} }}\nauthorization {{ {authorization} }}\n",
+                dir.join("nats-js").display()
+            ),
+        )
+        .expect("nats.conf");
+        let log = std::fs::File::create(dir.join("nats.log")).expect("nats log");
+        let p = Proc::spawn(
+            "nats-server",
+            Command::new("nats-server")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+        assert!(
+            wait_for_port(mqtt_port, Duration::from_secs(20)),
+            "nats-server did not listen for MQTT:\n{}",
+            std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default()
+        );
+        Nats { mqtt_port, _proc: p }
     }
 }

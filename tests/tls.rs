@@ -1,7 +1,6 @@
 //! The agent's hub link over TLS (rustls with ring) against a real Mosquitto TLS listener.
 
 use lathe_e2e::*;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -130,25 +129,7 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
     std::fs::copy(d.join("k.pub"), d.join("trust.keys")).expect("trust");
 
     // Watch births on the plain listener of the same broker.
-    let mut opts = MqttOptions::new("tls-watch", "127.0.0.1", broker.port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut conn) = Client::new(opts, 10);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for ev in conn.iter() {
-            match ev {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe("lathe/v1/plant1/+/state", QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
-                        return;
-                    }
-                }
-                _ => {}
-            }
-        }
-    });
+    let rx = watch(broker.port, "lathe/v1/plant1/+/state", "tls-watch");
 
     let good = config(d, "good", tls_port, "ca");
     let _agent = Proc::spawn(
@@ -161,6 +142,40 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
         (topic.ends_with("/good/state") && v["status"] == "online").then_some(())
     });
     assert!(online.is_some(), "agent did not come online over TLS");
+
+    // The hub deploys over TLS too, and refuses a broker its CA does not vouch for.
+    let bundle = d.join("b.lbundle");
+    let (code, out, err) = run(Command::new(&bins().1)
+        .args(["bundle", "pack", "--model"])
+        .arg(fixture("vibration_logreg.onnx"))
+        .args(["--name", "bearing", "--version", "1", "--features-file"])
+        .arg(fixture("vibration_logreg.features.json"))
+        .arg("--key")
+        .arg(d.join("k.key"))
+        .arg("--out")
+        .arg(&bundle));
+    assert_eq!(code, 0, "{out}{err}");
+    let deploy = |ca: &str| {
+        run(Command::new(&bins().1)
+            .args(["deploy", "--broker", &format!("localhost:{tls_port}"), "--ca-file"])
+            .arg(d.join(format!("{ca}.pem")))
+            .args([
+                "--fleet",
+                "plant1",
+                "--device",
+                "good",
+                "--timeout-secs",
+                "20",
+                "--bundle",
+            ])
+            .arg(&bundle))
+    };
+    let (code, out, err) = deploy("ca");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("activated bearing v1"), "{out}");
+    let (code, out, err) = deploy("other-ca");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
 
     // An agent that trusts another CA must not connect, and must say why.
     let bad = config(d, "bad", tls_port, "other-ca");

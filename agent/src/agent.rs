@@ -1,35 +1,50 @@
 //! The running agent: every task and channel is wired here.
 //!
 //! ```text
-//!  sensors ──► link (inputs) ──readings──► inference ──records──► sync ──batches──► hub
-//!                                                ▲                  ▲  ◄────acks──── link (hub)
-//!  hub ──cmd──► link (hub) ──commands──► deploy ─┘ (active model)   │
-//!                                          └──────events────────────┘
+//!  sensors ──► link (sensors) ──readings──► inference ──┐
+//!                   ▲  (PUBACK once durable)            ├─appends─► sync (outbox) ──batches──► hub
+//!  hub ──cmd──► link (hub) ──commands──► deploy ────────┘   │  ▲                 ◄────acks──── link (hub)
+//!                   └──────────── refusals ─────────────────┘  └─ live copies once durable
 //! ```
 //!
-//! Every channel is bounded. Shutdown: the token stops the links and the producers; the sync
-//! task flushes what it was handed and returns when the producers are gone; whatever has not
-//! finished after the drain time is aborted.
+//! Every channel is bounded in messages and, where messages can be large, in bytes. Shutdown:
+//! the token stops the links and the producers; the sync task flushes what it was handed and
+//! returns when the producers are gone; whatever has not finished after the drain time is
+//! aborted.
 
 use crate::config::{Config, ConfigError};
 use crate::deploy::{birth, DeployTask, Deployer, Events};
 use crate::inference::InferenceTask;
-use crate::link::{self, Backoff, ConnState, Link, Routes};
+use crate::link::{self, Backoff, ConnState, Limits as LinkLimits, Link, Refusals, Routes};
 use crate::metrics::Metrics;
+use crate::queue;
 use crate::store::{Limits, Store};
-use crate::sync::{now_ms, SyncTask};
+use crate::sync::{now_ms, LiveTopics, Outbox, SyncTask};
 use anyhow::Context;
 use protocol::keys::TrustStore;
 use protocol::messages::{Health, State, Status};
-use protocol::{topic::filter, Channel, Topic};
+use protocol::{topic::filter, Channel, Name, Topic};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 const DRAIN: Duration = Duration::from_secs(10);
+
+/// Appends waiting for the outbox: messages, and bytes.
+const OUTBOX_QUEUE: usize = 256;
+const OUTBOX_QUEUE_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "state_dir {dir} is in use by another lathe agent{holder}; stop it first, or give this one its own state_dir"
+    )]
+    Locked { dir: std::path::PathBuf, holder: String },
+}
 
 fn qos(q: u8) -> QoS {
     if q == 0 {
@@ -39,17 +54,45 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (fleet, device) = (cfg.fleet(), cfg.device());
-    std::fs::create_dir_all(&cfg.device.state_dir)
-        .with_context(|| format!("cannot create state_dir {}", cfg.device.state_dir.display()))?;
+/// Take the state_dir's lock for the life of the process: two agents on one outbox would
+/// assign the same seqs twice.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if f.try_lock().is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let holder = match pid.trim() {
+            "" => String::new(),
+            p => format!(" (pid {p})"),
+        };
+        return Err(StartError::Locked {
+            dir: dir.to_path_buf(),
+            holder,
+        }
+        .into());
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+fn load_trust(cfg: &Config) -> anyhow::Result<TrustStore> {
     let keys_file = &cfg.trust.keys_file;
     let config_err = |message: String| ConfigError::File {
         path: keys_file.clone(),
         message,
     };
-    let trust_text = std::fs::read_to_string(keys_file).map_err(|e| config_err(format!("trust.keys_file: {e}")))?;
-    let trust = TrustStore::parse(&trust_text).map_err(|e| config_err(format!("trust.keys_file: {e}")))?;
+    let text = std::fs::read_to_string(keys_file).map_err(|e| config_err(format!("trust.keys_file: {e}")))?;
+    let trust = TrustStore::parse(&text).map_err(|e| config_err(format!("trust.keys_file: {e}")))?;
     if trust.len() < cfg.trust.threshold {
         return Err(config_err(format!(
             "holds {} key(s), fewer than trust.threshold {}; no bundle could ever verify",
@@ -58,8 +101,32 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ))
         .into());
     }
-    let metrics = Arc::new(Metrics::default());
+    Ok(trust)
+}
 
+/// The channels between the tasks.
+struct Wires {
+    readings: (queue::Sender<link::Reading>, mpsc::Receiver<queue::Held<link::Reading>>),
+    commands: (
+        queue::Sender<link::IncomingCommand>,
+        mpsc::Receiver<queue::Held<link::IncomingCommand>>,
+    ),
+    acks: (
+        mpsc::Sender<protocol::messages::Ack>,
+        mpsc::Receiver<protocol::messages::Ack>,
+    ),
+    outbox: (Outbox, mpsc::Receiver<queue::Held<crate::sync::Append>>),
+    hub_state: (watch::Sender<ConnState>, watch::Receiver<ConnState>),
+    sensor_state: (watch::Sender<ConnState>, watch::Receiver<ConnState>),
+}
+
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (fleet, device) = (cfg.fleet(), cfg.device());
+    std::fs::create_dir_all(&cfg.device.state_dir)
+        .with_context(|| format!("cannot create state_dir {}", cfg.device.state_dir.display()))?;
+    let _lock = lock_state_dir(&cfg.device.state_dir)?;
+    let trust = load_trust(&cfg)?;
+    let metrics = Arc::new(Metrics::default());
     let (deployer, startup_events) = Deployer::open(
         Store::open(&cfg.db_path())?,
         cfg.bundles_dir(),
@@ -68,14 +135,171 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.trust.max_bundle_bytes,
     )?;
     let active = deployer.active.clone();
-    let current = active.load().as_ref().map(|m| m.model_ref());
-    match &current {
+    match active.load().as_ref().map(|m| m.model_ref()) {
         Some(m) => info!(model = %m.name, version = m.version, "model active"),
         None => info!("no model deployed yet"),
     }
 
-    // The hub link, with a Last Will that marks the device offline.
-    let state_topic = Topic::new(&fleet, &device, Channel::State).to_string();
+    let w = Wires {
+        readings: queue::channel(cfg.inputs.queue, cfg.inputs.queue_bytes),
+        commands: queue::channel(4, cfg.max_command_bytes()),
+        acks: mpsc::channel(64),
+        outbox: queue::channel(OUTBOX_QUEUE, OUTBOX_QUEUE_BYTES),
+        hub_state: watch::channel(ConnState::Connecting),
+        sensor_state: watch::channel(ConnState::Connecting),
+    };
+    let refusals = Refusals {
+        outbox: w.outbox.0.clone(),
+        metrics: metrics.clone(),
+    };
+    let events = Events {
+        outbox: w.outbox.0.clone(),
+    };
+    let (hub, client) = hub_link(&cfg, &fleet, &device, &w, &active, refusals.clone(), metrics.clone())?;
+    let sensors_stop = CancellationToken::new();
+    let (sensors, sensor_link) = if cfg.inputs.topics.is_empty() {
+        (None, None)
+    } else {
+        let l = sensor_link(
+            &cfg,
+            w.readings.0,
+            w.sensor_state.0,
+            refusals,
+            shutdown.clone(),
+            metrics.clone(),
+        )?;
+        let client = l.client.clone();
+        (
+            Some(w.sensor_state.1),
+            Some((client, tokio::spawn(l.run(sensors_stop.clone())))),
+        )
+    };
+    let hub_shutdown = CancellationToken::new();
+    let hub_task = tokio::spawn(hub.run(hub_shutdown.clone()));
+    for e in startup_events {
+        events.emit(e).await;
+    }
+    let sync_stop = CancellationToken::new();
+    let mut sync = sync(
+        &cfg,
+        &fleet,
+        &device,
+        client.clone(),
+        w.outbox.1,
+        w.acks.1,
+        w.hub_state.1.clone(),
+        metrics.clone(),
+    )?;
+    sync.sensors = sensors;
+    sync.stop = sync_stop.clone();
+    let sync_task = tokio::spawn(sync.run());
+    let producers_done = producers(
+        &cfg,
+        &fleet,
+        &device,
+        deployer,
+        client.clone(),
+        w.commands.1,
+        w.readings.1,
+        events,
+        w.outbox.0,
+        w.hub_state.1,
+        metrics,
+        &shutdown,
+    );
+
+    info!(fleet = %fleet, device = %device, broker = %format!("{}:{}", cfg.broker.host, cfg.broker.port), "agent running");
+    shutdown.cancelled().await;
+    info!("shutting down");
+    let drained = tokio::time::timeout(DRAIN, async {
+        producers_done.await;
+        // The producers are done: the outbox takes what is queued, writes it, and stops.
+        sync_stop.cancel();
+        let _ = sync_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!("drain time exceeded; aborting the remaining tasks");
+    }
+    // The sensor link sends the PUBACKs of what was made durable, then disconnects.
+    if let Some((client, task)) = sensor_link {
+        stop_link(&client, task, sensors_stop).await;
+    }
+    say_goodbye(&client, &fleet, &device, hub_task, hub_shutdown).await;
+    Ok(())
+}
+
+/// The link to the readings' broker: its own connection (on `[inputs.broker]`, else on
+/// `[broker]`), so readings never share a route with Lathe's own topics. At QoS 1 it keeps a
+/// persistent session and PUBACKs a reading only once its prediction or refusal is durable,
+/// so a crash loses no reading the broker handed over: the broker sends it again.
+fn sensor_link(
+    cfg: &Config,
+    readings: queue::Sender<link::Reading>,
+    state: watch::Sender<ConnState>,
+    refusals: Refusals,
+    accepting: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Link> {
+    let b = cfg.inputs.broker.as_ref().unwrap_or(&cfg.broker);
+    let id = b.client_id.clone().map_or_else(
+        || format!("lathe-{}-{}-sensors", cfg.fleet(), cfg.device()),
+        |c| {
+            if cfg.inputs.broker.is_some() {
+                c
+            } else {
+                format!("{c}-sensors")
+            }
+        },
+    );
+    let input_qos = qos(cfg.inputs.qos);
+    let mut opts = link::options(b, id, None)?;
+    let manual_acks = input_qos == QoS::AtLeastOnce;
+    if manual_acks {
+        opts.set_clean_session(false);
+        opts.set_manual_acks(true);
+    }
+    // Room for a PUBACK per reading that can be waiting anywhere in the pipeline.
+    let (client, eventloop) = link::connect(opts, cfg.inputs.queue + OUTBOX_QUEUE + 64);
+    Ok(Link {
+        name: "sensors",
+        eventloop,
+        client,
+        backoff: Backoff::new(
+            Duration::from_millis(b.backoff_initial_ms),
+            Duration::from_millis(b.backoff_max_ms),
+        ),
+        subscriptions: cfg.inputs.topics.iter().map(|t| (t.clone(), input_qos)).collect(),
+        birth: None,
+        routes: Routes {
+            readings: Some(readings),
+            ..Routes::default()
+        },
+        identity: None,
+        state,
+        limits: LinkLimits {
+            reading_bytes: cfg.inputs.max_message_bytes,
+            command_bytes: 0,
+        },
+        refusals,
+        manual_acks,
+        accepting,
+        metrics,
+    })
+}
+
+/// The link to the hub's broker: commands and acks in, everything Lathe publishes out, with
+/// a retained birth message and a Last Will that marks the device offline.
+fn hub_link(
+    cfg: &Config,
+    fleet: &Name,
+    device: &Name,
+    w: &Wires,
+    active: &crate::deploy::SharedModel,
+    refusals: Refusals,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(Link, AsyncClient)> {
+    let state_topic = Topic::new(fleet, device, Channel::State).to_string();
     let lost = State {
         status: Status::Offline,
         agent_version: None,
@@ -89,58 +313,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .client_id
         .clone()
         .unwrap_or_else(|| format!("lathe-{fleet}-{device}"));
-    let opts = link::options(&cfg.broker, client_id.clone(), Some(will))?;
-    let (client, eventloop) = AsyncClient::new(opts, 256);
-
-    let (readings_tx, readings_rx) = mpsc::channel(cfg.inputs.queue);
-    let (commands_tx, commands_rx) = mpsc::channel(4);
-    let (acks_tx, acks_rx) = mpsc::channel(64);
-    let (sync_tx, sync_rx) = mpsc::channel(256);
-    let (hub_state_tx, hub_state_rx) = watch::channel(ConnState::Connecting);
-
-    let input_qos = qos(cfg.inputs.qos);
-    let mut hub_subs = vec![
-        (filter::commands(&fleet, &device), QoS::AtLeastOnce),
-        (filter::acks(&fleet, &device), QoS::AtLeastOnce),
-    ];
-    let mut hub_routes = Routes {
-        readings: None,
-        commands: Some(commands_tx),
-        acks: Some(acks_tx),
-    };
-    let mut tasks = tokio::task::JoinSet::new();
-
-    match &cfg.inputs.broker {
-        None => {
-            hub_subs.extend(cfg.inputs.topics.iter().map(|t| (t.clone(), input_qos)));
-            hub_routes.readings = Some(readings_tx);
-        }
-        Some(b) => {
-            let id = b.client_id.clone().unwrap_or_else(|| format!("{client_id}-sensors"));
-            let (sclient, sloop) = AsyncClient::new(link::options(b, id, None)?, 64);
-            let sensors = Link {
-                name: "sensors",
-                eventloop: sloop,
-                client: sclient,
-                backoff: Backoff::new(
-                    Duration::from_millis(b.backoff_initial_ms),
-                    Duration::from_millis(b.backoff_max_ms),
-                ),
-                subscriptions: cfg.inputs.topics.iter().map(|t| (t.clone(), input_qos)).collect(),
-                birth: None,
-                routes: Routes {
-                    readings: Some(readings_tx),
-                    commands: None,
-                    acks: None,
-                },
-                identity: None,
-                state: watch::channel(ConnState::Connecting).0,
-                metrics: metrics.clone(),
-            };
-            tasks.spawn(sensors.run(shutdown.clone()));
-        }
-    }
-
+    let opts = link::options(&cfg.broker, client_id, Some(will))?;
+    let (client, eventloop) = link::connect(opts, 256);
     let birth_model = active.clone();
     let hub = Link {
         name: "hub",
@@ -150,117 +324,178 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Duration::from_millis(cfg.broker.backoff_initial_ms),
             Duration::from_millis(cfg.broker.backoff_max_ms),
         ),
-        subscriptions: hub_subs,
+        subscriptions: vec![
+            (filter::commands(fleet, device), QoS::AtLeastOnce),
+            (filter::acks(fleet, device), QoS::AtLeastOnce),
+        ],
         birth: Some((
-            state_topic.clone(),
+            state_topic,
             Arc::new(move || birth(birth_model.load().as_ref().map(|m| m.model_ref()))),
         )),
-        routes: hub_routes,
+        routes: Routes {
+            readings: None,
+            commands: Some(w.commands.0.clone()),
+            acks: Some(w.acks.0.clone()),
+        },
         identity: Some((fleet.clone(), device.clone())),
-        state: hub_state_tx,
-        metrics: metrics.clone(),
+        state: w.hub_state.0.clone(),
+        limits: LinkLimits {
+            reading_bytes: 0,
+            command_bytes: cfg.max_command_bytes(),
+        },
+        refusals,
+        manual_acks: false,
+        accepting: CancellationToken::new(),
+        metrics,
     };
-    let hub_shutdown = CancellationToken::new();
-    let hub_task = tokio::spawn(hub.run(hub_shutdown.clone()));
+    Ok((hub, client))
+}
 
-    let events = Events {
-        client: client.clone(),
-        topic: Topic::new(&fleet, &device, Channel::Events).to_string(),
-        sync: sync_tx.clone(),
-        conn: hub_state_rx.clone(),
-    };
-    for e in startup_events {
-        events.emit(e).await;
-    }
-
-    let sync = SyncTask {
-        store: Store::open(&cfg.db_path())?,
+/// The outbox task.
+#[allow(clippy::too_many_arguments)]
+fn sync(
+    cfg: &Config,
+    fleet: &Name,
+    device: &Name,
+    client: AsyncClient,
+    rx: mpsc::Receiver<queue::Held<crate::sync::Append>>,
+    acks: mpsc::Receiver<protocol::messages::Ack>,
+    conn: watch::Receiver<ConnState>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<SyncTask> {
+    let mut store = Store::open(&cfg.db_path())?;
+    store.limit_wal(cfg.outbox.max_wal_bytes)?;
+    Ok(SyncTask {
+        store,
         limits: Limits {
             max_records: cfg.outbox.max_records,
+            max_bytes: cfg.outbox.max_bytes,
+            max_record_bytes: cfg.outbox.max_record_bytes,
+            min_free_bytes: cfg.outbox.min_free_bytes,
             when_full: cfg.outbox.when_full,
         },
         cfg: cfg.sync.clone(),
         fleet: fleet.clone(),
         device: device.clone(),
-        client: client.clone(),
-        rx: sync_rx,
-        acks: acks_rx,
-        conn: hub_state_rx.clone(),
-        metrics: metrics.clone(),
-    };
-    let sync_task = tokio::spawn(sync.run());
+        client,
+        rx,
+        acks,
+        conn,
+        metrics,
+        live: LiveTopics {
+            predictions: cfg.predictions.publish.then(|| {
+                (
+                    Topic::new(fleet, device, Channel::Predictions).to_string(),
+                    qos(cfg.predictions.qos),
+                )
+            }),
+            events: Topic::new(fleet, device, Channel::Events).to_string(),
+        },
+        state_dir: cfg.device.state_dir.clone(),
+        max_wal_bytes: cfg.outbox.max_wal_bytes,
+        sensors: None,
+        stop: CancellationToken::new(),
+    })
+}
 
+/// The tasks that make records: deploy (commands), inference (readings), health. They stop
+/// when the token fires; the returned future ends when all have.
+#[allow(clippy::too_many_arguments)]
+fn producers(
+    cfg: &Config,
+    fleet: &Name,
+    device: &Name,
+    deployer: Deployer,
+    client: AsyncClient,
+    commands: mpsc::Receiver<queue::Held<link::IncomingCommand>>,
+    readings: mpsc::Receiver<queue::Held<link::Reading>>,
+    events: Events,
+    outbox: Outbox,
+    conn: watch::Receiver<ConnState>,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> impl std::future::Future<Output = ()> {
+    let active = deployer.active.clone();
     let deploy = DeployTask {
         deployer,
-        rx: commands_rx,
+        rx: commands,
         client: client.clone(),
         fleet: fleet.clone(),
         device: device.clone(),
-        events: events.clone(),
+        events,
         metrics: metrics.clone(),
     };
     let inference = InferenceTask {
-        rx: readings_rx,
+        rx: readings,
         active: active.clone(),
-        sync: sync_tx.clone(),
-        events: events.clone(),
-        client: client.clone(),
-        pred_topic: Topic::new(&fleet, &device, Channel::Predictions).to_string(),
-        publish: cfg.predictions.publish.then(|| qos(cfg.predictions.qos)),
-        conn: hub_state_rx.clone(),
+        outbox,
+        live: cfg.predictions.publish,
         max_batch: cfg.inputs.max_batch,
+        max_id_bytes: cfg.inputs.max_id_bytes,
         metrics: metrics.clone(),
     };
-    // Producers stop when the token fires: their input channels close with the links, and
-    // the health task watches the token.
-    let producers_done = {
-        let mut producers = tokio::task::JoinSet::new();
-        producers.spawn(deploy.run(shutdown.clone()));
-        producers.spawn(inference.run(shutdown.clone()));
-        let health_topic = Topic::new(&fleet, &device, Channel::Health).to_string();
-        let (hc, hm, ha, sd) = (client.clone(), metrics.clone(), active.clone(), shutdown.clone());
-        let hconn = hub_state_rx.clone();
-        let every = Duration::from_secs(cfg.health.interval_secs);
-        producers.spawn(async move {
-            let mut t = tokio::time::interval(every);
-            loop {
-                tokio::select! { _ = sd.cancelled() => break, _ = t.tick() => {} }
-                if *hconn.borrow() != ConnState::Connected {
-                    continue;
-                }
-                let h = Health {
-                    ts_ms: now_ms(),
-                    model: ha.load().as_ref().map(|m| m.model_ref()),
-                    outbox_depth: hm.outbox_depth.get(),
-                    predictions_total: hm.predictions.get(),
-                    rejected_total: hm.rejected.get(),
-                    dropped_total: hm.dropped.get(),
-                };
-                let _ = hc.try_publish(
-                    health_topic.clone(),
-                    QoS::AtMostOnce,
-                    false,
-                    serde_json::to_vec(&h).expect("health serializes"),
-                );
-            }
-        });
-        drop(events);
-        drop(sync_tx);
-        async move { while producers.join_next().await.is_some() {} }
-    };
+    let mut set = JoinSet::new();
+    set.spawn(deploy.run(shutdown.clone()));
+    set.spawn(inference.run(shutdown.clone()));
+    set.spawn(health(
+        Topic::new(fleet, device, Channel::Health).to_string(),
+        Duration::from_secs(cfg.health.interval_secs),
+        client,
+        active,
+        conn,
+        metrics,
+        shutdown.clone(),
+    ));
+    async move { while set.join_next().await.is_some() {} }
+}
 
-    info!(fleet = %fleet, device = %device, broker = %format!("{}:{}", cfg.broker.host, cfg.broker.port), "agent running");
-    shutdown.cancelled().await;
-    info!("shutting down");
-    let drained = tokio::time::timeout(DRAIN, async {
-        producers_done.await;
-        let _ = sync_task.await;
-    })
-    .await;
-    if drained.is_err() {
-        warn!("drain time exceeded; aborting the remaining tasks");
+/// Publish health every interval while connected.
+async fn health(
+    topic: String,
+    every: Duration,
+    client: AsyncClient,
+    active: crate::deploy::SharedModel,
+    conn: watch::Receiver<ConnState>,
+    m: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut t = tokio::time::interval(every);
+    loop {
+        tokio::select! { _ = shutdown.cancelled() => break, _ = t.tick() => {} }
+        if !matches!(*conn.borrow(), ConnState::Connected | ConnState::Refused { .. }) {
+            continue;
+        }
+        let oldest = m.oldest_ms.get();
+        let h = Health {
+            ts_ms: now_ms(),
+            model: active.load().as_ref().map(|a| a.model_ref()),
+            outbox_depth: m.outbox_depth.get(),
+            outbox_bytes: m.outbox_bytes.get(),
+            oldest_age_ms: (oldest > 0).then(|| now_ms().saturating_sub(oldest)),
+            disk_free_bytes: Some(m.disk_free.get()).filter(|f| *f != u64::MAX),
+            readings_total: m.readings.get(),
+            predictions_total: m.predictions.get(),
+            rejected_total: m.rejected.get(),
+            dropped_total: m.dropped.get(),
+            losses: m.loss_totals(),
+        };
+        let _ = client.try_publish(
+            topic.clone(),
+            QoS::AtMostOnce,
+            false,
+            serde_json::to_vec(&h).expect("health serializes"),
+        );
     }
-    // Say goodbye on the hub link, then stop it.
+}
+
+/// Say goodbye on the hub link (retained offline state), then stop it.
+async fn say_goodbye(
+    client: &AsyncClient,
+    fleet: &Name,
+    device: &Name,
+    hub_task: tokio::task::JoinHandle<()>,
+    hub_shutdown: CancellationToken,
+) {
     let bye = State {
         status: Status::Offline,
         agent_version: None,
@@ -268,17 +503,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         model: None,
         reason: Some("shutdown".into()),
     };
-    let _ = client.try_publish(state_topic, QoS::AtLeastOnce, true, serde_json::to_vec(&bye)?);
+    let topic = Topic::new(fleet, device, Channel::State).to_string();
+    let _ = client.try_publish(
+        topic,
+        QoS::AtLeastOnce,
+        true,
+        serde_json::to_vec(&bye).expect("state serializes"),
+    );
+    stop_link(client, hub_task, hub_shutdown).await;
+}
+
+/// Disconnect a link after what is queued on it; cancel it if that takes long.
+async fn stop_link(client: &AsyncClient, mut task: tokio::task::JoinHandle<()>, stop: CancellationToken) {
     let _ = client.try_disconnect();
-    // The link stops by itself once the disconnect is sent; it is cancelled if that takes long.
-    let mut hub_task = hub_task;
-    if tokio::time::timeout(Duration::from_secs(2), &mut hub_task)
-        .await
-        .is_err()
-    {
-        hub_shutdown.cancel();
-        let _ = hub_task.await;
+    if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_err() {
+        stop.cancel();
+        let _ = task.await;
     }
-    tasks.abort_all();
-    Ok(())
 }

@@ -38,6 +38,8 @@ pub struct Config {
     pub predictions: PredictionsConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub status: StatusConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,16 +66,41 @@ pub struct BrokerConfig {
     pub client_id: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// A file whose first line is the password, instead of `password`.
+    pub password_file: Option<PathBuf>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
     /// The largest MQTT packet sent or received. Deploy commands carry whole bundles.
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
+    /// The largest command accepted, checked before it is parsed. Default: enough for a deploy
+    /// of a bundle of `trust.max_bundle_bytes`.
+    pub max_command_bytes: Option<usize>,
     #[serde(default = "default_backoff_initial")]
     pub backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
     pub tls: Option<TlsConfig>,
+}
+
+impl BrokerConfig {
+    /// A plain connection to `host:port` with every other field at its default.
+    pub fn new(host: impl Into<String>, port: u16) -> BrokerConfig {
+        BrokerConfig {
+            host: host.into(),
+            port,
+            client_id: None,
+            username: None,
+            password: None,
+            password_file: None,
+            keep_alive_secs: default_keep_alive(),
+            max_packet_bytes: default_max_packet(),
+            max_command_bytes: None,
+            backoff_initial_ms: default_backoff_initial(),
+            backoff_max_ms: default_backoff_max(),
+            tls: None,
+        }
+    }
 }
 
 fn default_port() -> u16 {
@@ -116,9 +143,19 @@ pub struct InputsConfig {
     /// Readings waiting for inference; when full, new readings are dropped and counted.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// Bytes of readings waiting for inference; when full, new readings are dropped and
+    /// counted.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
     /// The most rows run through the model in one call.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// The largest reading message; larger ones are refused and counted before parsing.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// A reading's `id` echoed in its prediction is cut to this many bytes of JSON.
+    #[serde(default = "default_max_id")]
+    pub max_id_bytes: usize,
 }
 
 impl Default for InputsConfig {
@@ -128,7 +165,10 @@ impl Default for InputsConfig {
             qos: 0,
             broker: None,
             queue: default_queue(),
+            queue_bytes: default_queue_bytes(),
             max_batch: default_max_batch(),
+            max_message_bytes: default_max_message(),
+            max_id_bytes: default_max_id(),
         }
     }
 }
@@ -136,8 +176,17 @@ impl Default for InputsConfig {
 fn default_queue() -> usize {
     1024
 }
+fn default_queue_bytes() -> usize {
+    8 << 20
+}
 fn default_max_batch() -> usize {
     256
+}
+fn default_max_message() -> usize {
+    256 << 10
+}
+fn default_max_id() -> usize {
+    128
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +221,18 @@ pub enum WhenFull {
 pub struct OutboxConfig {
     #[serde(default = "default_max_records")]
     pub max_records: u64,
+    /// Bytes of record data the outbox holds at most.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// The largest record; a larger one is refused and counted (it could never be sent).
+    #[serde(default = "default_max_record")]
+    pub max_record_bytes: usize,
+    /// Free bytes to keep on the state_dir's filesystem.
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: u64,
+    /// The WAL file is truncated back to this after checkpoints.
+    #[serde(default = "default_max_wal")]
+    pub max_wal_bytes: u64,
     #[serde(default = "default_when_full")]
     pub when_full: WhenFull,
 }
@@ -180,6 +241,10 @@ impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
             max_records: default_max_records(),
+            max_bytes: default_max_bytes(),
+            max_record_bytes: default_max_record(),
+            min_free_bytes: default_min_free(),
+            max_wal_bytes: default_max_wal(),
             when_full: default_when_full(),
         }
     }
@@ -187,6 +252,18 @@ impl Default for OutboxConfig {
 
 fn default_max_records() -> u64 {
     1_000_000
+}
+fn default_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_max_record() -> usize {
+    64 << 10
+}
+fn default_min_free() -> u64 {
+    64 << 20
+}
+fn default_max_wal() -> u64 {
+    64 << 20
 }
 fn default_when_full() -> WhenFull {
     WhenFull::DropOldest
@@ -203,6 +280,14 @@ pub struct SyncConfig {
     pub interval_ms: u64,
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_ms: u64,
+    /// Batches in flight per stream.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    #[serde(default)]
+    pub compression: Compression,
+    /// Uplink cap for batches and live copies, in bytes per second; 0 for none.
+    #[serde(default)]
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for SyncConfig {
@@ -212,8 +297,26 @@ impl Default for SyncConfig {
             batch_bytes: default_batch_bytes(),
             interval_ms: default_interval(),
             ack_timeout_ms: default_ack_timeout(),
+            window: default_window(),
+            compression: Compression::default(),
+            max_bytes_per_sec: 0,
         }
     }
+}
+
+fn default_window() -> usize {
+    8
+}
+
+/// Whether sync batches are zstd-compressed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Once the hub's acks say it accepts zstd.
+    #[default]
+    Auto,
+    Zstd,
+    None,
 }
 
 fn default_batch_records() -> usize {
@@ -268,6 +371,34 @@ fn default_health_interval() -> u64 {
     30
 }
 
+/// When `lathe status` calls something a problem.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Records lost in this many seconds before now are a problem.
+    #[serde(default = "default_loss_window")]
+    pub loss_window_secs: u64,
+    /// Records waiting with no ack from the hub for this long are a problem.
+    #[serde(default = "default_ack_stale")]
+    pub ack_stale_secs: u64,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            loss_window_secs: default_loss_window(),
+            ack_stale_secs: default_ack_stale(),
+        }
+    }
+}
+
+fn default_loss_window() -> u64 {
+    86_400
+}
+fn default_ack_stale() -> u64 {
+    3_600
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -298,16 +429,40 @@ impl Config {
             check_broker(b, "inputs.broker")?;
         }
         for t in &self.inputs.topics {
-            if t.is_empty() || t.starts_with(protocol::topic::ROOT) {
+            if t.is_empty() || protocol::topic::filter::overlaps_root(t) {
                 return Err((
                     "inputs.topics".to_string(),
-                    format!("{t:?} must be a non-empty filter outside {}", protocol::topic::ROOT),
+                    format!(
+                        "{t:?} would match Lathe's own topics; give a non-empty filter that cannot match anything under {}/",
+                        protocol::topic::ROOT
+                    ),
                 ));
             }
         }
         range("inputs.qos", self.inputs.qos as u64, 0, 1)?;
         range("inputs.queue", self.inputs.queue as u64, 1, 1 << 20)?;
+        range("inputs.queue_bytes", self.inputs.queue_bytes as u64, 64 << 10, 1 << 30)?;
         range("inputs.max_batch", self.inputs.max_batch as u64, 1, 65_536)?;
+        range(
+            "inputs.max_message_bytes",
+            self.inputs.max_message_bytes as u64,
+            64,
+            16 << 20,
+        )?;
+        range("inputs.max_id_bytes", self.inputs.max_id_bytes as u64, 16, 4096)?;
+        let readings_packet = self.inputs.broker.as_ref().unwrap_or(&self.broker).max_packet_bytes;
+        if self.inputs.max_message_bytes + 65_536 > readings_packet {
+            return Err((
+                "inputs.max_message_bytes".to_string(),
+                format!("must be at least 64 KiB below the readings broker's max_packet_bytes ({readings_packet})"),
+            ));
+        }
+        if self.inputs.max_message_bytes > self.inputs.queue_bytes {
+            return Err((
+                "inputs.max_message_bytes".to_string(),
+                "must not exceed inputs.queue_bytes".into(),
+            ));
+        }
         range(
             "trust.threshold",
             self.trust.threshold as u64,
@@ -321,12 +476,51 @@ impl Config {
             1 << 30,
         )?;
         range("outbox.max_records", self.outbox.max_records, 1, 1 << 40)?;
+        range("outbox.max_bytes", self.outbox.max_bytes, 1 << 20, 1 << 40)?;
+        range(
+            "outbox.max_record_bytes",
+            self.outbox.max_record_bytes as u64,
+            1024,
+            16 << 20,
+        )?;
+        range("outbox.min_free_bytes", self.outbox.min_free_bytes, 0, 1 << 40)?;
+        range("outbox.max_wal_bytes", self.outbox.max_wal_bytes, 1 << 20, 4 << 30)?;
         range("sync.batch_records", self.sync.batch_records as u64, 1, 100_000)?;
-        range("sync.batch_bytes", self.sync.batch_bytes as u64, 1024, 64 << 20)?;
+        range(
+            "sync.batch_bytes",
+            self.sync.batch_bytes as u64,
+            4096,
+            protocol::sync::MAX_BATCH_JSON as u64,
+        )?;
         range("sync.interval_ms", self.sync.interval_ms, 10, 3_600_000)?;
         range("sync.ack_timeout_ms", self.sync.ack_timeout_ms, 100, 3_600_000)?;
+        range("sync.window", self.sync.window as u64, 1, 64)?;
+        range("status.loss_window_secs", self.status.loss_window_secs, 1, 365 * 86_400)?;
+        range("status.ack_stale_secs", self.status.ack_stale_secs, 1, 365 * 86_400)?;
+        if self.outbox.max_record_bytes + protocol::sync::RECORD_OVERHEAD + protocol::sync::BATCH_OVERHEAD
+            > self.sync.batch_bytes
+        {
+            return Err((
+                "outbox.max_record_bytes".to_string(),
+                format!(
+                    "a record of {} bytes could not fit a batch of sync.batch_bytes {}; keep it at least {} bytes smaller",
+                    self.outbox.max_record_bytes,
+                    self.sync.batch_bytes,
+                    protocol::sync::RECORD_OVERHEAD + protocol::sync::BATCH_OVERHEAD
+                ),
+            ));
+        }
         range("predictions.qos", self.predictions.qos as u64, 0, 1)?;
         range("health.interval_secs", self.health.interval_secs, 1, 86_400)?;
+        let command = self.max_command_bytes();
+        if command + 65_536 > self.broker.max_packet_bytes {
+            return Err((
+                "broker.max_packet_bytes".to_string(),
+                format!(
+                    "must be at least 64 KiB above the largest command ({command} bytes, for a bundle of trust.max_bundle_bytes)"
+                ),
+            ));
+        }
         if self.sync.batch_bytes + 4096 > self.broker.max_packet_bytes {
             return Err((
                 "sync.batch_bytes".to_string(),
@@ -350,6 +544,13 @@ impl Config {
 
     pub fn bundles_dir(&self) -> PathBuf {
         self.device.state_dir.join("bundles")
+    }
+
+    /// The largest command the hub link accepts.
+    pub fn max_command_bytes(&self) -> usize {
+        self.broker
+            .max_command_bytes
+            .unwrap_or_else(|| crate::deploy::base64_len(self.trust.max_bundle_bytes) + 4096)
     }
 }
 
@@ -378,6 +579,23 @@ fn check_broker(b: &BrokerConfig, prefix: &str) -> Result<(), (String, String)> 
         if t.cert_file.is_some() != t.key_file.is_some() {
             return Err((f("tls.key_file"), "cert_file and key_file go together".into()));
         }
+    }
+    match (&b.username, &b.password, &b.password_file) {
+        (Some(_), Some(_), Some(_)) => {
+            return Err((f("password_file"), "give password or password_file, not both".into()))
+        }
+        (Some(_), None, None) => {
+            return Err((
+                f("password"),
+                "a username needs password or password_file; without one the broker would see an anonymous client"
+                    .into(),
+            ))
+        }
+        (None, Some(_), _) | (None, _, Some(_)) => return Err((f("username"), "a password needs a username".into())),
+        _ => {}
+    }
+    if let Some(c) = b.max_command_bytes {
+        range(&f("max_command_bytes"), c as u64, 1024, b.max_packet_bytes as u64)?;
     }
     Ok(())
 }
@@ -427,6 +645,51 @@ keys_file = "/etc/lathe/trust.keys"
         check("[inputs]\ntopics = [\"lathe/v1/x\"]\n", Err("inputs.topics"));
         check("[inputs]\nbogus = 1\n", Err("bogus"));
         check("[inputs.broker]\nhost = \"\"\n", Err("inputs.broker.host"));
+        check("[outbox]\nmax_record_bytes = 300000\n", Err("outbox.max_record_bytes"));
+        check("[sync]\nwindow = 0\n", Err("sync.window"));
+        check("[sync]\ncompression = \"lz4\"\n", Err("compression"));
+        check(
+            "[inputs]\nmax_message_bytes = 9000000\n",
+            Err("inputs.max_message_bytes"),
+        );
+        let big = MINIMAL.replace(
+            "keys_file = \"/etc/lathe/trust.keys\"",
+            "keys_file = \"k\"\nmax_bundle_bytes = 100000000",
+        );
+        let e = Config::parse(&big, Path::new("t.toml")).expect_err("a bundle that could never arrive");
+        assert!(e.to_string().contains("broker.max_packet_bytes"), "{e}");
+    }
+
+    /// Regression: `inputs.topics = ["#"]` routed `cmd` and `sync` traffic into readings.
+    #[test]
+    fn input_filters_that_match_lathe_topics_are_refused() {
+        for bad in [
+            "#",
+            "+/#",
+            "lathe/#",
+            "lathe/+/x/y/pred",
+            "+/v1/#",
+            "lathe/v1/+/+/cmd/+",
+            "lathe/v1",
+        ] {
+            check(&format!("[inputs]\ntopics = [\"{bad}\"]\n"), Err("inputs.topics"));
+        }
+        for good in ["sensors/#", "+/features", "lathe/v2/#", "lathe2/#", "x/lathe/v1/#"] {
+            check(&format!("[inputs]\ntopics = [\"{good}\"]\n"), Ok(()));
+        }
+    }
+
+    /// Regression: a username without a password silently connected anonymously.
+    #[test]
+    fn credentials_go_together() {
+        let with = |extra: &str| MINIMAL.replace("host = \"127.0.0.1\"", &format!("host = \"127.0.0.1\"\n{extra}"));
+        let parse = |t: String| Config::parse(&t, Path::new("t.toml"));
+        let e = parse(with("username = \"d1\"")).expect_err("no password");
+        assert!(e.to_string().contains("broker.password"), "{e}");
+        let e = parse(with("password = \"x\"")).expect_err("no username");
+        assert!(e.to_string().contains("broker.username"), "{e}");
+        assert!(parse(with("username = \"d1\"\npassword = \"x\"")).is_ok());
+        assert!(parse(with("username = \"d1\"\npassword_file = \"/etc/lathe/pw\"")).is_ok());
     }
 
     #[test]

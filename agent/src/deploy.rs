@@ -14,15 +14,17 @@
 //! [`DeployState`] holds these rules without I/O.
 
 use crate::engine::Engine;
+use crate::inference::Features;
 use crate::link::IncomingCommand;
 use crate::metrics::Metrics;
+use crate::queue::Held;
 use crate::store::{NewRecord, Store};
-use crate::sync::{now_ms, SyncMsg};
+use crate::sync::{now_ms, Append, Outbox, Outgoing};
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
 use protocol::bundle::{self, Manifest, Policy, Verified};
 use protocol::keys::TrustStore;
-use protocol::messages::{Command, Event, Level, ModelRef, Response};
+use protocol::messages::{Event, Level, ModelRef, ReceivedCommand, Response};
 use protocol::{Channel, Name, Topic};
 use rumqttc::{AsyncClient, QoS};
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,8 @@ pub struct ActiveModel {
     pub manifest: Manifest,
     pub engine: Engine,
     pub signed_by: Vec<String>,
+    /// Where each input feature goes in a row.
+    pub features: Features,
 }
 
 impl ActiveModel {
@@ -221,7 +225,7 @@ impl Deployer {
             trust: &self.trust,
             threshold: self.threshold,
             now: 0,
-            installed_version: None,
+            installed_version: &bundle::none_installed,
         };
         let v = bundle::verify(&bytes, &policy)?;
         load_model(v)
@@ -242,19 +246,17 @@ impl Deployer {
                 self.max_bundle_bytes
             )));
         }
-        let probe = bundle::inspect(bytes).ok().map(|(m, _)| m.name);
-        let installed = probe.as_deref().and_then(|n| self.state.installed_version(n));
+        // Nothing of the manifest is read before its signatures are checked: the version
+        // high-water mark is looked up inside `verify`, with the verified name (SPEC §4.6).
+        let state = &self.state;
+        let installed = |name: &str| state.installed_version(name);
         let policy = Policy {
             trust: &self.trust,
             threshold: self.threshold,
             now,
-            installed_version: installed,
+            installed_version: &installed,
         };
         let verified = bundle::verify(bytes, &policy)?;
-        // The name the version check used must be the verified one.
-        if Some(&verified.manifest.name) != probe.as_ref() {
-            return Err(DeployError::BadCommand("manifest changed between reads".into()));
-        }
         let (name, version) = (verified.manifest.name.clone(), verified.manifest.version);
         let model = load_model(verified)?;
 
@@ -315,6 +317,7 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
         )));
     }
     Ok(ActiveModel {
+        features: Features::new(&v.manifest.input.features),
         manifest: v.manifest,
         engine,
         signed_by: v.signed_by,
@@ -336,7 +339,14 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
     Ok(())
 }
 
+/// The longest event message; longer ones are cut.
+pub const MAX_EVENT_MESSAGE: usize = 1024;
+
 pub fn event(level: Level, kind: &str, message: String) -> Event {
+    let message = match protocol::messages::echo(&message, MAX_EVENT_MESSAGE) {
+        std::borrow::Cow::Borrowed(_) => message,
+        std::borrow::Cow::Owned(cut) => cut,
+    };
     Event {
         ts_ms: now_ms(),
         level,
@@ -348,7 +358,7 @@ pub fn event(level: Level, kind: &str, message: String) -> Event {
 /// The task that serves commands.
 pub struct DeployTask {
     pub deployer: Deployer,
-    pub rx: mpsc::Receiver<IncomingCommand>,
+    pub rx: mpsc::Receiver<Held<IncomingCommand>>,
     pub client: AsyncClient,
     pub fleet: Name,
     pub device: Name,
@@ -356,29 +366,28 @@ pub struct DeployTask {
     pub metrics: Arc<Metrics>,
 }
 
-/// Publishes events live (while connected) and buffers them in the outbox (always).
+/// Hands events to the outbox, which publishes them live once they are durable.
 #[derive(Clone)]
 pub struct Events {
-    pub client: AsyncClient,
-    pub topic: String,
-    pub sync: mpsc::Sender<SyncMsg>,
-    pub conn: tokio::sync::watch::Receiver<crate::link::ConnState>,
+    pub outbox: Outbox,
 }
 
 impl Events {
     pub async fn emit(&self, e: Event) {
         let data = serde_json::to_string(&e).expect("an event serializes");
-        if *self.conn.borrow() == crate::link::ConnState::Connected {
-            let _ = self
-                .client
-                .try_publish(self.topic.clone(), QoS::AtLeastOnce, false, data.clone());
-        }
-        let rec = NewRecord {
-            stream: protocol::streams::EVENTS,
-            ts_ms: e.ts_ms,
-            data,
+        let a = Append {
+            records: vec![Outgoing {
+                record: NewRecord {
+                    stream: protocol::streams::EVENTS,
+                    ts_ms: e.ts_ms,
+                    data,
+                },
+                live: true,
+            }],
+            ..Default::default()
         };
-        let _ = self.sync.send(SyncMsg::Append(vec![rec])).await;
+        let bytes = a.bytes();
+        let _ = self.outbox.send(a, bytes).await;
     }
 }
 
@@ -388,7 +397,7 @@ impl DeployTask {
         loop {
             let cmd = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                c = self.rx.recv() => match c { Some(c) => c, None => break },
+                c = self.rx.recv() => match c { Some(c) => c.into_inner(), None => break },
             };
             let (op, result) = self.handle(&cmd.payload).await;
             let (ok, message, code) = match &result {
@@ -436,14 +445,25 @@ impl DeployTask {
     }
 
     async fn handle(&mut self, payload: &[u8]) -> (&'static str, Result<String, DeployError>) {
-        let cmd: Command = match serde_json::from_slice(payload) {
+        let cmd = match ReceivedCommand::parse(payload) {
             Ok(c) => c,
-            Err(e) => return ("unknown", Err(DeployError::BadCommand(e.to_string()))),
+            Err(e) => return ("unknown", Err(DeployError::BadCommand(e))),
         };
         match cmd {
-            Command::Ping => ("ping", Ok("pong".into())),
-            Command::Rollback => ("rollback", tokio::task::block_in_place(|| self.deployer.rollback())),
-            Command::Deploy { bundle } => {
+            ReceivedCommand::Ping => ("ping", Ok("pong".into())),
+            ReceivedCommand::Rollback => ("rollback", tokio::task::block_in_place(|| self.deployer.rollback())),
+            ReceivedCommand::Deploy { bundle } => {
+                let limit = base64_len(self.deployer.max_bundle_bytes);
+                if bundle.len() > limit {
+                    return (
+                        "deploy",
+                        Err(DeployError::BadCommand(format!(
+                            "bundle is about {} bytes, limit is {} (trust.max_bundle_bytes)",
+                            bundle.len() / 4 * 3,
+                            self.deployer.max_bundle_bytes
+                        ))),
+                    );
+                }
                 let bytes = match base64::engine::general_purpose::STANDARD.decode(bundle.as_bytes()) {
                     Ok(b) => b,
                     Err(e) => {
@@ -461,6 +481,11 @@ impl DeployTask {
             }
         }
     }
+}
+
+/// The length of the standard base64 (padded) of `n` bytes.
+pub fn base64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
 }
 
 /// The retained birth message for a device running `model`.

@@ -1,85 +1,314 @@
 //! Readings in, predictions out.
 //!
 //! A reading is a JSON object whose members name the model's input features, or an array of
-//! such objects. Members the model does not use are ignored; an optional `id` is echoed in the
-//! prediction. A reading that lacks a feature, or gives one that is not a finite number, is
-//! refused and counted, and an `input_rejected` event says why (at most one a minute).
+//! such objects. It is deserialised straight into the feature row: members the model does
+//! not use are skipped without being buffered, and an optional `id` is echoed in the
+//! prediction, cut to `inputs.max_id_bytes`. A reading that lacks a feature, or gives one
+//! that is not a finite number, is refused and counted, and an `input_rejected` event says
+//! why (at most one a minute).
 //!
-//! The task drains up to `max_batch` queued rows and runs them through the shared plan in one
-//! call on a blocking thread, off the async runtime. Each prediction is published live and
-//! handed to the outbox.
+//! The task drains queued readings until it has `max_batch` rows and runs them through the
+//! shared plan, `max_batch` rows per call, on a blocking thread, off the async runtime. The
+//! predictions go to the outbox, which publishes them live once they are durable; the QoS 1
+//! readings they came from are PUBACKed then.
 
-use crate::deploy::{event, ActiveModel, Events, SharedModel};
-use crate::link::Reading;
+use crate::deploy::{event, ActiveModel, SharedModel};
+use crate::link::{PubAck, Reading};
 use crate::metrics::Metrics;
-use crate::store::NewRecord;
-use crate::sync::{now_ms, SyncMsg};
+use crate::queue::Held;
+use crate::store::{cause, Loss, NewRecord};
+use crate::sync::{now_ms, Append, Outbox, Outgoing};
 use protocol::messages::{Level, Prediction};
-use rumqttc::{AsyncClient, QoS};
-use serde_json::Value;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// One parsed input row.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    pub values: Vec<f32>,
-    pub id: Option<Value>,
+/// A model's feature names and where each goes in a row, built once per model.
+#[derive(Debug, Clone)]
+pub struct Features {
+    names: Vec<String>,
+    index: HashMap<String, usize>,
 }
 
-/// Parse a reading into rows for a model with these features.
-pub fn parse_reading(payload: &[u8], features: &[String]) -> Result<Vec<Row>, String> {
-    let v: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
-    let objects = match v {
-        Value::Object(_) => vec![v],
-        Value::Array(a) if !a.is_empty() => a,
-        Value::Array(_) => return Err("empty array".into()),
-        _ => return Err("expected an object or an array of objects".into()),
-    };
-    objects
-        .iter()
-        .map(|o| {
-            let o = o.as_object().ok_or("array element is not an object")?;
-            let values = features
-                .iter()
-                .map(|f| match o.get(f) {
-                    None => Err(format!("feature {f:?} is missing")),
-                    Some(Value::Number(n)) => n
-                        .as_f64()
-                        .map(|x| x as f32)
-                        .filter(|x| x.is_finite())
-                        .ok_or_else(|| format!("feature {f:?} is out of float32 range")),
-                    Some(other) => Err(format!("feature {f:?} is {other}, not a number")),
-                })
-                .collect::<Result<Vec<f32>, String>>()?;
-            Ok(Row {
-                values,
-                id: o.get("id").cloned(),
+impl Features {
+    pub fn new(names: &[String]) -> Features {
+        Features {
+            names: names.to_vec(),
+            index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Rows parsed from readings: values back to back, and each row's echoed id (JSON).
+#[derive(Debug, Default, Clone)]
+pub struct Rows {
+    pub values: Vec<f32>,
+    pub ids: Vec<Option<Box<RawValue>>>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Parse a reading into `out`, adding its rows; on error nothing is added. Returns the number
+/// of rows. The caller has checked the payload's size.
+pub fn parse_reading(payload: &[u8], features: &Features, max_id: usize, out: &mut Rows) -> Result<usize, String> {
+    let (v0, i0) = (out.values.len(), out.ids.len());
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let result = ReadingSeed {
+        features,
+        max_id,
+        out: &mut *out,
+    }
+    .deserialize(&mut de)
+    .and_then(|n| de.end().map(|()| n));
+    match result {
+        Ok(n) => Ok(n),
+        Err(e) => {
+            out.values.truncate(v0);
+            out.ids.truncate(i0);
+            Err(if e.is_syntax() || e.is_eof() {
+                format!("not JSON: {e}")
+            } else {
+                e.to_string()
             })
-        })
-        .collect()
+        }
+    }
+}
+
+struct ReadingSeed<'a> {
+    features: &'a Features,
+    max_id: usize,
+    out: &'a mut Rows,
+}
+
+impl<'de> DeserializeSeed<'de> for ReadingSeed<'_> {
+    type Value = usize;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ReadingSeed<'_> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object or an array of objects")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<usize, A::Error> {
+        RowVisitor {
+            features: self.features,
+            max_id: self.max_id,
+            out: self.out,
+        }
+        .visit_map(map)
+        .map(|()| 1)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut n = 0;
+        while seq
+            .next_element_seed(RowVisitor {
+                features: self.features,
+                max_id: self.max_id,
+                out: &mut *self.out,
+            })?
+            .is_some()
+        {
+            n += 1;
+        }
+        if n == 0 {
+            return Err(de::Error::custom("empty array"));
+        }
+        Ok(n)
+    }
+}
+
+struct RowVisitor<'a> {
+    features: &'a Features,
+    max_id: usize,
+    out: &'a mut Rows,
+}
+
+impl<'de> DeserializeSeed<'de> for RowVisitor<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+/// A member name, borrowed from the payload when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A feature value: a JSON number finite in float32.
+struct Feature<'a>(&'a str);
+
+impl<'de> DeserializeSeed<'de> for Feature<'_> {
+    type Value = f32;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<f32, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Feature<'_> {
+    fn finite<E: de::Error>(&self, x: f64) -> Result<f32, E> {
+        let v = x as f32;
+        if v.is_finite() {
+            Ok(v)
+        } else {
+            Err(E::custom(format!("feature {:?} is out of float32 range", self.0)))
+        }
+    }
+
+    fn not_a_number<E: de::Error>(&self, what: &str) -> Result<f32, E> {
+        Err(E::custom(format!("feature {:?} is {what}, not a number", self.0)))
+    }
+}
+
+impl<'de> Visitor<'de> for Feature<'_> {
+    type Value = f32;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a number")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<f32, E> {
+        self.finite(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<f32, E> {
+        self.finite(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<f32, E> {
+        self.finite(v as f64)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<f32, E> {
+        self.not_a_number("a string")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<f32, E> {
+        self.not_a_number("a boolean")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<f32, E> {
+        self.not_a_number("null")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<f32, A::Error> {
+        self.not_a_number("an array")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<f32, A::Error> {
+        self.not_a_number("an object")
+    }
+}
+
+/// An echoed id: the JSON as sent when it is short, else a string of its first bytes.
+fn bounded_id(raw: &RawValue, max: usize) -> Box<RawValue> {
+    let text = raw.get();
+    if text.len() <= max {
+        return raw.to_owned();
+    }
+    let cut = protocol::messages::echo(text, max.saturating_sub(24).max(8));
+    RawValue::from_string(serde_json::to_string(&cut).expect("a string serializes")).expect("a JSON string is JSON")
+}
+
+impl<'de> Visitor<'de> for RowVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of features")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let n = self.features.len();
+        let start = self.out.values.len();
+        self.out.values.resize(start + n, f32::NAN);
+        let mut seen = vec![false; n];
+        let mut id = None;
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            if k == "id" {
+                let raw: &'de RawValue = map.next_value()?;
+                id = Some(bounded_id(raw, self.max_id));
+            } else if let Some(&i) = self.features.index.get(k.as_ref()) {
+                if seen[i] {
+                    return Err(de::Error::custom(format!(
+                        "feature {:?} is given twice",
+                        self.features.names[i]
+                    )));
+                }
+                seen[i] = true;
+                self.out.values[start + i] = map.next_value_seed(Feature(&self.features.names[i]))?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(de::Error::custom(format!(
+                "feature {:?} is missing",
+                self.features.names[i]
+            )));
+        }
+        self.out.ids.push(id);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom("array element is not an object"))
+    }
 }
 
 pub struct InferenceTask {
-    pub rx: mpsc::Receiver<Reading>,
+    pub rx: mpsc::Receiver<Held<Reading>>,
     pub active: SharedModel,
-    pub sync: mpsc::Sender<SyncMsg>,
-    pub events: Events,
-    pub client: AsyncClient,
-    pub pred_topic: String,
-    pub publish: Option<QoS>,
-    /// The hub link's state: live copies are published only while it is up.
-    pub conn: tokio::sync::watch::Receiver<crate::link::ConnState>,
+    pub outbox: Outbox,
+    /// Publish predictions live (once durable).
+    pub live: bool,
     pub max_batch: usize,
+    pub max_id_bytes: usize,
     pub metrics: Arc<Metrics>,
 }
 
-struct Pending {
-    source: String,
-    row: Row,
+/// Rows of a batch, where they came from, and the PUBACKs they owe.
+struct Batch {
+    rows: Rows,
+    sources: Vec<(Arc<str>, usize)>,
+    acks: Vec<PubAck>,
+    losses: Vec<Loss>,
 }
 
 impl InferenceTask {
@@ -94,109 +323,166 @@ impl InferenceTask {
                 r = self.rx.recv() => match r { Some(r) => r, None => break },
             };
             let model = self.active.load_full();
-            let mut readings = vec![first];
-            while readings.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(r) => readings.push(r),
-                    Err(_) => break,
-                }
-            }
-            let mut batch: Vec<Pending> = Vec::with_capacity(readings.len());
-            let mut reject = |reason: String| {
-                self.metrics.rejected.inc();
-                rejected_since_event += 1;
-                let due = last_reject_event.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-                due.then(|| {
-                    last_reject_event = Some(Instant::now());
-                    let n = std::mem::take(&mut rejected_since_event);
-                    event(
-                        Level::Warn,
-                        "input_rejected",
-                        format!("{n} reading(s) refused; last: {reason}"),
-                    )
-                })
+            let mut batch = Batch {
+                rows: Rows::default(),
+                sources: vec![],
+                acks: vec![],
+                losses: vec![],
             };
             let mut events = vec![];
-            for r in readings {
-                let Some(m) = &model else {
-                    events.extend(reject(format!("reading on {} arrived with no model deployed", r.topic)));
-                    continue;
+            let mut next = Some(first.into_inner());
+            while let Some(r) = next.take() {
+                let refused = match &model {
+                    None => Some((
+                        cause::NO_MODEL,
+                        format!("reading on {} arrived with no model deployed", r.topic),
+                    )),
+                    Some(m) => match parse_reading(&r.payload, &m.features, self.max_id_bytes, &mut batch.rows) {
+                        Ok(n) => {
+                            match batch.sources.last_mut() {
+                                Some((t, k)) if **t == *r.topic => *k += n,
+                                _ => batch.sources.push((Arc::from(r.topic.as_str()), n)),
+                            }
+                            None
+                        }
+                        Err(e) => Some((
+                            cause::MALFORMED,
+                            format!("reading on {}: {e}", protocol::messages::echo(&r.topic, 128)),
+                        )),
+                    },
                 };
-                match parse_reading(&r.payload, &m.manifest.input.features) {
-                    Ok(rows) => batch.extend(rows.into_iter().map(|row| Pending {
-                        source: r.topic.clone(),
-                        row,
-                    })),
-                    Err(e) => events.extend(reject(format!("reading on {}: {e}", r.topic))),
+                if let Some((why, reason)) = refused {
+                    self.metrics.rejected.inc();
+                    push_loss(&mut batch.losses, protocol::streams::READINGS, why, 1);
+                    rejected_since_event += 1;
+                    let due = last_reject_event.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                    if due {
+                        last_reject_event = Some(Instant::now());
+                        let n = std::mem::take(&mut rejected_since_event);
+                        let msg = format!("{n} reading(s) refused; last: {reason}");
+                        warn!(message = %msg, "input rejected");
+                        events.push(event(Level::Warn, "input_rejected", msg));
+                    }
+                }
+                batch.acks.extend(r.ack);
+                if batch.rows.len() < self.max_batch {
+                    next = self.rx.try_recv().ok().map(Held::into_inner);
                 }
             }
-            for e in events {
-                warn!(message = %e.message, "input rejected");
-                self.events.emit(e).await;
+            let mut records: Vec<Outgoing> = events
+                .into_iter()
+                .map(|e| Outgoing {
+                    record: NewRecord {
+                        stream: protocol::streams::EVENTS,
+                        ts_ms: e.ts_ms,
+                        data: serde_json::to_string(&e).expect("an event serializes"),
+                    },
+                    live: true,
+                })
+                .collect();
+            if let (Some(m), false) = (model, batch.rows.is_empty()) {
+                records.extend(self.infer(m, &mut batch).await);
             }
-            if let (Some(m), false) = (model, batch.is_empty()) {
-                self.infer(m, batch).await;
+            let append = Append {
+                records,
+                losses: batch.losses,
+                acks: batch.acks,
+            };
+            let bytes = append.bytes();
+            if !self.outbox.send(append, bytes).await {
+                warn!("outbox task is gone; predictions not buffered");
             }
         }
     }
 
-    async fn infer(&mut self, model: Arc<ActiveModel>, batch: Vec<Pending>) {
-        let rows: Vec<Vec<f32>> = batch.iter().map(|p| p.row.values.clone()).collect();
-        let m = model.clone();
-        let result = tokio::task::spawn_blocking(move || m.engine.run(&rows)).await;
-        let outputs = match result {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => {
-                self.metrics.rejected.add(batch.len() as u64);
-                self.events
-                    .emit(event(Level::Error, "inference_failed", e.to_string()))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                self.metrics.rejected.add(batch.len() as u64);
-                self.events
-                    .emit(event(
-                        Level::Error,
-                        "inference_failed",
-                        format!("inference thread: {e}"),
-                    ))
-                    .await;
-                return;
-            }
-        };
-        let ts_ms = now_ms();
-        let mut records = Vec::with_capacity(outputs.rows());
-        for (i, p) in batch.into_iter().enumerate() {
-            let pred = Prediction {
-                ts_ms,
-                model: model.model_ref(),
-                source: p.source,
-                reading_id: p.row.id,
-                outputs: outputs.row(i),
-            };
-            let data = serde_json::to_string(&pred).expect("a prediction serializes");
-            let connected = *self.conn.borrow() == crate::link::ConnState::Connected;
-            if let Some(qos) = self.publish.filter(|_| connected) {
-                // Live copies are best effort; the outbox copy is the one that is guaranteed.
-                if self
-                    .client
-                    .try_publish(self.pred_topic.clone(), qos, false, data.clone())
-                    .is_err()
-                {
-                    self.metrics.dropped.inc();
+    /// Run the batch's rows, `max_batch` at a time; returns the predictions as records. Rows
+    /// whose inference failed are counted as refused readings.
+    async fn infer(&mut self, model: Arc<ActiveModel>, batch: &mut Batch) -> Vec<Outgoing> {
+        let n_features = model.features.len();
+        let rows = std::mem::take(&mut batch.rows);
+        let values = Arc::new(rows.values);
+        let mut out = Vec::with_capacity(rows.ids.len());
+        let mut row = 0usize;
+        let mut sources = batch
+            .sources
+            .iter()
+            .flat_map(|(t, k)| std::iter::repeat_n(t.clone(), *k));
+        let model_ref = model.model_ref();
+        while row < rows.ids.len() {
+            let end = (row + self.max_batch).min(rows.ids.len());
+            let (m, v) = (model.clone(), values.clone());
+            let (a, b) = (row * n_features, end * n_features);
+            let result = tokio::task::spawn_blocking(move || m.engine.run_flat(&v[a..b])).await;
+            let outputs = match result {
+                Ok(Ok(o)) => o,
+                failed => {
+                    let message = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => format!("inference thread: {e}"),
+                        Ok(Ok(_)) => unreachable!("matched above"),
+                    };
+                    let n = (end - row) as u64;
+                    self.metrics.rejected.add(n);
+                    push_loss(
+                        &mut batch.losses,
+                        protocol::streams::READINGS,
+                        cause::INFERENCE_FAILED,
+                        n,
+                    );
+                    warn!(rows = n, error = %message, "inference failed");
+                    let e = event(Level::Error, "inference_failed", message);
+                    out.push(Outgoing {
+                        record: NewRecord {
+                            stream: protocol::streams::EVENTS,
+                            ts_ms: e.ts_ms,
+                            data: serde_json::to_string(&e).expect("an event serializes"),
+                        },
+                        live: true,
+                    });
+                    for _ in row..end {
+                        sources.next();
+                    }
+                    row = end;
+                    continue;
                 }
+            };
+            let ts_ms = now_ms();
+            for (i, id) in rows.ids[row..end].iter().enumerate() {
+                let source = sources.next().expect("one source per row");
+                let pred = Prediction {
+                    ts_ms,
+                    model: &model_ref,
+                    source: &source,
+                    reading_id: id.as_deref(),
+                    outputs: outputs
+                        .columns()
+                        .iter()
+                        .map(|c| (&*c.name, c.row(i)))
+                        .collect::<BTreeMap<_, _>>(),
+                };
+                out.push(Outgoing {
+                    record: NewRecord {
+                        stream: protocol::streams::PREDICTIONS,
+                        ts_ms,
+                        data: serde_json::to_string(&pred).expect("a prediction serializes"),
+                    },
+                    live: self.live,
+                });
             }
-            records.push(NewRecord {
-                stream: protocol::streams::PREDICTIONS,
-                ts_ms,
-                data,
-            });
+            row = end;
         }
-        self.metrics.predictions.add(records.len() as u64);
-        if self.sync.send(SyncMsg::Append(records)).await.is_err() {
-            warn!("outbox task is gone; predictions not buffered");
-        }
+        out
+    }
+}
+
+fn push_loss(losses: &mut Vec<Loss>, stream: &'static str, cause: &'static str, n: u64) {
+    match losses.iter_mut().find(|l| l.stream == stream && l.cause == cause) {
+        Some(l) => l.count += n,
+        None => losses.push(Loss {
+            stream,
+            cause,
+            count: n,
+        }),
     }
 }
 
@@ -204,38 +490,99 @@ impl InferenceTask {
 mod tests {
     use super::*;
 
-    fn feats() -> Vec<String> {
-        vec!["a".into(), "b".into()]
+    fn feats() -> Features {
+        Features::new(&["a".into(), "b".into()])
     }
 
-    fn check(input: &str, expected: Result<Vec<Vec<f32>>, &str>) {
-        match (parse_reading(input.as_bytes(), &feats()), expected) {
-            (Ok(rows), Ok(want)) => assert_eq!(rows.into_iter().map(|r| r.values).collect::<Vec<_>>(), want, "{input}"),
-            (Err(e), Err(want)) => assert!(e.contains(want), "{input}: {e} lacks {want}"),
+    fn check(input: &str, expected: Result<Vec<f32>, &str>) {
+        let mut rows = Rows::default();
+        match (parse_reading(input.as_bytes(), &feats(), 64, &mut rows), expected) {
+            (Ok(n), Ok(want)) => {
+                assert_eq!(rows.values, want, "{input}");
+                assert_eq!(n * 2, want.len(), "{input}");
+            }
+            (Err(e), Err(want)) => {
+                assert!(e.contains(want), "{input}: {e} lacks {want}");
+                assert!(
+                    rows.is_empty() && rows.values.is_empty(),
+                    "{input}: a refused reading adds nothing"
+                );
+            }
             (got, want) => panic!("{input}: got {got:?}, want {want:?}"),
         }
     }
 
     #[test]
     fn readings_map_features_by_name() {
-        check(r#"{"b": 2, "a": 1, "extra": "x"}"#, Ok(vec![vec![1.0, 2.0]]));
+        check(r#"{"b": 2, "a": 1, "extra": "x"}"#, Ok(vec![1.0, 2.0]));
         check(
             r#"[{"a": 1, "b": 2}, {"a": 3.5, "b": -4}]"#,
-            Ok(vec![vec![1.0, 2.0], vec![3.5, -4.0]]),
+            Ok(vec![1.0, 2.0, 3.5, -4.0]),
+        );
+        check(
+            r#"{"a": 1, "nested": {"deep": [1, {"x": null}]}, "b": 2}"#,
+            Ok(vec![1.0, 2.0]),
         );
         check(r#"{"a": 1}"#, Err("\"b\" is missing"));
-        check(r#"{"a": 1, "b": "2"}"#, Err("not a number"));
+        check(r#"{"a": 1, "b": "2"}"#, Err("\"b\" is a string, not a number"));
         check(r#"{"a": 1, "b": null}"#, Err("not a number"));
+        check(r#"{"a": 1, "b": [2]}"#, Err("an array, not a number"));
         check(r#"{"a": 1, "b": 1e300}"#, Err("out of float32 range"));
+        check(r#"{"a": 1, "a": 2, "b": 3}"#, Err("\"a\" is given twice"));
         check(r#"[]"#, Err("empty array"));
-        check(r#"[1]"#, Err("not an object"));
-        check("42", Err("expected an object"));
+        check(r#"[1]"#, Err("expected an object of features"));
+        check(r#"[{"a":1,"b":2},{"a":1}]"#, Err("\"b\" is missing"));
+        check("42", Err("an object or an array of objects"));
         check("{", Err("not JSON"));
+        check(r#"{"a":1,"b":2} x"#, Err("not JSON"));
+        check(r#"{"\u0061": 5, "b": 6}"#, Ok(vec![5.0, 6.0]));
     }
 
     #[test]
-    fn reading_ids_are_kept() {
-        let rows = parse_reading(br#"{"a":1,"b":2,"id":"r-17"}"#, &feats()).expect("parses");
-        assert_eq!(rows[0].id, Some(Value::String("r-17".into())));
+    fn reading_ids_are_kept_and_cut() {
+        let mut rows = Rows::default();
+        parse_reading(br#"{"a":1,"b":2,"id":"r-17"}"#, &feats(), 64, &mut rows).expect("parses");
+        assert_eq!(rows.ids[0].as_ref().map(|r| r.get()), Some(r#""r-17""#));
+        parse_reading(br#"{"a":1,"b":2,"id":{"line":3,"n":[1,2]}}"#, &feats(), 64, &mut rows).expect("parses");
+        assert_eq!(rows.ids[1].as_ref().map(|r| r.get()), Some(r#"{"line":3,"n":[1,2]}"#));
+        parse_reading(br#"{"a":1,"b":2}"#, &feats(), 64, &mut rows).expect("parses");
+        assert!(rows.ids[2].is_none());
+        // Regression: an echoed id of any size made a record larger than a packet.
+        let long = format!(r#"{{"a":1,"b":2,"id":"{}"}}"#, "x".repeat(100_000));
+        parse_reading(long.as_bytes(), &feats(), 64, &mut rows).expect("parses");
+        let id = rows.ids[3].as_ref().expect("id").get();
+        assert!(id.len() <= 64, "{} bytes", id.len());
+        assert!(id.contains("bytes)"), "{id}");
+        let s: String = serde_json::from_str(id).expect("a JSON string");
+        assert!(s.starts_with("\"xxx"), "{s}");
+    }
+
+    proptest::proptest! {
+        /// The reading parser never panics, and a refused reading adds nothing.
+        #[test]
+        fn arbitrary_readings_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut rows = Rows::default();
+            if parse_reading(&bytes, &feats(), 64, &mut rows).is_err() {
+                proptest::prop_assert!(rows.is_empty() && rows.values.is_empty());
+            } else {
+                proptest::prop_assert_eq!(rows.values.len(), rows.len() * 2);
+            }
+        }
+
+        #[test]
+        fn json_shaped_readings_never_panic(s in r#"[\[\]{}":,a-b0-9 .e+-]{0,200}"#) {
+            let mut rows = Rows::default();
+            let _ = parse_reading(s.as_bytes(), &feats(), 64, &mut rows);
+        }
+    }
+
+    /// Regression: readings were parsed whole into `serde_json::Value`; members the model does
+    /// not use are now skipped. A reading padded with a large array still parses to its row.
+    #[test]
+    fn padding_is_skipped() {
+        let pad = format!(r#"{{"pad":[{}],"a":1,"b":2}}"#, vec!["[0,0,0,0]"; 200_000].join(","));
+        let mut rows = Rows::default();
+        assert_eq!(parse_reading(pad.as_bytes(), &feats(), 64, &mut rows), Ok(1));
+        assert_eq!(rows.values, vec![1.0, 2.0]);
     }
 }

@@ -8,6 +8,7 @@ pub mod inference;
 pub mod link;
 pub mod metrics;
 pub mod ml;
+pub mod queue;
 pub mod status;
 pub mod store;
 pub mod sync;

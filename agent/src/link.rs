@@ -2,13 +2,22 @@
 //!
 //! A [`Link`] owns one rumqttc event loop. It reconnects with exponential backoff and jitter
 //! (rumqttc itself retries at once), re-subscribes on every ConnAck (rumqttc does not after a
-//! session loss), publishes the retained birth message on the hub link, and routes each
-//! incoming publish to its subsystem through bounded channels with `try_send`: the event loop
-//! never waits on a subsystem, and what cannot be queued is counted and dropped. The SQLite
-//! outbox, not the MQTT session, is what guarantees delivery.
+//! session loss) and checks the broker's SUBACK (a refused subscription is a problem, shown
+//! in `lathe status`), publishes the retained birth message on the hub link, and routes each
+//! incoming publish to its subsystem through queues bounded in messages and bytes, with
+//! `try_send`: the event loop never waits on a subsystem.
+//!
+//! Sizes are checked before anything is parsed: a reading, a command or an ack larger than
+//! its limit is refused and counted. What cannot be queued is refused and counted too; a
+//! refusal goes to the outbox as a loss and, for a QoS 1 reading, is PUBACKed once durable.
+//! The SQLite outbox, not the MQTT session, is what guarantees delivery.
 
 use crate::config::{BrokerConfig, TlsConfig};
 use crate::metrics::Metrics;
+use crate::queue;
+use crate::store::{cause, Loss};
+use crate::sync::Append;
+use protocol::messages::Response;
 use protocol::{Channel, Topic};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Transport};
 use std::sync::Arc;
@@ -21,6 +30,8 @@ use tracing::{debug, info, warn};
 pub enum LinkError {
     #[error("TLS file {path}: {message}")]
     Tls { path: std::path::PathBuf, message: String },
+    #[error("password file {path}: {message}")]
+    Password { path: std::path::PathBuf, message: String },
 }
 
 /// Exponential backoff with jitter, without I/O.
@@ -58,11 +69,30 @@ impl Backoff {
 
 pub type BirthFn = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 
+/// The PUBACK owed for a QoS 1 publish received with manual acks: sent once what it carried
+/// is durable.
+#[derive(Debug, Clone)]
+pub struct PubAck {
+    client: AsyncClient,
+    pkid: u16,
+}
+
+impl PubAck {
+    /// Queue the PUBACK; an error means the event loop's queue is full (retry later).
+    pub fn send(&self) -> Result<(), rumqttc::ClientError> {
+        let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
+        p.pkid = self.pkid;
+        self.client.try_ack(&p)
+    }
+}
+
 /// An incoming reading, for the inference task.
 #[derive(Debug)]
 pub struct Reading {
     pub topic: String,
     pub payload: bytes::Bytes,
+    /// For a QoS 1 reading: the PUBACK to send once its prediction or refusal is durable.
+    pub ack: Option<PubAck>,
 }
 
 /// An incoming command, for the deploy task.
@@ -75,9 +105,54 @@ pub struct IncomingCommand {
 /// Where a link sends what it receives. A `None` route is not subscribed.
 #[derive(Clone, Default)]
 pub struct Routes {
-    pub readings: Option<mpsc::Sender<Reading>>,
-    pub commands: Option<mpsc::Sender<IncomingCommand>>,
+    pub readings: Option<queue::Sender<Reading>>,
+    pub commands: Option<queue::Sender<IncomingCommand>>,
     pub acks: Option<mpsc::Sender<protocol::messages::Ack>>,
+}
+
+/// The largest message accepted on each route, checked before parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub reading_bytes: usize,
+    pub command_bytes: usize,
+}
+
+/// The largest ack accepted; real ones are about 100 bytes.
+pub const MAX_ACK_BYTES: usize = 4096;
+
+/// Counts what a link refuses: in the outbox when it has room (durable, then PUBACKed), else
+/// in memory until the outbox task takes it.
+#[derive(Clone)]
+pub struct Refusals {
+    pub outbox: queue::Sender<Append>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Refusals {
+    pub fn refuse(&self, stream: &'static str, cause: &'static str, ack: Option<PubAck>) {
+        if stream == protocol::streams::READINGS {
+            self.metrics.rejected.inc();
+        }
+        let a = Append {
+            losses: vec![Loss {
+                stream,
+                cause,
+                count: 1,
+            }],
+            acks: ack.into_iter().collect(),
+            ..Default::default()
+        };
+        if let Err((a, _)) = self.outbox.try_send(a, 64) {
+            self.metrics.tally.add(Loss {
+                stream,
+                cause,
+                count: 1,
+            });
+            for ack in a.acks {
+                let _ = ack.send();
+            }
+        }
+    }
 }
 
 /// Connection state, as the rest of the agent sees it.
@@ -85,7 +160,13 @@ pub struct Routes {
 pub enum ConnState {
     Connecting,
     Connected,
-    Disconnected { error: String },
+    Disconnected {
+        error: String,
+    },
+    /// Connected, but the broker refused these subscriptions (its ACL, usually).
+    Refused {
+        filters: Vec<String>,
+    },
 }
 
 pub struct Link {
@@ -100,7 +181,30 @@ pub struct Link {
     pub routes: Routes,
     pub identity: Option<(protocol::Name, protocol::Name)>,
     pub state: watch::Sender<ConnState>,
+    pub limits: Limits,
+    pub refusals: Refusals,
+    /// QoS 1 readings are PUBACKed by the outbox once durable (the options set manual acks).
+    pub manual_acks: bool,
+    /// Once cancelled (the agent is stopping), readings are no longer taken: without a
+    /// PUBACK, the broker hands them to the next run. The link itself runs on until its own
+    /// token, so the PUBACKs of what was made durable still go out.
+    pub accepting: CancellationToken,
     pub metrics: Arc<Metrics>,
+}
+
+/// The password of a broker section: given inline, or read from a file (first line).
+pub fn password(b: &BrokerConfig) -> Result<Option<String>, LinkError> {
+    match (&b.password, &b.password_file) {
+        (Some(p), _) => Ok(Some(p.clone())),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).map_err(|e| LinkError::Password {
+                path: f.clone(),
+                message: e.to_string(),
+            })?;
+            Ok(Some(text.lines().next().unwrap_or("").to_string()))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Build the MQTT options for a broker section.
@@ -109,8 +213,9 @@ pub fn options(b: &BrokerConfig, client_id: String, will: Option<LastWill>) -> R
     o.set_keep_alive(Duration::from_secs(b.keep_alive_secs));
     o.set_max_packet_size(b.max_packet_bytes, b.max_packet_bytes);
     o.set_clean_session(true);
-    if let (Some(u), Some(p)) = (&b.username, &b.password) {
-        o.set_credentials(u.clone(), p.clone());
+    // The configuration refuses a username without a password, so both or neither are set.
+    if let (Some(u), Some(p)) = (&b.username, password(b)?) {
+        o.set_credentials(u.clone(), p);
     }
     if let Some(w) = will {
         o.set_last_will(w);
@@ -121,6 +226,14 @@ pub fn options(b: &BrokerConfig, client_id: String, will: Option<LastWill>) -> R
         ))));
     }
     Ok(o)
+}
+
+/// A client and its event loop, with Nagle's algorithm off: acks and small batches go out at
+/// once instead of waiting for the peer's delayed ACK (tens of milliseconds per round trip).
+pub fn connect(opts: MqttOptions, requests: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(opts, requests);
+    eventloop.network_options.set_tcp_nodelay(true);
+    (client, eventloop)
 }
 
 fn tls_config(t: &TlsConfig) -> Result<rustls::ClientConfig, LinkError> {
@@ -169,13 +282,28 @@ impl Link {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     info!(link = self.name, session_present = ack.session_present, "connected");
                     self.backoff.reset();
+                    if self.manual_acks {
+                        // Back to the persistent session after a reset (below).
+                        self.eventloop.mqtt_options.set_clean_session(false);
+                    }
                     self.on_connected();
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => self.on_suback(&ack.return_codes),
                 Ok(Event::Incoming(Packet::Publish(p))) => self.route(p),
                 // An orderly disconnect was sent: this link is done.
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(e) => {
+                    if let Some(size) = oversized(&e).filter(|_| self.manual_acks) {
+                        // The broker would send this message again at every reconnect of the
+                        // persistent session, forever. Drop the session once to be rid of it:
+                        // readings the broker still held for this agent go with it.
+                        warn!(link = self.name, size, limit = self.eventloop.mqtt_options.max_packet_size(),
+                            "the broker sent a message larger than max_packet_bytes; resetting the session to drop it (queued readings at the broker are lost)");
+                        self.eventloop.mqtt_options.set_clean_session(true);
+                        self.refusals
+                            .refuse(protocol::streams::READINGS, cause::SESSION_RESET, None);
+                    }
                     // Requests queued for the dead connection are stale: a clean session would
                     // drop them at reconnect anyway, and the outbox resends what matters. Drop
                     // them now so that nothing piles up while the link is down.
@@ -215,29 +343,36 @@ impl Link {
         self.state.send_replace(ConnState::Connected);
     }
 
+    /// The link sends one SUBSCRIBE per connection, with every filter in order.
+    fn on_suback(&mut self, codes: &[rumqttc::SubscribeReasonCode]) {
+        let refused: Vec<String> = self
+            .subscriptions
+            .iter()
+            .zip(codes)
+            .filter(|(_, c)| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+            .map(|((f, _), _)| f.clone())
+            .collect();
+        if !refused.is_empty() {
+            warn!(link = self.name, filters = ?refused, "the broker refused subscriptions; check its ACL for this client");
+            self.state.send_replace(ConnState::Refused { filters: refused });
+        }
+    }
+
     fn route(&self, p: rumqttc::Publish) {
         let topic = p.topic.clone();
-        let ours = topic.parse::<Topic>().ok().filter(|t| {
+        let parsed = topic.parse::<Topic>();
+        let ours = parsed.as_ref().ok().filter(|t| {
             self.identity
                 .as_ref()
                 .is_some_and(|(f, d)| &t.fleet == f && &t.device == d)
         });
-        match ours.map(|t| t.channel) {
-            Some(Channel::Command(id)) => {
-                if let Some(tx) = &self.routes.commands {
-                    if tx
-                        .try_send(IncomingCommand {
-                            id: id.clone(),
-                            payload: p.payload,
-                        })
-                        .is_err()
-                    {
-                        self.metrics.dropped.inc();
-                        warn!(command = %id, "command dropped: the deploy task is busy");
-                    }
-                }
-            }
+        match ours.map(|t| &t.channel) {
+            Some(Channel::Command(id)) => self.command(id, p),
             Some(Channel::Ack(stream)) => {
+                if p.payload.len() > MAX_ACK_BYTES {
+                    warn!(%topic, bytes = p.payload.len(), "oversized ack ignored");
+                    return;
+                }
                 match serde_json::from_slice::<protocol::messages::Ack>(&p.payload) {
                     Ok(ack) if ack.stream == stream.as_str() => {
                         if let Some(tx) = &self.routes.acks {
@@ -250,21 +385,111 @@ impl Link {
                 }
             }
             Some(_) => debug!(%topic, "ignored"),
-            None => {
-                if let Some(tx) = &self.routes.readings {
-                    if tx
-                        .try_send(Reading {
-                            topic,
-                            payload: p.payload,
-                        })
-                        .is_err()
-                    {
-                        self.metrics.dropped.inc();
-                        self.metrics.readings_dropped.inc();
-                    }
-                }
-            }
+            None => self.reading(p),
         }
+    }
+
+    fn reading(&self, p: rumqttc::Publish) {
+        let ack = (self.manual_acks && p.qos != QoS::AtMostOnce).then(|| PubAck {
+            client: self.client.clone(),
+            pkid: p.pkid,
+        });
+        let Some(tx) = &self.routes.readings else {
+            if let Some(a) = ack {
+                let _ = a.send();
+            }
+            return;
+        };
+        if self.accepting.is_cancelled() {
+            return;
+        }
+        self.metrics.readings.inc();
+        if p.topic.starts_with(protocol::topic::ROOT) {
+            // Never readings, whatever a filter matched.
+            self.refusals.refuse(protocol::streams::READINGS, cause::MALFORMED, ack);
+            return;
+        }
+        if p.payload.len() > self.limits.reading_bytes {
+            warn!(topic = %protocol::messages::echo(&p.topic, 128), bytes = p.payload.len(), limit = self.limits.reading_bytes,
+                "reading larger than inputs.max_message_bytes refused");
+            self.refusals.refuse(protocol::streams::READINGS, cause::TOO_LARGE, ack);
+            return;
+        }
+        // Copied out of the receive buffer, so the queue's byte budget is what it really holds.
+        let bytes = p.payload.len() + p.topic.len() + 64;
+        let r = Reading {
+            topic: p.topic,
+            payload: bytes::Bytes::copy_from_slice(&p.payload),
+            ack,
+        };
+        if let Err((r, _)) = tx.try_send(r, bytes) {
+            self.metrics.readings_dropped.inc();
+            self.refusals
+                .refuse(protocol::streams::READINGS, cause::QUEUE_FULL, r.ack);
+        }
+    }
+
+    fn command(&self, id: &protocol::Name, p: rumqttc::Publish) {
+        let Some(tx) = &self.routes.commands else { return };
+        let refuse = |why: &'static str, message: String, code: &str| {
+            self.refusals.refuse(protocol::streams::COMMANDS, why, None);
+            warn!(command = %id, %message, "command refused");
+            let (fleet, device) = self.identity.as_ref().expect("the hub link has an identity");
+            let resp = Response {
+                ok: false,
+                message,
+                model: None,
+                code: Some(code.into()),
+            };
+            let topic = Topic::new(fleet, device, Channel::Response(id.clone()));
+            let _ = self.client.try_publish(
+                topic.to_string(),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&resp).expect("a response serializes"),
+            );
+        };
+        if p.payload.len() > self.limits.command_bytes {
+            refuse(
+                cause::TOO_LARGE,
+                format!(
+                    "command is {} bytes, more than the device accepts ({}; see trust.max_bundle_bytes)",
+                    p.payload.len(),
+                    self.limits.command_bytes
+                ),
+                "bad_command",
+            );
+            return;
+        }
+        let bytes = p.payload.len();
+        // A small payload may share a large receive buffer: copy it, so that the queue's byte
+        // budget is what it really holds. A large one fills its own buffer.
+        let payload = if bytes < 1 << 20 {
+            bytes::Bytes::copy_from_slice(&p.payload)
+        } else {
+            p.payload
+        };
+        let c = IncomingCommand {
+            id: id.clone(),
+            payload,
+        };
+        if tx.try_send(c, bytes).is_err() {
+            refuse(
+                cause::QUEUE_FULL,
+                "the device is busy with earlier commands; send again later".into(),
+                "busy",
+            );
+        }
+    }
+}
+
+/// The size of an incoming packet over the connection's limit, if that is what broke it.
+fn oversized(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
     }
 }
 

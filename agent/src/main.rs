@@ -139,17 +139,22 @@ async fn wait_for_signal() {
 }
 
 fn status(config: PathBuf, state_dir: Option<PathBuf>, json: bool) -> i32 {
-    let dir = match state_dir {
-        Some(d) => d,
-        None => match Config::load(&config) {
-            Ok(c) => c.device.state_dir,
-            Err(e) => {
-                eprintln!("lathe: {e:#}");
-                return exit::CONFIG;
-            }
-        },
+    // Thresholds come from the config when it loads; `--state-dir` works without one.
+    let loaded = Config::load(&config);
+    let thresholds = |c: &Config| lathe::status::Thresholds {
+        status: c.status.clone(),
+        min_free_bytes: c.outbox.min_free_bytes,
     };
-    match lathe::status::report(&dir) {
+    let (dir, t) = match (state_dir, loaded) {
+        (Some(d), Ok(c)) => (d, thresholds(&c)),
+        (Some(d), Err(_)) => (d, lathe::status::Thresholds::default()),
+        (None, Ok(c)) => (c.device.state_dir.clone(), thresholds(&c)),
+        (None, Err(e)) => {
+            eprintln!("lathe: {e:#}");
+            return exit::CONFIG;
+        }
+    };
+    match lathe::status::report(&dir, &t) {
         Ok(r) => {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).expect("report serializes"));

@@ -1,12 +1,56 @@
 //! `lathe status`: what the agent is doing, read from its database. Works whether or not the
 //! agent or the broker is up.
+//!
+//! It names every problem a technician should act on, and `lathe status` exits 1 when there is
+//! one: the agent is not running or not connected, a subscription was refused, no model is
+//! deployed, records were lost recently, the disk is under its floor, records wait with no ack
+//! from the hub for too long, or acks were refused (forged, or an outbox restored from an old
+//! copy).
 
+use crate::config::{OutboxConfig, StatusConfig};
 use crate::deploy::DeployState;
 use crate::store::Store;
 use crate::sync::now_ms;
 use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
+
+/// What `lathe status` compares against.
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    pub status: StatusConfig,
+    pub min_free_bytes: u64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            status: StatusConfig::default(),
+            min_free_bytes: OutboxConfig::default().min_free_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamReport {
+    pub stream: String,
+    pub waiting: u64,
+    pub bytes: u64,
+    pub epoch: String,
+    /// Wire seqs of the current epoch.
+    pub assigned: u64,
+    pub acked: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LossReport {
+    pub stream: String,
+    pub cause: String,
+    pub total: u64,
+    /// Not yet reported to the hub.
+    pub unreported: u64,
+    pub last_ms: u64,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -15,16 +59,43 @@ pub struct Report {
     pub agent: String,
     pub heartbeat_age_s: Option<u64>,
     pub connection: Value,
+    /// The readings link, when the agent has input topics.
+    pub inputs_connection: Value,
     pub model: Option<Value>,
     pub previous_model: Option<Value>,
     pub outbox_depth: u64,
-    pub outbox_by_stream: Vec<(String, u64)>,
+    pub outbox_bytes: u64,
+    pub outbox_by_stream: Vec<StreamReport>,
+    /// How long the oldest waiting record has waited, by this device's clock.
+    pub oldest_record_age_s: Option<u64>,
+    pub disk_free_bytes: Option<u64>,
+    pub disk_floor_bytes: u64,
+    pub losses: Vec<LossReport>,
+    pub acks_refused: u64,
     pub last_sync: Option<Value>,
     /// Problems a technician should know of; empty when all is well.
     pub problems: Vec<String>,
 }
 
-pub fn report(state_dir: &Path) -> Result<Report, String> {
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        s if s >= 86_400 => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m {}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
     let db = crate::config::db_path(state_dir);
     if !db.exists() {
         return Err(format!(
@@ -34,14 +105,18 @@ pub fn report(state_dir: &Path) -> Result<Report, String> {
     }
     let store = Store::open_readonly(&db).map_err(|e| e.to_string())?;
     let meta = |k: &str| store.get_meta(k).map_err(|e| e.to_string());
+    let json = |k: &str| -> Result<Value, String> {
+        Ok(meta(k)?
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or(Value::Null))
+    };
     let now = now_ms();
     let heartbeat_age_s = meta("heartbeat_ms")?
         .and_then(|h| h.parse::<u64>().ok())
         .map(|h| now.saturating_sub(h) / 1000);
     let running = heartbeat_age_s.is_some_and(|a| a <= 15);
-    let connection: Value = meta("conn")?
-        .and_then(|c| serde_json::from_str(&c).ok())
-        .unwrap_or(Value::Null);
+    let connection = json("conn")?;
+    let inputs_connection = json("inputs_conn")?;
     let deploy: DeployState = meta("deploy_state")?
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
@@ -49,27 +124,110 @@ pub fn report(state_dir: &Path) -> Result<Report, String> {
         i.as_ref()
             .map(|i| serde_json::json!({"name": i.name, "version": i.version, "file": i.file}))
     };
-    let last_sync = meta("last_ack")?.and_then(|s| serde_json::from_str(&s).ok());
-    let by_stream = store.depth_by_stream().map_err(|e| e.to_string())?;
+    let last_sync = json("last_ack")?;
+    let last_sync = (!last_sync.is_null()).then_some(last_sync);
+    let streams: Vec<StreamReport> = store
+        .streams()
+        .map(|(name, s)| StreamReport {
+            stream: name.to_string(),
+            waiting: s.depth,
+            bytes: s.bytes,
+            epoch: s.epoch().epoch.clone(),
+            assigned: s.assigned_wire(),
+            acked: s.to_wire(s.acked),
+        })
+        .collect();
+    let oldest = store.oldest_ts_ms().map_err(|e| e.to_string())?;
+    let disk_free_bytes = crate::store::free_bytes(state_dir);
+    let losses: Vec<LossReport> = store
+        .losses()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|l| LossReport {
+            unreported: l.total - l.reported,
+            stream: l.stream,
+            cause: l.cause,
+            total: l.total,
+            last_ms: l.last_ms,
+        })
+        .collect();
+    let acks_refused = meta("acks_refused")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+
     let mut problems = vec![];
     if !running {
         problems.push("agent is not running (no heartbeat in the last 15 s)".to_string());
-    } else if connection["state"] != "connected" {
-        let err = connection["error"].as_str().unwrap_or("unknown");
-        problems.push(format!("not connected to the broker: {err}"));
+    } else {
+        for (what, c) in [("broker", &connection), ("readings broker", &inputs_connection)] {
+            let err = c["error"].as_str().unwrap_or("unknown");
+            match c["state"].as_str() {
+                None | Some("connected") => {}
+                Some("refused") => problems.push(format!("{what}: {err}")),
+                Some(_) => problems.push(format!("not connected to the {what}: {err}")),
+            }
+        }
     }
     if deploy.active.is_none() {
         problems.push("no model deployed".into());
+    }
+    let window_ms = t.status.loss_window_secs * 1000;
+    let records: [&str; 3] = crate::store::STREAMS;
+    for l in &losses {
+        if records.contains(&l.stream.as_str()) && now.saturating_sub(l.last_ms) <= window_ms {
+            problems.push(format!(
+                "{} record(s) lost: {} {} (last {} ago); see `lathe status` losses",
+                l.stream,
+                l.total,
+                l.cause,
+                human_secs(now.saturating_sub(l.last_ms) / 1000)
+            ));
+        }
+    }
+    if let Some(free) = disk_free_bytes {
+        if free < t.min_free_bytes {
+            problems.push(format!(
+                "the state_dir's filesystem has {} free, under its floor of {} (outbox.min_free_bytes): new records replace the oldest or are refused",
+                human_bytes(free),
+                human_bytes(t.min_free_bytes)
+            ));
+        }
+    }
+    let depth = store.depth();
+    if depth > 0 {
+        let last_ack = last_sync.as_ref().and_then(|l| l["ts_ms"].as_u64()).unwrap_or(0);
+        let since = last_ack.max(oldest.unwrap_or(now));
+        let quiet = now.saturating_sub(since) / 1000;
+        if quiet > t.status.ack_stale_secs {
+            problems.push(format!(
+                "{depth} record(s) wait and the hub has acked nothing for {} (status.ack_stale_secs {})",
+                human_secs(quiet),
+                t.status.ack_stale_secs
+            ));
+        }
+    }
+    if let Some(last) = meta("acks_refused_ms")?.and_then(|v| v.parse::<u64>().ok()) {
+        if now.saturating_sub(last) <= window_ms {
+            problems.push(format!(
+                "{acks_refused} ack(s) refused, the last {} ago: forged, or this outbox was restored from an older copy; records were kept and moved to a new epoch",
+                human_secs(now.saturating_sub(last) / 1000)
+            ));
+        }
     }
     Ok(Report {
         state_dir: state_dir.display().to_string(),
         agent: if running { "running" } else { "not_running" }.into(),
         heartbeat_age_s,
         connection,
+        inputs_connection,
         model: as_value(&deploy.active),
         previous_model: as_value(&deploy.previous),
-        outbox_depth: store.depth(),
-        outbox_by_stream: by_stream,
+        outbox_depth: depth,
+        outbox_bytes: store.bytes(),
+        outbox_by_stream: streams,
+        oldest_record_age_s: oldest.map(|o| now.saturating_sub(o) / 1000),
+        disk_free_bytes,
+        disk_floor_bytes: t.min_free_bytes,
+        losses,
+        acks_refused,
         last_sync,
         problems,
     })
@@ -77,8 +235,21 @@ pub fn report(state_dir: &Path) -> Result<Report, String> {
 
 fn ago(ms: Option<u64>) -> String {
     match ms {
-        Some(t) => format!("{}s ago", now_ms().saturating_sub(t) / 1000),
+        Some(t) => format!("{} ago", human_secs(now_ms().saturating_sub(t) / 1000)),
         None => "never".into(),
+    }
+}
+
+fn conn_line(c: &Value) -> String {
+    match c["state"].as_str() {
+        Some(st) => {
+            let mut line = format!("{st} since {}", ago(c["since_ms"].as_u64()));
+            if let Some(e) = c["error"].as_str() {
+                line += &format!(": {e}");
+            }
+            line
+        }
+        None => "unknown".into(),
     }
 }
 
@@ -89,18 +260,10 @@ pub fn render(r: &Report) -> String {
         None => "not running (never started)".into(),
     };
     s += &format!("agent       {agent}\n");
-    let c = &r.connection;
-    let conn = match c["state"].as_str() {
-        Some(st) => {
-            let mut line = format!("{st} since {}", ago(c["since_ms"].as_u64()));
-            if let Some(e) = c["error"].as_str() {
-                line += &format!(": {e}");
-            }
-            line
-        }
-        None => "unknown".into(),
-    };
-    s += &format!("connection  {conn}\n");
+    s += &format!("connection  {}\n", conn_line(&r.connection));
+    if !r.inputs_connection.is_null() {
+        s += &format!("readings    {}\n", conn_line(&r.inputs_connection));
+    }
     let model = |m: &Option<Value>| match m {
         Some(m) => format!("{} v{}", m["name"].as_str().unwrap_or("?"), m["version"]),
         None => "none".into(),
@@ -110,13 +273,31 @@ pub fn render(r: &Report) -> String {
         model(&r.model),
         model(&r.previous_model)
     );
-    let parts: Vec<String> = r.outbox_by_stream.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let parts: Vec<String> = r
+        .outbox_by_stream
+        .iter()
+        .filter(|x| x.waiting > 0)
+        .map(|x| format!("{} {}", x.stream, x.waiting))
+        .collect();
     let detail = if parts.is_empty() {
         String::new()
     } else {
         format!(" ({})", parts.join(", "))
     };
-    s += &format!("outbox      {} record(s) waiting{detail}\n", r.outbox_depth);
+    let oldest = r
+        .oldest_record_age_s
+        .map(|a| format!(", oldest waiting {}", human_secs(a)))
+        .unwrap_or_default();
+    s += &format!(
+        "outbox      {} record(s) waiting, {}{detail}{oldest}\n",
+        r.outbox_depth,
+        human_bytes(r.outbox_bytes)
+    );
+    let disk = match r.disk_free_bytes {
+        Some(f) => format!("{} free (floor {})", human_bytes(f), human_bytes(r.disk_floor_bytes)),
+        None => "free space unknown".into(),
+    };
+    s += &format!("disk        {disk}\n");
     let sync = match &r.last_sync {
         Some(l) => format!(
             "{} acked through #{} {}",
@@ -127,6 +308,21 @@ pub fn render(r: &Report) -> String {
         None => "never".into(),
     };
     s += &format!("last sync   {sync}\n");
+    if r.losses.is_empty() {
+        s += "losses      none\n";
+    }
+    for l in &r.losses {
+        s += &format!(
+            "lost        {} {} {} (last {})\n",
+            l.stream,
+            l.cause,
+            l.total,
+            ago(Some(l.last_ms))
+        );
+    }
+    if r.acks_refused > 0 {
+        s += &format!("acks        {} refused\n", r.acks_refused);
+    }
     for p in &r.problems {
         s += &format!("problem     {p}\n");
     }

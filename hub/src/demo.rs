@@ -53,7 +53,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let dir = tempfile::tempdir()?;
     let (fleet, device) = (Name::new("demo-plant")?, Name::new("press-7")?);
 
-    step("starting an embedded MQTT broker");
+    step("starting an embedded MQTT broker (for this demo only: no authentication, no TLS)");
     let port = free_port()?;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     broker::start(addr, 16 << 20)?;
@@ -97,11 +97,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let stats = Arc::new(IngestStats::default());
     let shutdown = CancellationToken::new();
     let ingest = Ingest {
-        host: "127.0.0.1".into(),
-        port,
+        broker: lathe::config::BrokerConfig {
+            keep_alive_secs: 15,
+            max_packet_bytes: 16 << 20,
+            ..lathe::config::BrokerConfig::new("127.0.0.1", port)
+        },
         client_id: "lathe-hub-demo".into(),
         db: dir.path().join("hub.db"),
-        max_packet_bytes: 16 << 20,
+        max_batch_json: protocol::sync::MAX_BATCH_JSON,
         stats: stats.clone(),
         echo: true,
     };
@@ -189,8 +192,7 @@ interval_secs = 5
 
     step("deploying the signed bundle to the device");
     let target = ops::Target {
-        host: "127.0.0.1".into(),
-        port,
+        broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
         fleet: fleet.clone(),
         device: device.clone(),
     };

@@ -1,13 +1,16 @@
 //! The ingest service: receives sync batches, stores them, acks them.
 //!
-//! It subscribes to every device's sync topics (and, to log them, state and events), stores
-//! each batch in one transaction, then publishes the ack. It re-subscribes on every ConnAck
-//! and reconnects with backoff; a batch that arrives twice is stored once and acked again.
+//! It subscribes to every device's sync topics (and, to log them, state and events), decodes
+//! each batch within a size limit (zstd or plain JSON), stores it in one transaction, then
+//! publishes the ack. It re-subscribes on every ConnAck and reconnects with backoff; a batch
+//! that arrives twice is stored once and acked again. Acks say which encodings the hub
+//! accepts, so agents compress only for a hub that can read it.
 
-use crate::store::HubStore;
+use crate::store::{HubStore, StoreError};
+use lathe::config::BrokerConfig;
 use protocol::messages::{Ack, SyncBatch};
 use protocol::{topic::filter, Channel, Topic};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,14 +27,18 @@ pub struct IngestStats {
     pub predictions: AtomicU64,
     pub duplicates: AtomicU64,
     pub lost: AtomicU64,
+    pub hub_lost: AtomicU64,
+    pub conflicts: AtomicU64,
+    /// Batches dropped unacked: malformed, too large, or naming another device.
+    pub refused: AtomicU64,
 }
 
 pub struct Ingest {
-    pub host: String,
-    pub port: u16,
+    pub broker: BrokerConfig,
     pub client_id: String,
     pub db: PathBuf,
-    pub max_packet_bytes: usize,
+    /// The largest batch JSON accepted, after decompression.
+    pub max_batch_json: usize,
     pub stats: Arc<IngestStats>,
     /// Print each state change and event of the devices (the demo turns this on).
     pub echo: bool,
@@ -40,12 +47,10 @@ pub struct Ingest {
 impl Ingest {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut store = HubStore::open(&self.db)?;
-        let mut opts = MqttOptions::new(self.client_id.clone(), self.host.clone(), self.port);
-        opts.set_keep_alive(Duration::from_secs(15));
-        opts.set_max_packet_size(self.max_packet_bytes, self.max_packet_bytes);
-        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        let opts = lathe::link::options(&self.broker, self.client_id.clone(), None)?;
+        let (client, mut eventloop) = lathe::link::connect(opts, 1024);
         let mut backoff = Duration::from_millis(200);
-        info!(broker = %format!("{}:{}", self.host, self.port), db = %self.db.display(), "ingest running");
+        info!(broker = %format!("{}:{}", self.broker.host, self.broker.port), db = %self.db.display(), "ingest running");
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -62,6 +67,15 @@ impl Ingest {
                         .push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
                     info!("ingest connected");
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
+                        warn!(codes = ?ack.return_codes, "the broker refused a subscription of the ingest service; check its ACL");
+                    }
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let topic = p.topic.clone();
                     let Ok(t) = topic.parse::<Topic>() else { continue };
@@ -72,10 +86,10 @@ impl Ingest {
                                 "hub    | {}/{} state: {}",
                                 t.fleet,
                                 t.device,
-                                String::from_utf8_lossy(&p.payload)
+                                String::from_utf8_lossy(&p.payload[..p.payload.len().min(512)])
                             );
                         }
-                        Channel::Events if self.echo => {
+                        Channel::Events if self.echo && p.payload.len() <= 64 << 10 => {
                             if let Ok(e) = serde_json::from_slice::<protocol::messages::Event>(&p.payload) {
                                 println!("hub    | {}/{} event {}: {}", t.fleet, t.device, e.kind, e.message);
                             }
@@ -100,17 +114,25 @@ impl Ingest {
         Ok(())
     }
 
+    fn refuse(&self, t: &Topic, why: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        warn!(fleet = %t.fleet, device = %t.device, why, "sync batch dropped, not acked");
+    }
+
     fn on_batch(&self, store: &mut HubStore, client: &AsyncClient, t: &Topic, stream: &str, payload: &[u8]) {
-        let batch: SyncBatch = match serde_json::from_slice(payload) {
+        let json = match protocol::sync::decode(payload, self.max_batch_json) {
+            Ok(j) => j,
+            Err(e) => return self.refuse(t, &e.to_string()),
+        };
+        let batch: SyncBatch = match serde_json::from_slice(&json) {
             Ok(b) => b,
-            Err(e) => {
-                warn!(fleet = %t.fleet, device = %t.device, error = %e, "malformed sync batch dropped");
-                return;
-            }
+            Err(e) => return self.refuse(t, &format!("malformed: {e}")),
         };
         if batch.stream != stream || batch.device != t.device.as_str() {
-            warn!(fleet = %t.fleet, device = %t.device, "sync batch names another device or stream than its topic; dropped");
-            return;
+            return self.refuse(t, "the batch names another device or stream than its topic");
+        }
+        if batch.epoch.len() != 16 || !batch.epoch.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return self.refuse(t, "the epoch is not 16 hex digits");
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -119,6 +141,7 @@ impl Ingest {
         let stored =
             match tokio::task::block_in_place(|| store.store_batch(t.fleet.as_str(), t.device.as_str(), &batch, now)) {
                 Ok(s) => s,
+                Err(StoreError::Malformed(m)) => return self.refuse(t, &m),
                 Err(e) => {
                     // Not acked: the device keeps the records and sends them again.
                     warn!(error = %e, "cannot store sync batch; not acked");
@@ -130,16 +153,30 @@ impl Ingest {
         if stream == protocol::streams::PREDICTIONS {
             self.stats.predictions.fetch_add(stored.inserted, Ordering::Relaxed);
         }
-        self.stats.duplicates.fetch_add(stored.duplicates, Ordering::Relaxed);
+        self.stats
+            .duplicates
+            .fetch_add(stored.duplicates + stored.moved_copies, Ordering::Relaxed);
         self.stats.lost.fetch_add(stored.newly_lost, Ordering::Relaxed);
+        self.stats.hub_lost.fetch_add(stored.hub_lost, Ordering::Relaxed);
         if stored.newly_lost > 0 {
-            warn!(fleet = %t.fleet, device = %t.device, stream, lost = stored.newly_lost, "device reports records dropped by its when-full policy");
+            warn!(fleet = %t.fleet, device = %t.device, stream, lost = stored.newly_lost, "device declares records it dropped");
+        }
+        if stored.hub_lost > 0 {
+            warn!(fleet = %t.fleet, device = %t.device, stream, lost = stored.hub_lost, epoch = %batch.epoch,
+                "this store lacks records the device was acked for (restored or replaced database); recorded as the hub's loss");
+        }
+        if let Some(c) = stored.conflict {
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            warn!(fleet = %t.fleet, device = %t.device, stream, seq = c, epoch = %batch.epoch,
+                "a different record is stored under this identity (restored device or impostor); the device is told to move to a new epoch");
         }
         debug!(device = %t.device, stream, inserted = stored.inserted, duplicates = stored.duplicates, acked = stored.acked, "batch stored");
         let ack = Ack {
             stream: stream.to_string(),
             epoch: batch.epoch.clone(),
             acked: stored.acked,
+            conflict: stored.conflict,
+            accepts: vec![protocol::sync::ZSTD.to_string()],
         };
         let ack_topic = Topic::new(
             &t.fleet,

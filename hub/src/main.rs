@@ -1,5 +1,6 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use lathe::config::{BrokerConfig, TlsConfig};
 use lathe_hub::{broker, demo, ingest, ops};
 use protocol::bundle::{self, Policy};
 use protocol::keys::{SigningKey, TrustStore};
@@ -47,7 +48,10 @@ enum Cmd {
         /// Broker to connect to (host:port).
         #[arg(long, conflicts_with = "embedded_broker")]
         broker: Option<String>,
-        /// Run an in-process broker instead, listening on --listen.
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Run an in-process broker instead, listening on --listen. For demos and trials only:
+        /// it has no authentication, no ACLs and no TLS.
         #[arg(long)]
         embedded_broker: bool,
         #[arg(long, default_value = "127.0.0.1:18830")]
@@ -56,6 +60,16 @@ enum Cmd {
         db: PathBuf,
         #[arg(long, default_value_t = 96 << 20)]
         max_packet_bytes: usize,
+        /// The largest batch accepted, after decompression.
+        #[arg(long, default_value_t = protocol::sync::MAX_BATCH_JSON)]
+        max_batch_bytes: usize,
+    },
+    /// Show what the store holds per device, stream and epoch, and every loss it knows of.
+    Audit {
+        #[arg(long, default_value = "lathe-hub.db")]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Run the whole loop on this machine: embedded broker, hub, a real agent, simulated sensors.
     Demo(demo::DemoArgs),
@@ -108,10 +122,49 @@ enum BundleCmd {
     },
 }
 
+/// Credentials and TLS for the hub's broker connection.
+#[derive(Args, Clone)]
+struct ConnArgs {
+    /// Username on the broker; the password is read from --password-file.
+    #[arg(long, requires = "password_file")]
+    username: Option<String>,
+    /// A file whose first line is the broker password.
+    #[arg(long, requires = "username")]
+    password_file: Option<PathBuf>,
+    /// PEM CA certificates that sign the broker's certificate: connect with TLS.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require one (mTLS); with --key-file.
+    #[arg(long, requires_all = ["ca_file", "key_file"])]
+    cert_file: Option<PathBuf>,
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    fn broker(&self, addr: &str, max_packet_bytes: usize) -> anyhow::Result<BrokerConfig> {
+        let (host, port) = split_addr(addr)?;
+        Ok(BrokerConfig {
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+            keep_alive_secs: 15,
+            max_packet_bytes,
+            tls: self.ca_file.clone().map(|ca_file| TlsConfig {
+                ca_file,
+                cert_file: self.cert_file.clone(),
+                key_file: self.key_file.clone(),
+            }),
+            ..BrokerConfig::new(host, port)
+        })
+    }
+}
+
 #[derive(Args)]
 struct TargetArgs {
     #[arg(long, default_value = "127.0.0.1:18830")]
     broker: String,
+    #[command(flatten)]
+    conn: ConnArgs,
     #[arg(long)]
     fleet: String,
     #[arg(long)]
@@ -122,10 +175,8 @@ struct TargetArgs {
 
 impl TargetArgs {
     fn target(&self) -> anyhow::Result<ops::Target> {
-        let (host, port) = split_addr(&self.broker)?;
         Ok(ops::Target {
-            host,
-            port,
+            broker: self.conn.broker(&self.broker, 1 << 20)?,
             fleet: Name::new(self.fleet.clone())?,
             device: Name::new(self.device.clone())?,
         })
@@ -251,11 +302,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
             let trust =
                 TrustStore::parse(&std::fs::read_to_string(&trust).with_context(|| format!("{}", trust.display()))?)?;
+            let installed = move |_: &str| installed_version;
             let policy = Policy {
                 trust: &trust,
                 threshold,
                 now: ops::now_secs(),
-                installed_version,
+                installed_version: &installed,
             };
             match bundle::verify(&bytes, &policy) {
                 Ok(v) => {
@@ -315,21 +367,23 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
         }
         Cmd::Serve {
             broker,
+            conn,
             embedded_broker,
             listen,
             db,
             max_packet_bytes,
+            max_batch_bytes,
         } => {
-            let (host, port) = if embedded_broker {
+            let addr = if embedded_broker {
                 broker::start(listen, max_packet_bytes)?;
                 println!("embedded broker listening on {listen}");
-                (listen.ip().to_string(), listen.port())
+                eprintln!(
+                    "lathe-hub: the embedded broker is for demos and trials only: it has no authentication, \
+                     no ACLs and no TLS; in production run Mosquitto with broker/mosquitto/ (README)"
+                );
+                listen.to_string()
             } else {
-                split_addr(
-                    broker
-                        .as_deref()
-                        .context("give --broker host:port or --embedded-broker")?,
-                )?
+                broker.context("give --broker host:port or --embedded-broker")?
             };
             let shutdown = tokio_util::sync::CancellationToken::new();
             let sd = shutdown.clone();
@@ -338,16 +392,26 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 sd.cancel();
             });
             let ingest = ingest::Ingest {
-                host,
-                port,
+                broker: conn.broker(&addr, max_packet_bytes)?,
                 client_id: format!("lathe-hub-ingest-{}", std::process::id()),
                 db,
-                max_packet_bytes,
+                max_batch_json: max_batch_bytes,
                 stats: Arc::default(),
                 echo: false,
             };
             ingest.run(shutdown).await?;
             Ok(0)
+        }
+        Cmd::Audit { db, json } => {
+            anyhow::ensure!(db.exists(), "no hub database at {}", db.display());
+            let a = lathe_hub::store::HubStore::open(&db)?.audit()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                print!("{}", lathe_hub::store::render_audit(&a));
+            }
+            let bad = a.epochs.iter().any(|e| e.unaccounted > 0);
+            Ok(if bad { 1 } else { 0 })
         }
         Cmd::Demo(args) => demo::run(args).await,
     }

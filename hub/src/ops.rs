@@ -6,7 +6,7 @@ use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Ro
 use protocol::keys::SigningKey;
 use protocol::messages::{Command, Response, State, Status};
 use protocol::{Channel, Name, Topic};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use std::time::Duration;
 
 /// What goes into a bundle.
@@ -65,11 +65,10 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
     Ok((bytes, m))
 }
 
-/// Where a command goes.
+/// Where a command goes: the broker (address, credentials, TLS) and the device.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub host: String,
-    pub port: u16,
+    pub broker: lathe::config::BrokerConfig,
     pub fleet: Name,
     pub device: Name,
 }
@@ -81,11 +80,10 @@ pub struct Target {
 pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyhow::Result<Response> {
     let id = Name::new(format!("c{:016x}", rand_u64()))?;
     let payload = serde_json::to_vec(cmd)?;
-    let mut opts = MqttOptions::new(format!("lathe-hub-{id}"), target.host.clone(), target.port);
-    opts.set_keep_alive(Duration::from_secs(15));
+    let mut opts = lathe::link::options(&target.broker, format!("lathe-hub-{id}"), None)?;
     let size = (payload.len() + 4096).max(1 << 20);
     opts.set_max_packet_size(size, size);
-    let (client, mut eventloop) = AsyncClient::new(opts, 16);
+    let (client, mut eventloop) = lathe::link::connect(opts, 16);
     let (fleet, device) = (&target.fleet, &target.device);
     let res_topic = Topic::new(fleet, device, Channel::Response(id.clone())).to_string();
     let cmd_topic = Topic::new(fleet, device, Channel::Command(id.clone())).to_string();
@@ -134,7 +132,7 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
                 return Ok(resp);
             }
             Ok(_) => {}
-            Err(e) => anyhow::bail!("broker {}:{}: {e}", target.host, target.port),
+            Err(e) => anyhow::bail!("broker {}:{}: {e}", target.broker.host, target.broker.port),
         }
     }
 }

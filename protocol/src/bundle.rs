@@ -245,15 +245,31 @@ impl VerifyError {
 }
 
 /// What the verifier checks a bundle against.
-#[derive(Debug, Clone)]
+#[derive(Clone, Copy)]
 pub struct Policy<'a> {
     pub trust: &'a TrustStore,
     /// Distinct trusted keys that must have signed; at least 1.
     pub threshold: usize,
     /// Unix seconds.
     pub now: u64,
-    /// The installed version of the same model name, if any.
-    pub installed_version: Option<u64>,
+    /// The highest version ever activated of a model name, if any. Called only with the name
+    /// of a manifest whose signatures have been checked (step 8).
+    pub installed_version: &'a dyn Fn(&str) -> Option<u64>,
+}
+
+impl std::fmt::Debug for Policy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("trust", &self.trust)
+            .field("threshold", &self.threshold)
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
+}
+
+/// For [`Policy::installed_version`]: no version of any name was ever activated.
+pub fn none_installed(_: &str) -> Option<u64> {
+    None
 }
 
 /// A bundle whose signatures, digests and policy checks passed.
@@ -416,7 +432,7 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
             now: policy.now,
         });
     }
-    if let Some(installed) = policy.installed_version {
+    if let Some(installed) = (policy.installed_version)(&manifest.name) {
         if manifest.version <= installed {
             return Err(VerifyError::NotNewer {
                 name: manifest.name.clone(),
@@ -530,7 +546,7 @@ mod tests {
             trust: &trust,
             threshold,
             now: 1500,
-            installed_version: None,
+            installed_version: &none_installed,
         };
         assert!(verify(&b, &policy(1)).is_ok());
         let err = verify(&b, &policy(2)).expect_err("one distinct trusted key only");
@@ -550,7 +566,7 @@ mod tests {
             trust: &trust,
             threshold: 1,
             now: 1500,
-            installed_version: None,
+            installed_version: &none_installed,
         };
         for n in 0..b.len() {
             assert!(verify(&b[..n], &p).is_err(), "prefix of {n} bytes accepted");
@@ -567,13 +583,47 @@ mod tests {
             trust: &trust,
             threshold: 1,
             now: 1500,
-            installed_version: None,
+            installed_version: &none_installed,
         };
         for i in 0..b.len() {
             let mut t = b.clone();
             t[i] ^= 0x01;
             assert!(verify(&t, &p).is_err(), "flip at byte {i} accepted");
         }
+    }
+
+    /// Regression: the agent read the manifest of an unverified bundle to find the installed
+    /// version (SPEC §4.6 step 3). The version lookup now runs inside `verify`, after the
+    /// signatures, and only with the verified manifest's name.
+    #[test]
+    fn installed_version_is_looked_up_only_after_the_signatures() {
+        let (k, stranger) = (key(1), key(2));
+        let trust = TrustStore::new([k.public_key()]);
+        let asked = std::cell::RefCell::new(Vec::<String>::new());
+        let lookup = |name: &str| {
+            asked.borrow_mut().push(name.to_string());
+            Some(1)
+        };
+        let p = Policy {
+            trust: &trust,
+            threshold: 1,
+            now: 1500,
+            installed_version: &lookup,
+        };
+        let unsigned = pack(manifest(2), &[(model_ref(), b"onnx".to_vec())], &[&stranger]).expect("packs");
+        assert_eq!(
+            verify(&unsigned, &p).expect_err("unknown key").code(),
+            "signature_threshold"
+        );
+        assert!(
+            asked.borrow().is_empty(),
+            "the manifest of an unverified bundle was read"
+        );
+        let signed = pack(manifest(2), &[(model_ref(), b"onnx".to_vec())], &[&k]).expect("packs");
+        assert!(verify(&signed, &p).is_ok());
+        assert_eq!(*asked.borrow(), vec!["m".to_string()]);
+        let old = pack(manifest(1), &[(model_ref(), b"onnx".to_vec())], &[&k]).expect("packs");
+        assert_eq!(verify(&old, &p).expect_err("not newer").code(), "not_newer");
     }
 
     #[test]

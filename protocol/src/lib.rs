@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod canonical;
 pub mod keys;
 pub mod messages;
+pub mod sync;
 pub mod topic;
 
 pub use topic::{Channel, Name, Topic};
@@ -16,6 +17,12 @@ pub use topic::{Channel, Name, Topic};
 pub mod streams {
     pub const PREDICTIONS: &str = "predictions";
     pub const EVENTS: &str = "events";
+    /// Loss reports (SPEC.md §5.6).
+    pub const LOSSES: &str = "losses";
+    /// Not a stream of records: the name loss reports give to refused readings.
+    pub const READINGS: &str = "readings";
+    /// Not a stream of records: the name loss reports give to dropped commands.
+    pub const COMMANDS: &str = "commands";
 }
 
 /// Lowercase hex of bytes.

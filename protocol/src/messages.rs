@@ -1,10 +1,13 @@
 //! Message payloads, one type per channel. All are UTF-8 JSON objects (SPEC.md §3).
 //!
 //! Receivers ignore members they do not know, so a newer sender can add members without
-//! breaking an older receiver.
+//! breaking an older receiver. Types that are read off the wire deserialise straight into
+//! typed fields: unknown members are skipped without being buffered, and nothing is parsed
+//! into a `serde_json::Value` first. Callers check a payload's size before parsing it.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// `state`, retained. The birth message says `online`; the Last Will says `offline`.
@@ -35,22 +38,47 @@ pub struct ModelRef {
     pub version: u64,
 }
 
-/// `health`, not retained.
+/// `health`, not retained (SPEC.md §3.2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     pub ts_ms: u64,
     pub model: Option<ModelRef>,
     /// Records waiting in the outbox, all streams.
     pub outbox_depth: u64,
+    /// Bytes of record data waiting in the outbox, all streams.
+    #[serde(default)]
+    pub outbox_bytes: u64,
+    /// Age of the oldest record waiting, by the device's clock; absent when none waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_age_ms: Option<u64>,
+    /// Free bytes on the filesystem that holds the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_bytes: Option<u64>,
+    /// Reading messages received since the agent started.
+    #[serde(default)]
+    pub readings_total: u64,
+    /// Predictions made durable in the outbox since the agent started.
     pub predictions_total: u64,
-    /// Readings refused (bad JSON, missing features) since start.
+    /// Reading messages refused since the agent started, whatever the cause.
     pub rejected_total: u64,
-    /// Records and messages dropped by a when-full policy since start.
+    /// Records (predictions, events, loss reports) lost since the agent started, whatever the
+    /// cause. Readings are not records: refused readings are counted in `rejected_total`.
     pub dropped_total: u64,
+    /// Every loss since the outbox was created, per stream and cause. Survives restarts.
+    #[serde(default)]
+    pub losses: Vec<LossTotal>,
 }
 
-/// `cmd/<id>`, hub to device.
+/// One loss counter: everything of `stream` lost for `cause`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossTotal {
+    pub stream: String,
+    pub cause: String,
+    pub total: u64,
+}
+
+/// `cmd/<id>`, hub to device, as the hub builds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Command {
     /// Install and activate a bundle; `bundle` is the standard base64 of the bundle file.
@@ -59,6 +87,67 @@ pub enum Command {
     Rollback,
     /// Answer with the active model; changes nothing.
     Ping,
+}
+
+/// The longest piece of a received value that an answer or an event repeats.
+pub const MAX_ECHO: usize = 64;
+
+/// Cut a received string to at most `max` bytes (on a character boundary), marking the cut.
+pub fn echo(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}… ({} bytes)", &s[..end], s.len()))
+}
+
+/// A command as received: borrowed from the payload, unknown members skipped unbuffered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceivedCommand<'a> {
+    /// `bundle` is still base64, borrowed from the payload.
+    Deploy {
+        bundle: Cow<'a, str>,
+    },
+    Rollback,
+    Ping,
+}
+
+impl<'a> ReceivedCommand<'a> {
+    /// Parse a command payload. The caller has checked its size. Errors quote at most
+    /// [`MAX_ECHO`] bytes of what was received.
+    pub fn parse(payload: &'a [u8]) -> Result<ReceivedCommand<'a>, String> {
+        #[derive(Deserialize)]
+        struct Wire<'a> {
+            #[serde(borrow)]
+            op: Cow<'a, str>,
+            #[serde(borrow, default)]
+            bundle: Option<Cow<'a, str>>,
+        }
+        let w: Wire<'a> = serde_json::from_slice(payload).map_err(|e| format!("not a command: {e}"))?;
+        match w.op.as_ref() {
+            "deploy" => match w.bundle {
+                Some(bundle) => Ok(ReceivedCommand::Deploy { bundle }),
+                None => Err("deploy needs a \"bundle\" member".into()),
+            },
+            "rollback" => Ok(ReceivedCommand::Rollback),
+            "ping" => Ok(ReceivedCommand::Ping),
+            other => Err(format!(
+                "unknown op {:?} (known: deploy, rollback, ping)",
+                echo(other, MAX_ECHO)
+            )),
+        }
+    }
+
+    pub fn op(&self) -> &'static str {
+        match self {
+            ReceivedCommand::Deploy { .. } => "deploy",
+            ReceivedCommand::Rollback => "rollback",
+            ReceivedCommand::Ping => "ping",
+        }
+    }
 }
 
 /// `res/<id>`, device to hub: the answer to the command with the same id.
@@ -76,17 +165,17 @@ pub struct Response {
 }
 
 /// One prediction: published live on `pred` and stored as a record of stream `predictions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Prediction {
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction<'a> {
     pub ts_ms: u64,
-    pub model: ModelRef,
+    pub model: &'a ModelRef,
     /// The topic the reading came in on.
-    pub source: String,
-    /// The reading's own `id`, when it had one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reading_id: Option<Value>,
+    pub source: &'a str,
+    /// The reading's own `id`, as JSON, when it had one (cut to a bounded length).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reading_id: Option<&'a RawValue>,
     /// Each model output, flattened to numbers (labels included).
-    pub outputs: BTreeMap<String, Vec<f64>>,
+    pub outputs: BTreeMap<&'a str, &'a [f64]>,
 }
 
 /// One event: published live on `events` and stored as a record of stream `events`.
@@ -107,28 +196,62 @@ pub enum Level {
     Error,
 }
 
-/// One buffered record inside a sync batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    pub seq: u64,
+/// A loss report: a record of stream `losses` (SPEC.md §5.6). `count` items of `stream` were
+/// lost for `cause` since the previous report for the same stream and cause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossReport {
     pub ts_ms: u64,
-    /// The record itself: a [`Prediction`] or an [`Event`] as JSON, by stream.
-    pub data: Value,
+    pub stream: String,
+    pub cause: String,
+    pub count: u64,
+    /// Everything of this stream lost for this cause since the outbox was created.
+    pub total: u64,
+    /// When the first and the last of the `count` losses happened (device clock).
+    pub first_ms: u64,
+    pub last_ms: u64,
 }
 
-/// `sync/<stream>`, device to hub.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SyncBatch {
+/// The identity a record had before the agent moved it to a new epoch (SPEC.md §5.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// One record inside a received sync batch, borrowed from the payload.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Record<'a> {
+    pub seq: u64,
+    pub ts_ms: u64,
+    /// The record itself, a JSON value (a [`Prediction`], an [`Event`], a [`LossReport`]), as
+    /// the device wrote it.
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+    /// Made before the device's current connection: delivered late, not live.
+    #[serde(default)]
+    pub historical: bool,
+    #[serde(default)]
+    pub origin: Option<Origin>,
+}
+
+/// `sync/<stream>`, device to hub, as received (borrowed from the decoded payload).
+#[derive(Debug, Clone, Deserialize)]
+pub struct SyncBatch<'a> {
     pub device: String,
     pub stream: String,
-    /// 16 lowercase hex digits, chosen at random when the device's outbox was created.
+    /// 16 lowercase hex digits (SPEC.md §5.1).
     pub epoch: String,
-    /// Every seq at or below this was dropped by the device's when-full policy and will never
-    /// be sent; 0 when none was.
+    /// Every seq at or below this was dropped by the device and will never be sent; 0 when
+    /// none was.
     #[serde(default)]
     pub lost_through: u64,
+    /// The device's acked watermark in this epoch: every seq at or below it was acked by the
+    /// hub and deleted on the device. Absent from older agents.
+    #[serde(default)]
+    pub acked: Option<u64>,
     /// Records in ascending seq order.
-    pub records: Vec<Record>,
+    #[serde(borrow)]
+    pub records: Vec<Record<'a>>,
 }
 
 /// `ack/<stream>`, hub to device.
@@ -139,6 +262,14 @@ pub struct Ack {
     /// The highest seq such that the hub has stored every seq from 1 to it (lost ones count as
     /// stored); 0 when none.
     pub acked: u64,
+    /// The lowest seq of the batch that the hub holds a different record for (SPEC.md §5.5):
+    /// the device's outbox was restored from an older copy, or someone else wrote under its
+    /// name. The device moves its unacknowledged records to a new epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<u64>,
+    /// Batch encodings the hub accepts besides plain JSON (`"zstd"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepts: Vec<String>,
 }
 
 /// The hub's per-(device, stream, epoch) watermark rule, without storage.
@@ -163,17 +294,54 @@ pub fn advance_watermark(acked: u64, lost_through: u64, stored_above: impl IntoI
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn cmd(payload: &str, expected: Result<&str, &str>) {
+        match (ReceivedCommand::parse(payload.as_bytes()), expected) {
+            (Ok(c), Ok(op)) => assert_eq!(c.op(), op, "{payload}"),
+            (Err(e), Err(want)) => assert!(e.contains(want), "{payload}: {e} lacks {want}"),
+            (got, want) => panic!("{payload}: got {got:?}, want {want:?}"),
+        }
+    }
 
     #[test]
-    fn commands_are_tagged_by_op() {
-        let c: Command = serde_json::from_value(json!({"op": "deploy", "bundle": "AAAA"})).expect("parses");
-        assert_eq!(c, Command::Deploy { bundle: "AAAA".into() });
-        assert_eq!(
-            serde_json::to_value(Command::Rollback).expect("ser"),
-            json!({"op": "rollback"})
-        );
-        assert!(serde_json::from_value::<Command>(json!({"op": "format_disk"})).is_err());
+    fn commands_parse_by_op_and_skip_the_rest() {
+        cmd(r#"{"op":"ping"}"#, Ok("ping"));
+        cmd(r#"{"op":"rollback","extra":[1,2,{"a":"b"}]}"#, Ok("rollback"));
+        cmd(r#"{"padding":[[[0,0,0]]],"op":"ping"}"#, Ok("ping"));
+        cmd(r#"{"op":"deploy","bundle":"AAAA"}"#, Ok("deploy"));
+        cmd(r#"{"op":"deploy"}"#, Err("needs a \"bundle\""));
+        cmd(r#"{"op":"format_disk"}"#, Err("unknown op \"format_disk\""));
+        cmd(r#"{"bundle":"AAAA"}"#, Err("missing field `op`"));
+        cmd("[1]", Err("not a command"));
+        let long = format!(r#"{{"op":"{}"}}"#, "x".repeat(10_000));
+        let e = ReceivedCommand::parse(long.as_bytes()).expect_err("unknown op");
+        assert!(e.len() < 200, "the echo of a long op is cut: {} bytes", e.len());
+        assert!(e.contains("(10000 bytes)"), "{e}");
+    }
+
+    #[test]
+    fn hub_commands_round_trip_through_the_parser() {
+        for c in [
+            Command::Ping,
+            Command::Rollback,
+            Command::Deploy { bundle: "QUJD".into() },
+        ] {
+            let bytes = serde_json::to_vec(&c).expect("ser");
+            let r = ReceivedCommand::parse(&bytes).expect("parses");
+            match (&c, r) {
+                (Command::Deploy { bundle }, ReceivedCommand::Deploy { bundle: b }) => assert_eq!(bundle, &b),
+                (Command::Ping, ReceivedCommand::Ping) | (Command::Rollback, ReceivedCommand::Rollback) => {}
+                (c, r) => panic!("{c:?} came back as {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn echo_cuts_on_a_character_boundary() {
+        assert_eq!(echo("short", 64), "short");
+        let s = "é".repeat(40); // 80 bytes
+        let e = echo(&s, 63);
+        assert!(e.starts_with(&"é".repeat(31)) && e.ends_with("(80 bytes)"), "{e}");
     }
 
     fn check(acked: u64, lost: u64, stored: &[u64], expected: u64) {

@@ -190,6 +190,21 @@ pub mod filter {
     pub fn all_events() -> String {
         format!("{ROOT}/+/+/events")
     }
+
+    /// Whether an MQTT topic filter could match the root `lathe/v1` or any topic under it.
+    pub fn overlaps_root(f: &str) -> bool {
+        let mut levels = f.split('/');
+        for want in ROOT.split('/') {
+            match levels.next() {
+                None => return false,
+                Some("#") => return true,
+                Some("+") => {}
+                Some(l) if l == want => {}
+                Some(_) => return false,
+            }
+        }
+        true
+    }
 }
 
 #[cfg(test)]
@@ -250,6 +265,33 @@ mod tests {
         assert_eq!(filter::commands(&f, &d), "lathe/v1/f/d/cmd/+");
         assert_eq!(filter::acks(&f, &d), "lathe/v1/f/d/ack/+");
         assert_eq!(filter::all_sync(), "lathe/v1/+/+/sync/+");
+    }
+
+    #[test]
+    fn filters_overlapping_the_root_are_recognised() {
+        for f in [
+            "#",
+            "+/#",
+            "lathe/#",
+            "lathe/v1",
+            "lathe/+",
+            "+/+/#",
+            "lathe/v1/a/b/cmd/+",
+            "+/v1/x",
+        ] {
+            assert!(filter::overlaps_root(f), "{f}");
+        }
+        for f in [
+            "+",
+            "sensors/#",
+            "lathe",
+            "lathe/v2/#",
+            "lathe2/#",
+            "x/lathe/v1/#",
+            "+/v2/#",
+        ] {
+            assert!(!filter::overlaps_root(f), "{f}");
+        }
     }
 
     fn name_strategy() -> impl Strategy<Value = Name> {

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Policy, Role};
 use protocol::keys::{SigningKey, TrustStore};
-use protocol::messages::{Ack, Command, SyncBatch};
+use protocol::messages::{Ack, ReceivedCommand, SyncBatch};
 
 fn valid() -> (Vec<u8>, TrustStore) {
     let k = SigningKey::from_seed(&[5; 32]);
@@ -41,7 +41,7 @@ proptest! {
     #[test]
     fn verify_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let (_, trust) = valid();
-        let p = Policy { trust: &trust, threshold: 1, now: 100, installed_version: None };
+        let p = Policy { trust: &trust, threshold: 1, now: 100, installed_version: &bundle::none_installed };
         let _ = bundle::verify(&bytes, &p);
         let _ = bundle::inspect(&bytes);
     }
@@ -53,13 +53,14 @@ proptest! {
         prop_assume!(b[i] != byte);
         let mut t = b.clone();
         t[i] = byte;
-        let p = Policy { trust: &trust, threshold: 1, now: 100, installed_version: None };
+        let p = Policy { trust: &trust, threshold: 1, now: 100, installed_version: &bundle::none_installed };
         prop_assert!(bundle::verify(&t, &p).is_err(), "byte {} set to {} was accepted", i, byte);
     }
 
     #[test]
     fn message_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = serde_json::from_slice::<Command>(&bytes);
+        let _ = ReceivedCommand::parse(&bytes);
+        let _ = protocol::sync::decode(&bytes, 1 << 16);
         let _ = serde_json::from_slice::<SyncBatch>(&bytes);
         let _ = serde_json::from_slice::<Ack>(&bytes);
     }

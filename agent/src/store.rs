@@ -1137,6 +1137,45 @@ mod tests {
         assert_eq!(lost(&s), vec![(P.into(), cause::DISK_FULL.into(), 3)]);
     }
 
+    /// Regression: nothing limited the WAL. It is checkpointed at half its limit and truncated
+    /// back to it, even while a reader holds an old snapshot that stops checkpoints.
+    #[test]
+    fn the_wal_stays_under_its_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.db");
+        let mut s = Store::open(&path).expect("open");
+        let limit = 1 << 20;
+        s.limit_wal(limit).expect("limit");
+        let big = |ts| NewRecord {
+            stream: P,
+            ts_ms: ts,
+            data: format!("\"{}\"", "x".repeat(2000)),
+        };
+        let wal = || std::fs::metadata(wal_path(&path)).map(|m| m.len()).unwrap_or(0);
+        let mut largest = 0;
+        for i in 0..400 {
+            s.append(&(i * 10..i * 10 + 10).map(big).collect::<Vec<_>>(), &[], ROOMY, None)
+                .expect("append");
+            s.bound_wal(limit).expect("bound");
+            largest = largest.max(wal());
+        }
+        assert!(largest <= 2 * limit, "the WAL grew to {largest} bytes");
+        // A reader in the middle of a read transaction stops checkpoints; once it is gone the
+        // next bound truncates the WAL again.
+        let reader = Connection::open(&path).expect("reader");
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM outbox;")
+            .expect("snapshot");
+        for i in 400..700 {
+            s.append(&(i * 10..i * 10 + 10).map(big).collect::<Vec<_>>(), &[], ROOMY, None)
+                .expect("append");
+        }
+        assert!(wal() > limit, "the reader held the WAL open: {}", wal());
+        drop(reader);
+        s.bound_wal(limit).expect("bound");
+        assert!(wal() <= limit, "the WAL is {} bytes after the bound", wal());
+    }
+
     /// SQLITE_FULL (here: a page limit) is met by the when-full policy, not by losing the batch.
     #[test]
     fn sqlite_full_drops_the_oldest_to_make_room() {

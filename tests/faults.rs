@@ -141,6 +141,21 @@ fn forged_acks_and_batches_delete_nothing() {
             .to_string()
             .into(),
     );
+    // Malformed and oversized batches at the hub: refused, nothing stored, the hub carries on.
+    let bomb = protocol::sync::compress(&vec![b' '; 64 << 20], 3);
+    for junk in [
+        b"\x00\x01 not json".to_vec(),
+        bomb,
+        vec![b'{'; 20 << 20],
+        json!({"device": d.id, "stream": "predictions", "epoch": e2, "records": [{"seq": 9, "ts_ms": 1, "data": 1}, {"seq": 3, "ts_ms": 1, "data": 2}]})
+            .to_string()
+            .into(),
+        json!({"device": d.id, "stream": "predictions", "epoch": "not hex!", "records": [{"seq": 1, "ts_ms": 1, "data": 1}]})
+            .to_string()
+            .into(),
+    ] {
+        publish(&forge, &sync_topic, junk);
+    }
     sensor.send_range(&c, 200, 300, Duration::from_millis(2));
     assert_whole(&f, 0..300);
     let preds = hub_predictions(&f.hub_db);

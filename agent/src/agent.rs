@@ -124,7 +124,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let (fleet, device) = (cfg.fleet(), cfg.device());
     std::fs::create_dir_all(&cfg.device.state_dir)
         .with_context(|| format!("cannot create state_dir {}", cfg.device.state_dir.display()))?;
-    let _lock = lock_state_dir(&cfg.device.state_dir)?;
+    let lock = lock_state_dir(&cfg.device.state_dir)?;
     let trust = load_trust(&cfg)?;
     let metrics = Arc::new(Metrics::default());
     let (deployer, startup_events) = Deployer::open(
@@ -226,6 +226,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         stop_link(&client, task, sensors_stop).await;
     }
     say_goodbye(&client, &fleet, &device, hub_task, hub_shutdown).await;
+    // No pid in the lock once stopped: `lathe status` reads it to tell a live agent.
+    let _ = lock.set_len(0);
     Ok(())
 }
 

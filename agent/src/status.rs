@@ -114,7 +114,11 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
     let heartbeat_age_s = meta("heartbeat_ms")?
         .and_then(|h| h.parse::<u64>().ok())
         .map(|h| now.saturating_sub(h) / 1000);
-    let running = heartbeat_age_s.is_some_and(|a| a <= 15);
+    let fresh = heartbeat_age_s.is_some_and(|a| a <= 15);
+    // The agent writes its pid into the state_dir's lock; a live process there is a running
+    // agent even when it cannot write its heartbeat (a full disk).
+    let pid = agent_pid(state_dir);
+    let running = fresh || pid.is_some();
     let connection = json("conn")?;
     let inputs_connection = json("inputs_conn")?;
     let deploy: DeployState = meta("deploy_state")?
@@ -156,6 +160,12 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
     let mut problems = vec![];
     if !running {
         problems.push("agent is not running (no heartbeat in the last 15 s)".to_string());
+    } else if !fresh {
+        let since = heartbeat_age_s.map_or("since it started".into(), |a| format!("for {}", human_secs(a)));
+        problems.push(format!(
+            "agent (pid {}) runs but has not written its heartbeat {since}: it cannot write its database (is the disk full?)",
+            pid.unwrap_or(0)
+        ));
     } else {
         for (what, c) in [("broker", &connection), ("readings broker", &inputs_connection)] {
             let err = c["error"].as_str().unwrap_or("unknown");
@@ -172,7 +182,7 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
     let window_ms = t.status.loss_window_secs * 1000;
     let records: [&str; 3] = crate::store::STREAMS;
     for l in &losses {
-        if records.contains(&l.stream.as_str()) && now.saturating_sub(l.last_ms) <= window_ms {
+        if records.contains(&l.stream.as_str()) && now.saturating_sub(l.last_ms) < window_ms {
             problems.push(format!(
                 "{} record(s) lost: {} {} (last {} ago); see `lathe status` losses",
                 l.stream,
@@ -205,7 +215,7 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
         }
     }
     if let Some(last) = meta("acks_refused_ms")?.and_then(|v| v.parse::<u64>().ok()) {
-        if now.saturating_sub(last) <= window_ms {
+        if now.saturating_sub(last) < window_ms {
             problems.push(format!(
                 "{acks_refused} ack(s) refused, the last {} ago: forged, or this outbox was restored from an older copy; records were kept and moved to a new epoch",
                 human_secs(now.saturating_sub(last) / 1000)
@@ -231,6 +241,20 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
         last_sync,
         problems,
     })
+}
+
+/// The pid in the state_dir's lock file, if that process is alive and is a lathe agent.
+fn agent_pid(state_dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(state_dir.join("lock"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if pid == std::process::id() {
+        return None;
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    comm.trim().starts_with("lathe").then_some(pid)
 }
 
 fn ago(ms: Option<u64>) -> String {
@@ -327,4 +351,64 @@ pub fn render(r: &Report) -> String {
         s += &format!("problem     {p}\n");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Limits, Loss, NewRecord};
+
+    fn check(t: Thresholds, expected: &[&str]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&crate::config::db_path(dir.path())).expect("open");
+        let old = now_ms() - 7_200_000;
+        let lim = Limits {
+            max_records: 10,
+            max_bytes: 1 << 20,
+            max_record_bytes: 1 << 10,
+            min_free_bytes: 0,
+            when_full: crate::config::WhenFull::DropOldest,
+        };
+        let rec = NewRecord {
+            stream: protocol::streams::PREDICTIONS,
+            ts_ms: old,
+            data: "{}".into(),
+        };
+        let lost = Loss {
+            stream: protocol::streams::PREDICTIONS,
+            cause: crate::store::cause::DISK_FULL,
+            count: 3,
+        };
+        s.append(&[rec], &[lost], lim, None).expect("append");
+        s.set_meta("heartbeat_ms", &now_ms().to_string()).expect("heartbeat");
+        let r = report(dir.path(), &t).expect("report");
+        let problems = r.problems.join("\n");
+        for e in expected {
+            assert!(problems.contains(e), "{e:?} not in:\n{problems}");
+        }
+        assert_eq!(r.problems.len(), expected.len(), "{problems}");
+    }
+
+    #[test]
+    fn problems_are_named() {
+        let t = |window, stale, floor| Thresholds {
+            status: StatusConfig {
+                loss_window_secs: window,
+                ack_stale_secs: stale,
+            },
+            min_free_bytes: floor,
+        };
+        // Recent losses, a record waiting two hours, a floor no disk has; no model either.
+        check(
+            t(86_400, 3600, u64::MAX),
+            &[
+                "no model deployed",
+                "record(s) lost: 3 disk_full",
+                "under its floor",
+                "acked nothing for 2h",
+            ],
+        );
+        // The same, with thresholds that do not call them problems.
+        check(t(0, 86_400, 0), &["no model deployed"]);
+    }
 }

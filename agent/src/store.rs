@@ -248,6 +248,12 @@ CREATE TABLE IF NOT EXISTS losses (
 );
 ";
 
+/// What a record of `len` bytes may take on disk while it is written: its page in the WAL and
+/// then in the database, with B-tree overhead. The free-space floor is kept against this.
+pub fn disk_cost(len: u64) -> u64 {
+    2 * len + 256
+}
+
 /// Errors of the database at `path`.
 fn on(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + Copy + '_ {
     move |source| StoreError {
@@ -586,10 +592,11 @@ impl Store {
                 // Free what the policy asks for before this record goes in. Under the floor,
                 // the record must free at least its own size: SQLite reuses the freed pages.
                 let mut freed = 0u64;
+                let cost = disk_cost(len);
                 let kept = loop {
                     let depth: u64 = streams.values().map(|s| s.depth).sum();
                     let bytes: u64 = streams.values().map(|s| s.bytes).sum();
-                    let why = if headroom.is_some_and(|h| h < len as i64) && freed < len {
+                    let why = if headroom.is_some_and(|h| h < cost as i64) && freed < len {
                         cause::DISK_FULL
                     } else if depth + 1 > limits.max_records || bytes + len > limits.max_bytes {
                         cause::OUTBOX_FULL
@@ -640,7 +647,9 @@ impl Store {
                 s.depth += 1;
                 s.bytes += len;
                 if let Some(h) = headroom.as_mut() {
-                    *h -= len.saturating_sub(freed) as i64;
+                    if freed < len {
+                        *h -= cost as i64;
+                    }
                 }
                 out.appended += 1;
                 out.appended_streams.push(r.stream);

@@ -493,8 +493,38 @@ impl SyncTask {
             losses.extend(a.losses);
             acks.extend(a.acks);
         }
+        // One transaction must fit in the free-space floor, WAL and all: a large burst is
+        // written in several.
+        let per_txn = (self.limits.min_free_bytes / 8).clamp(64 << 10, APPEND_BURST_BYTES as u64);
+        let mut start = 0;
+        while start < records.len() || start == 0 {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < records.len() && (end == start || bytes + records[end].data.len() as u64 <= per_txn) {
+                bytes += records[end].data.len() as u64;
+                end += 1;
+            }
+            let chunk_losses = if start == 0 {
+                std::mem::take(&mut losses)
+            } else {
+                vec![]
+            };
+            self.write(run, &records[start..end], &live[start..end], chunk_losses);
+            start = end.max(1);
+        }
+        for a in acks {
+            if a.send().is_err() {
+                run.acks_due.push_back(a);
+            }
+        }
+        self.metrics.outbox_depth.set(self.store.depth());
+        self.metrics.outbox_bytes.set(self.store.bytes());
+    }
+
+    /// Write records and losses in one transaction, then publish the live copies.
+    fn write(&mut self, run: &mut Run, records: &[NewRecord], live: &[bool], mut losses: Vec<Loss>) {
         let free = crate::store::free_bytes(&self.state_dir);
-        let written = tokio::task::block_in_place(|| self.store.append(&records, &losses, self.limits, free));
+        let written = tokio::task::block_in_place(|| self.store.append(records, &losses, self.limits, free));
         match written {
             Ok(out) => {
                 let lost = out.lost_records();
@@ -510,7 +540,7 @@ impl SyncTask {
                     self.send_batches(run);
                     let now = Instant::now();
                     for ((r, live), kept) in records.iter().zip(live).zip(&out.kept) {
-                        if live && *kept {
+                        if *live && *kept {
                             self.publish_live(run, r, now);
                         }
                     }
@@ -525,7 +555,7 @@ impl SyncTask {
                 } else {
                     cause::WRITE_FAILED
                 };
-                for r in &records {
+                for r in records {
                     push_loss(
                         &mut losses,
                         Loss {
@@ -536,16 +566,11 @@ impl SyncTask {
                     );
                 }
                 error!(error = %e, records = n, "cannot write to the outbox; records lost and counted");
-                run.unsaved = losses;
+                for l in losses {
+                    push_loss(&mut run.unsaved, l);
+                }
             }
         }
-        for a in acks {
-            if a.send().is_err() {
-                run.acks_due.push_back(a);
-            }
-        }
-        self.metrics.outbox_depth.set(self.store.depth());
-        self.metrics.outbox_bytes.set(self.store.bytes());
     }
 
     fn publish_live(&mut self, run: &mut Run, r: &NewRecord, now: Instant) {

@@ -154,7 +154,10 @@ fn deploy_infer_survive_broker_restart_and_sync_exactly_once() {
         DEVICE,
     ]));
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("rolled back to bearing v1"), "{out}");
+    assert!(
+        out.contains("now active") && out.contains("for bearing v1 (now active)"),
+        "{out}"
+    );
 
     // An orderly stop, then a restart: the active model comes back from disk, re-verified.
     assert_eq!(

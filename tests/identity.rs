@@ -143,7 +143,7 @@ fn device_a_cannot_write_records_or_acks_as_device_b() {
     let (code, out) = f.command(&b, &["rollback"]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("rolled back to bearing v1"),
+        out.contains("now active") && out.contains("for bearing v1 (now active)"),
         "only the hub's rollback ran: {out}"
     );
 

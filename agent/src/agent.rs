@@ -20,7 +20,6 @@ use crate::metrics::Metrics;
 use crate::queue;
 use crate::store::{Limits, Store};
 use crate::sync::{now_ms, LiveTopics, Outbox, SyncTask};
-use anyhow::Context;
 use protocol::keys::TrustStore;
 use protocol::messages::{Health, State, Status};
 use protocol::{topic::filter, Channel, Name, Topic};
@@ -38,12 +37,41 @@ const DRAIN: Duration = Duration::from_secs(10);
 const OUTBOX_QUEUE: usize = 256;
 const OUTBOX_QUEUE_BYTES: usize = 16 << 20;
 
+/// Why the agent cannot start on its state_dir. Restarting does not help: `lathe run` exits
+/// with the config code (78), which systemd does not restart on.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(
         "state_dir {dir} is in use by another lathe agent{holder}; stop it first, or give this one its own state_dir"
     )]
     Locked { dir: std::path::PathBuf, holder: String },
+    #[error(
+        "state_dir {dir}: cannot {what}: permission denied; the user lathe runs as must own it \
+         (chown -R that user {dir}) or set device.state_dir to a directory it may write"
+    )]
+    Permission { dir: std::path::PathBuf, what: String },
+    #[error("state_dir {dir}: cannot {what}: {message}")]
+    Unusable {
+        dir: std::path::PathBuf,
+        what: String,
+        message: String,
+    },
+}
+
+impl StartError {
+    fn io(dir: &std::path::Path, what: impl std::fmt::Display, e: std::io::Error) -> StartError {
+        let (dir, what) = (dir.to_path_buf(), what.to_string());
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                StartError::Permission { dir, what }
+            }
+            _ => StartError::Unusable {
+                dir,
+                what,
+                message: e.to_string(),
+            },
+        }
+    }
 }
 
 fn qos(q: u8) -> QoS {
@@ -54,10 +82,12 @@ fn qos(q: u8) -> QoS {
     }
 }
 
-/// Take the state_dir's lock for the life of the process: two agents on one outbox would
-/// assign the same seqs twice.
-fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+/// Make sure the state_dir exists, is readable and writable, and take its lock for the life
+/// of the process: two agents on one outbox would assign the same seqs twice.
+fn lock_state_dir(dir: &std::path::Path, db: &std::path::Path) -> Result<std::fs::File, StartError> {
     use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(dir).map_err(|e| StartError::io(dir, "create it", e))?;
+    std::fs::read_dir(dir).map_err(|e| StartError::io(dir, "read it", e))?;
     let path = dir.join("lock");
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -65,7 +95,7 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
+        .map_err(|e| StartError::io(dir, format_args!("open {}", path.display()), e))?;
     if f.try_lock().is_err() {
         let mut pid = String::new();
         let _ = f.read_to_string(&mut pid);
@@ -76,16 +106,30 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         return Err(StartError::Locked {
             dir: dir.to_path_buf(),
             holder,
-        }
-        .into());
+        });
     }
-    f.set_len(0)?;
-    f.rewind()?;
-    write!(f, "{}", std::process::id())?;
+    let write_pid = |f: &mut std::fs::File| -> std::io::Result<()> {
+        f.set_len(0)?;
+        f.rewind()?;
+        write!(f, "{}", std::process::id())
+    };
+    write_pid(&mut f).map_err(|e| StartError::io(dir, format_args!("write {}", path.display()), e))?;
+    // SQLite creates its journal files beside the database, and writes the database itself.
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| StartError::io(dir, "create files in it", e))?;
+    let _ = std::fs::remove_file(&probe);
+    if db.exists() {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(db)
+            .map_err(|e| StartError::io(dir, format_args!("write {}", db.display()), e))?;
+    }
     Ok(f)
 }
 
-fn load_trust(cfg: &Config) -> anyhow::Result<TrustStore> {
+/// The trust store the config names, checked against its threshold.
+pub fn load_trust(cfg: &Config) -> anyhow::Result<TrustStore> {
     let keys_file = &cfg.trust.keys_file;
     let config_err = |message: String| ConfigError::File {
         path: keys_file.clone(),
@@ -122,9 +166,7 @@ struct Wires {
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (fleet, device) = (cfg.fleet(), cfg.device());
-    std::fs::create_dir_all(&cfg.device.state_dir)
-        .with_context(|| format!("cannot create state_dir {}", cfg.device.state_dir.display()))?;
-    let lock = lock_state_dir(&cfg.device.state_dir)?;
+    let lock = lock_state_dir(&cfg.device.state_dir, &cfg.db_path())?;
     let trust = load_trust(&cfg)?;
     let metrics = Arc::new(Metrics::default());
     let (deployer, startup_events) = Deployer::open(
@@ -478,6 +520,7 @@ async fn health(
             readings_total: m.readings.get(),
             predictions_total: m.predictions.get(),
             rejected_total: m.rejected.get(),
+            inference_failed_total: m.inference_failed.get(),
             dropped_total: m.dropped.get(),
             losses: m.loss_totals(),
         };

@@ -40,6 +40,17 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub status: StatusConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: how `lathe run` writes its log to stderr. The level comes from `LATHE_LOG` (or
+/// `RUST_LOG`), e.g. `LATHE_LOG=debug` or `LATHE_LOG=info,lathe::sync=debug`; default `info`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: crate::logs::Format,
 }
 
 #[derive(Debug, Clone, Deserialize)]

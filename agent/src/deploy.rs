@@ -108,10 +108,18 @@ impl DeployState {
 pub enum DeployError {
     #[error("bad command: {0}")]
     BadCommand(String),
+    #[error("bundle is {size} bytes, more than this device accepts ({limit}, trust.max_bundle_bytes)")]
+    TooLarge { size: usize, limit: usize },
     #[error("bundle refused: {0}")]
     Refused(#[from] bundle::VerifyError),
     #[error("bundle {name} v{version}: {message}")]
     Load {
+        name: String,
+        version: u64,
+        message: String,
+    },
+    #[error("bundle {name} v{version}: self-test failed: {message}")]
+    Selftest {
         name: String,
         version: u64,
         message: String,
@@ -125,11 +133,13 @@ pub enum DeployError {
 }
 
 impl DeployError {
-    fn code(&self) -> String {
+    pub fn code(&self) -> String {
         match self {
             DeployError::BadCommand(_) => "bad_command".into(),
+            DeployError::TooLarge { .. } => "too_large".into(),
             DeployError::Refused(v) => v.code().into(),
             DeployError::Load { .. } => "load_failed".into(),
+            DeployError::Selftest { .. } => "selftest_failed".into(),
             DeployError::NoPrevious(_) => "no_previous".into(),
             DeployError::Io { .. } | DeployError::Store(_) => "io".into(),
         }
@@ -240,11 +250,10 @@ impl Deployer {
     /// Verify, load, store and activate a bundle.
     pub fn deploy(&mut self, bytes: &[u8], now: u64) -> Result<String, DeployError> {
         if bytes.len() > self.max_bundle_bytes {
-            return Err(DeployError::BadCommand(format!(
-                "bundle is {} bytes, limit is {} (trust.max_bundle_bytes)",
-                bytes.len(),
-                self.max_bundle_bytes
-            )));
+            return Err(DeployError::TooLarge {
+                size: bytes.len(),
+                limit: self.max_bundle_bytes,
+            });
         }
         // Nothing of the manifest is read before its signatures are checked: the version
         // high-water mark is looked up inside `verify`, with the verified name (SPEC §4.6).
@@ -292,7 +301,17 @@ impl Deployer {
         self.store.set_meta("deploy_state", &s)?;
         self.state = next;
         self.active.store(Some(Arc::new(model)));
-        Ok(format!("rolled back to {} v{}", prev.name, prev.version))
+        let was = self
+            .state
+            .previous
+            .as_ref()
+            .map(|p| format!("{} v{}", p.name, p.version))
+            .unwrap_or_else(|| "none".into());
+        // A rollback swaps the two: run twice, it goes back to where it started. Say which.
+        Ok(format!(
+            "swapped {was} (now previous) for {} v{} (now active)",
+            prev.name, prev.version
+        ))
     }
 
     fn current(&self) -> Option<ModelRef> {
@@ -300,7 +319,9 @@ impl Deployer {
     }
 }
 
-/// Load the model of a verified bundle and check it against the manifest.
+/// Load the model of a verified bundle, check it against the manifest (SPEC §4.7) and run its
+/// self-test, if it has one (§4.8). This is the check a deploy, a re-verification at start-up
+/// and `lathe model run` on a bundle make.
 pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
     let m = &v.manifest;
     let err = |message: String| DeployError::Load {
@@ -309,19 +330,52 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
         message,
     };
     let engine = Engine::load(v.model(), m.input.features.len()).map_err(|e| err(e.to_string()))?;
-    let declared: Vec<&str> = m.outputs.iter().map(|o| o.name.as_str()).collect();
-    let actual: Vec<&str> = engine.output_names().iter().map(|n| &**n).collect();
-    if declared != actual {
+    if engine.input_name() != m.input.name {
         return Err(err(format!(
-            "manifest outputs {declared:?} differ from the model's {actual:?}"
+            "manifest input {:?} differs from the model's {:?}",
+            m.input.name,
+            engine.input_name()
         )));
     }
+    let declared: Vec<(&str, &str)> = m
+        .outputs
+        .iter()
+        .map(|o| (o.name.as_str(), declared_dtype(&o.dtype)))
+        .collect();
+    let model = engine.outputs();
+    let actual: Vec<(&str, &str)> = model.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+    if declared != actual {
+        return Err(err(format!(
+            "manifest outputs {declared:?} differ from the model's {actual:?} (name, dtype)"
+        )));
+    }
+    if let Some(bytes) = v.payload(bundle::Role::Selftest) {
+        let failed = |message: String| DeployError::Selftest {
+            name: m.name.clone(),
+            version: m.version,
+            message,
+        };
+        let test = protocol::selftest::Selftest::parse(bytes, m).map_err(failed)?;
+        let outputs = engine.run(&test.rows).map_err(|e| failed(e.to_string()))?;
+        test.compare(|name, row| outputs.column(name).map(|c| c.row(row)))
+            .map_err(|e| failed(e.to_string()))?;
+    }
     Ok(ActiveModel {
-        features: Features::new(&v.manifest.input.features),
+        features: Features::new(&v.manifest.input.features).accepting_missing(v.manifest.input.accepts_missing),
         manifest: v.manifest,
         engine,
         signed_by: v.signed_by,
     })
+}
+
+/// A manifest output dtype as compared with the model's: packers before protocol 1.2 wrote
+/// `tdim` for int64 outputs that the engine computes as dimensions.
+fn declared_dtype(d: &str) -> &str {
+    if d == "tdim" {
+        "int64"
+    } else {
+        d
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
@@ -410,6 +464,19 @@ impl DeployTask {
                 warn!(command = %cmd.id, op, %message, "command refused");
             }
             let model = self.deployer.current();
+            if ok && op != "ping" {
+                // The retained state carries the active model. It goes out before the answer
+                // (SPEC §3.4), so whoever reads the state on the answer sees the new model.
+                let state = birth(model.clone());
+                let topic = Topic::new(&self.fleet, &self.device, Channel::State);
+                if let Err(e) = self
+                    .client
+                    .publish(topic.to_string(), QoS::AtLeastOnce, true, state)
+                    .await
+                {
+                    warn!(error = %e, "could not queue the retained state");
+                }
+            }
             let resp = Response {
                 ok,
                 message: message.clone(),
@@ -432,14 +499,6 @@ impl DeployTask {
                     (false, _) => (Level::Error, "deploy_refused"),
                 };
                 self.events.emit(event(level, kind, message)).await;
-                if ok {
-                    // The retained state carries the active model.
-                    let state = birth(model);
-                    let topic = Topic::new(&self.fleet, &self.device, Channel::State);
-                    let _ = self
-                        .client
-                        .try_publish(topic.to_string(), QoS::AtLeastOnce, true, state);
-                }
             }
         }
     }
@@ -457,11 +516,10 @@ impl DeployTask {
                 if bundle.len() > limit {
                     return (
                         "deploy",
-                        Err(DeployError::BadCommand(format!(
-                            "bundle is about {} bytes, limit is {} (trust.max_bundle_bytes)",
-                            bundle.len() / 4 * 3,
-                            self.deployer.max_bundle_bytes
-                        ))),
+                        Err(DeployError::TooLarge {
+                            size: bundle.len() / 4 * 3,
+                            limit: self.deployer.max_bundle_bytes,
+                        }),
                     );
                 }
                 let bytes = match base64::engine::general_purpose::STANDARD.decode(bundle.as_bytes()) {

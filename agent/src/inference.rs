@@ -28,13 +28,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 /// A model's feature names and where each goes in a row, built once per model.
 #[derive(Debug, Clone)]
 pub struct Features {
     names: Vec<String>,
     index: HashMap<String, usize>,
+    /// A `null` feature is a missing value (NaN) rather than a refusal (SPEC §3.7).
+    accepts_missing: bool,
 }
 
 impl Features {
@@ -42,7 +44,14 @@ impl Features {
         Features {
             names: names.to_vec(),
             index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
+            accepts_missing: false,
         }
+    }
+
+    /// Features of a model that handles missing values: `null` becomes NaN.
+    pub fn accepting_missing(mut self, yes: bool) -> Features {
+        self.accepts_missing = yes;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -181,8 +190,9 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
     }
 }
 
-/// A feature value: a JSON number finite in float32.
-struct Feature<'a>(&'a str);
+/// A feature value: a JSON number finite in float32, or `null` (NaN) for a model that accepts
+/// missing values.
+struct Feature<'a>(&'a str, bool);
 
 impl<'de> DeserializeSeed<'de> for Feature<'_> {
     type Value = f32;
@@ -193,12 +203,8 @@ impl<'de> DeserializeSeed<'de> for Feature<'_> {
 
 impl Feature<'_> {
     fn finite<E: de::Error>(&self, x: f64) -> Result<f32, E> {
-        let v = x as f32;
-        if v.is_finite() {
-            Ok(v)
-        } else {
-            Err(E::custom(format!("feature {:?} is out of float32 range", self.0)))
-        }
+        crate::engine::feature_value(x)
+            .ok_or_else(|| E::custom(format!("feature {:?} is out of float32 range", self.0)))
     }
 
     fn not_a_number<E: de::Error>(&self, what: &str) -> Result<f32, E> {
@@ -227,7 +233,11 @@ impl<'de> Visitor<'de> for Feature<'_> {
         self.not_a_number("a boolean")
     }
     fn visit_unit<E: de::Error>(self) -> Result<f32, E> {
-        self.not_a_number("null")
+        if self.1 {
+            Ok(f32::NAN)
+        } else {
+            self.not_a_number("null (this model does not take missing values)")
+        }
     }
     fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<f32, A::Error> {
         self.not_a_number("an array")
@@ -272,7 +282,8 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
                     )));
                 }
                 seen[i] = true;
-                self.out.values[start + i] = map.next_value_seed(Feature(&self.features.names[i]))?;
+                self.out.values[start + i] =
+                    map.next_value_seed(Feature(&self.features.names[i], self.features.accepts_missing))?;
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -303,6 +314,27 @@ pub struct InferenceTask {
     pub metrics: Arc<Metrics>,
 }
 
+/// A repeated trouble reported at once, then at most once a minute with the count since.
+#[derive(Debug, Default)]
+struct Reports {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Reports {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Count `n` more; when a report is due, the count it covers.
+    fn due(&mut self, n: u64) -> Option<u64> {
+        self.since += n;
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
 /// Rows of a batch, where they came from, and the PUBACKs they owe.
 struct Batch {
     rows: Rows,
@@ -315,8 +347,8 @@ impl InferenceTask {
     /// Runs until shutdown or until the readings channel closes. A batch already taken is
     /// always finished and handed to the outbox.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut last_reject_event: Option<Instant> = None;
-        let mut rejected_since_event = 0u64;
+        let mut rejections = Reports::default();
+        let mut failures = Reports::default();
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -354,11 +386,7 @@ impl InferenceTask {
                 if let Some((why, reason)) = refused {
                     self.metrics.rejected.inc();
                     push_loss(&mut batch.losses, protocol::streams::READINGS, why, 1);
-                    rejected_since_event += 1;
-                    let due = last_reject_event.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-                    if due {
-                        last_reject_event = Some(Instant::now());
-                        let n = std::mem::take(&mut rejected_since_event);
+                    if let Some(n) = rejections.due(1) {
                         let msg = format!("{n} reading(s) refused; last: {reason}");
                         warn!(message = %msg, "input rejected");
                         events.push(event(Level::Warn, "input_rejected", msg));
@@ -381,7 +409,7 @@ impl InferenceTask {
                 })
                 .collect();
             if let (Some(m), false) = (model, batch.rows.is_empty()) {
-                records.extend(self.infer(m, &mut batch).await);
+                records.extend(self.infer(m, &mut batch, &mut failures).await);
             }
             let append = Append {
                 records,
@@ -397,7 +425,7 @@ impl InferenceTask {
 
     /// Run the batch's rows, `max_batch` at a time; returns the predictions as records. Rows
     /// whose inference failed are counted as refused readings.
-    async fn infer(&mut self, model: Arc<ActiveModel>, batch: &mut Batch) -> Vec<Outgoing> {
+    async fn infer(&mut self, model: Arc<ActiveModel>, batch: &mut Batch, failures: &mut Reports) -> Vec<Outgoing> {
         let n_features = model.features.len();
         let rows = std::mem::take(&mut batch.rows);
         let values = Arc::new(rows.values);
@@ -422,23 +450,33 @@ impl InferenceTask {
                         Ok(Ok(_)) => unreachable!("matched above"),
                     };
                     let n = (end - row) as u64;
-                    self.metrics.rejected.add(n);
+                    self.metrics.inference_failed.add(n);
+                    self.metrics.set_last_failure(now_ms(), &message);
                     push_loss(
                         &mut batch.losses,
                         protocol::streams::READINGS,
                         cause::INFERENCE_FAILED,
                         n,
                     );
-                    warn!(rows = n, error = %message, "inference failed");
-                    let e = event(Level::Error, "inference_failed", message);
-                    out.push(Outgoing {
-                        record: NewRecord {
-                            stream: protocol::streams::EVENTS,
-                            ts_ms: e.ts_ms,
-                            data: serde_json::to_string(&e).expect("an event serializes"),
-                        },
-                        live: true,
-                    });
+                    // Logged and sent as an event at once, then at most once a minute with
+                    // the count since: a model failing every reading does not flood either.
+                    if let Some(rows) = failures.due(n) {
+                        let model = format!("{} v{}", model_ref.name, model_ref.version);
+                        error!(rows, model = %model, error = %message, "inference failed");
+                        let e = event(
+                            Level::Error,
+                            "inference_failed",
+                            format!("{model}: inference failed for {rows} row(s); last: {message}"),
+                        );
+                        out.push(Outgoing {
+                            record: NewRecord {
+                                stream: protocol::streams::EVENTS,
+                                ts_ms: e.ts_ms,
+                                data: serde_json::to_string(&e).expect("an event serializes"),
+                            },
+                            live: true,
+                        });
+                    }
                     for _ in row..end {
                         sources.next();
                     }
@@ -525,7 +563,7 @@ mod tests {
         );
         check(r#"{"a": 1}"#, Err("\"b\" is missing"));
         check(r#"{"a": 1, "b": "2"}"#, Err("\"b\" is a string, not a number"));
-        check(r#"{"a": 1, "b": null}"#, Err("not a number"));
+        check(r#"{"a": 1, "b": null}"#, Err("this model does not take missing values"));
         check(r#"{"a": 1, "b": [2]}"#, Err("an array, not a number"));
         check(r#"{"a": 1, "b": 1e300}"#, Err("out of float32 range"));
         check(r#"{"a": 1, "a": 2, "b": 3}"#, Err("\"a\" is given twice"));
@@ -536,6 +574,17 @@ mod tests {
         check("{", Err("not JSON"));
         check(r#"{"a":1,"b":2} x"#, Err("not JSON"));
         check(r#"{"\u0061": 5, "b": 6}"#, Ok(vec![5.0, 6.0]));
+    }
+
+    #[test]
+    fn null_is_a_missing_value_for_a_model_that_takes_them() {
+        let f = feats().accepting_missing(true);
+        let mut rows = Rows::default();
+        parse_reading(br#"[{"a":null,"b":2},{"a":1,"b":3}]"#, &f, 64, &mut rows).expect("parses");
+        assert!(rows.values[0].is_nan());
+        assert_eq!(rows.values[1..], [2.0, 1.0, 3.0]);
+        let e = parse_reading(br#"{"a":"x","b":2}"#, &f, 64, &mut rows).expect_err("still a number or null");
+        assert!(e.contains("a string"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod deploy;
 pub mod engine;
 pub mod inference;
 pub mod link;
+pub mod logs;
 pub mod metrics;
 pub mod ml;
 pub mod queue;

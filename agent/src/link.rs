@@ -457,7 +457,7 @@ impl Link {
                     p.payload.len(),
                     self.limits.command_bytes
                 ),
-                "bad_command",
+                "too_large",
             );
             return;
         }

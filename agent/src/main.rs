@@ -36,11 +36,23 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ModelCmd {
-    /// Run a model over the rows of a CSV file (header row: input feature names, in order).
+    /// Run a model over the rows of a CSV file, exactly as the agent would.
+    ///
+    /// MODEL is an ONNX file or a signed bundle (`.lbundle`). A bundle is verified with the
+    /// trust store of `--config` and loaded as a deploy loads it; its manifest names the
+    /// features. The CSV's header row names the columns, which are matched to the features by
+    /// name; every cell must be a finite number.
     Run {
         model: PathBuf,
         #[arg(long)]
         input: PathBuf,
+        /// The model's features, in its input order, comma-separated (ONNX files only; without
+        /// it the CSV's columns are taken in header order).
+        #[arg(long, value_delimiter = ',')]
+        features: Option<Vec<String>>,
+        /// The agent config whose trust store verifies a bundle.
+        #[arg(long, short, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
         /// One JSON object per row (the default prints one readable line per row).
         #[arg(long)]
         json: bool,
@@ -72,17 +84,19 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => status(config, state_dir, json),
-        Cmd::Model(ModelCmd::Run { model, input, json }) => model_run(&model, &input, json),
+        Cmd::Model(ModelCmd::Run {
+            model,
+            input,
+            features,
+            config,
+            json,
+        }) => model_run(&model, &input, features, &config, json),
         Cmd::Model(ModelCmd::Inspect { model, json }) => model_inspect(&model, json),
     };
     ExitCode::from(code as u8)
 }
 
 fn run(config: PathBuf) -> i32 {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -90,6 +104,7 @@ fn run(config: PathBuf) -> i32 {
             return exit::CONFIG;
         }
     };
+    lathe::logs::init(cfg.log.format, "info");
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -110,7 +125,7 @@ fn run(config: PathBuf) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("lathe: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
+            if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<lathe::agent::StartError>().is_some() {
                 exit::CONFIG
             } else {
                 exit::PROBLEM
@@ -139,6 +154,18 @@ async fn wait_for_signal() {
 }
 
 fn status(config: PathBuf, state_dir: Option<PathBuf>, json: bool) -> i32 {
+    // With --json, one JSON object is printed whatever happens, errors included.
+    let fail = |message: String, hint: &str, code: i32| {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&lathe::status::failure(&message, hint)).expect("json")
+            );
+        } else {
+            eprintln!("lathe: {message}; {hint}");
+        }
+        code
+    };
     // Thresholds come from the config when it loads; `--state-dir` works without one.
     let loaded = Config::load(&config);
     let thresholds = |c: &Config| lathe::status::Thresholds {
@@ -150,8 +177,11 @@ fn status(config: PathBuf, state_dir: Option<PathBuf>, json: bool) -> i32 {
         (Some(d), Err(_)) => (d, lathe::status::Thresholds::default()),
         (None, Ok(c)) => (c.device.state_dir.clone(), thresholds(&c)),
         (None, Err(e)) => {
-            eprintln!("lathe: {e:#}");
-            return exit::CONFIG;
+            return fail(
+                format!("{e:#}"),
+                "fix the config, or read a state directory directly with --state-dir",
+                exit::CONFIG,
+            )
         }
     };
     match lathe::status::report(&dir, &t) {
@@ -167,10 +197,7 @@ fn status(config: PathBuf, state_dir: Option<PathBuf>, json: bool) -> i32 {
                 exit::PROBLEM
             }
         }
-        Err(e) => {
-            eprintln!("lathe: {e}");
-            exit::PROBLEM
-        }
+        Err(e) => fail(e.message, e.hint, exit::PROBLEM),
     }
 }
 
@@ -178,27 +205,102 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn model_run(model: &std::path::Path, input: &std::path::Path, json: bool) -> i32 {
+/// Write to stdout; a reader that went away (`| head`) ends the command quietly.
+struct Out(std::io::StdoutLock<'static>);
+
+impl Out {
+    fn new() -> Out {
+        Out(std::io::stdout().lock())
+    }
+
+    fn line(&mut self, text: std::fmt::Arguments<'_>) -> Result<(), String> {
+        use std::io::Write;
+        match writeln!(self.0, "{text}") {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(String::new()),
+            Err(e) => Err(format!("stdout: {e}")),
+        }
+    }
+}
+
+/// What `model run` runs: the engine, the features in its input order, and whether the model
+/// takes missing values.
+fn model_for_run(
+    path: &std::path::Path,
+    csv: &str,
+    features: Option<Vec<String>>,
+    config: &std::path::Path,
+) -> Result<(lathe::engine::Engine, Vec<String>, bool), String> {
+    let bytes = read(path)?;
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    if bytes.starts_with(protocol::bundle::MAGIC) {
+        if features.is_some() {
+            return Err(at(
+                &"a bundle's manifest names its features; --features is for ONNX files",
+            ));
+        }
+        let cfg = Config::load(config).map_err(|e| {
+            at(&format_args!(
+                "a bundle is verified with the device's trust store: {e:#}; pass --config"
+            ))
+        })?;
+        let trust = lathe::agent::load_trust(&cfg).map_err(|e| at(&format_args!("{e:#}")))?;
+        let policy = protocol::bundle::Policy {
+            trust: &trust,
+            threshold: cfg.trust.threshold,
+            now: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            installed_version: &protocol::bundle::none_installed,
+        };
+        let verified = protocol::bundle::verify(&bytes, &policy).map_err(|e| at(&e))?;
+        let model = lathe::deploy::load_model(verified).map_err(|e| at(&e))?;
+        let features = model.manifest.input.features.clone();
+        let missing = model.manifest.input.accepts_missing;
+        return Ok((model.engine, features, missing));
+    }
+    let features = match features {
+        Some(f) => f,
+        None => lathe::engine::csv_header(csv)?,
+    };
+    let engine = lathe::engine::Engine::load(&bytes, features.len()).map_err(|e| at(&e))?;
+    // What `bundle pack` would sign into the manifest for this model.
+    let missing = engine.handles_missing();
+    Ok((engine, features, missing))
+}
+
+fn model_run(
+    model: &std::path::Path,
+    input: &std::path::Path,
+    features: Option<Vec<String>>,
+    config: &std::path::Path,
+    json: bool,
+) -> i32 {
     let run = || -> Result<(), String> {
-        let onnx = read(model)?;
         let text = String::from_utf8(read(input)?).map_err(|_| format!("{}: not UTF-8 text", input.display()))?;
-        let (header, rows) = lathe::engine::parse_csv(&text).map_err(|e| format!("{}: {e}", input.display()))?;
-        let engine =
-            lathe::engine::Engine::load(&onnx, header.len()).map_err(|e| format!("{}: {e}", model.display()))?;
+        let (engine, features, missing) = model_for_run(model, &text, features, config)?;
+        let rows =
+            lathe::engine::parse_csv(&text, &features, missing).map_err(|e| format!("{}: {e}", input.display()))?;
         let outputs = engine.run(&rows).map_err(|e| format!("{}: {e}", model.display()))?;
+        let mut out = Out::new();
         for i in 0..outputs.rows() {
             let o = outputs.row(i);
             if json {
-                println!("{}", serde_json::to_string(&o).expect("outputs serialize"));
+                out.line(format_args!(
+                    "{}",
+                    serde_json::to_string(&o).expect("outputs serialize")
+                ))?;
             } else {
                 let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-                println!("row {i}: {}", parts.join(" "));
+                out.line(format_args!("row {i}: {}", parts.join(" ")))?;
             }
         }
         Ok(())
     };
     match run() {
         Ok(()) => exit::OK,
+        Err(e) if e.is_empty() => exit::OK,
         Err(e) => {
             eprintln!("lathe: {e}");
             exit::PROBLEM
@@ -215,24 +317,48 @@ fn model_inspect(model: &std::path::Path, json: bool) -> i32 {
                 return exit::PROBLEM;
             }
         };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&info).expect("info serializes"));
-    } else {
+    let mut out = Out::new();
+    let printed = (|| -> Result<(), String> {
+        if json {
+            return out.line(format_args!(
+                "{}",
+                serde_json::to_string_pretty(&info).expect("info serializes")
+            ));
+        }
         for (kind, list) in [("input", &info.inputs), ("output", &info.outputs)] {
             for t in list {
-                println!("{kind:<10} {} {} [{}]", t.name, t.dtype, t.shape.join(", "));
+                out.line(format_args!(
+                    "{kind:<10} {} {} [{}]",
+                    t.name,
+                    t.dtype,
+                    t.shape.join(", ")
+                ))?;
             }
         }
+        out.line(format_args!("opset      {}", info.opset))?;
         for (op, n) in &info.operators {
-            println!("operator   {op} x{n}");
+            out.line(format_args!("operator   {op} x{n}"))?;
         }
-        for u in &info.unsupported {
-            println!("UNSUPPORTED {u}");
+        for p in &info.problems {
+            out.line(format_args!("CANNOT RUN {p}"))?;
         }
-    }
-    if info.unsupported.is_empty() {
-        exit::OK
-    } else {
-        exit::PROBLEM
+        if info.problems.is_empty() {
+            if info.trial_run {
+                out.line(format_args!("ok         loads and runs on trial rows"))?;
+            } else {
+                out.line(format_args!(
+                    "ok         no problem declared; the input width is not declared, so the trial run happens at pack time"
+                ))?;
+            }
+        }
+        Ok(())
+    })();
+    match printed {
+        Err(e) if !e.is_empty() => {
+            eprintln!("lathe: {e}");
+            exit::PROBLEM
+        }
+        _ if info.problems.is_empty() => exit::OK,
+        _ => exit::PROBLEM,
     }
 }

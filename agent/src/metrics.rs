@@ -1,7 +1,8 @@
 //! Counters shared by the agent's tasks and reported in health messages and `lathe status`.
 //!
 //! Since-start counters, consistent with each other: every reading message received is
-//! counted in `readings`, and each one refused (for any cause) also in `rejected`; every
+//! counted in `readings`, and each one refused whole (for any cause) also in `rejected`; rows
+//! of accepted messages become predictions or count in `inference_failed`; every
 //! record made durable is counted once (`predictions` for the predictions stream), and every
 //! record lost (dropped by the when-full policy, refused for its size or for a full disk) is
 //! counted once in `dropped`. Live copies skipped are not losses: the outbox copy remains.
@@ -52,9 +53,15 @@ impl Tally {
 pub struct Metrics {
     /// Reading messages received.
     pub readings: Counter,
-    /// Reading messages refused: too large, malformed, no active model, queue full, inference
-    /// failed.
+    /// Reading messages refused whole, before inference: too large, malformed, no active
+    /// model, queue full.
     pub rejected: Counter,
+    /// Rows whose inference failed (their messages were accepted).
+    pub inference_failed: Counter,
+    /// When a prediction was last made durable (Unix ms; 0: never since start).
+    pub last_prediction_ms: Counter,
+    /// The last inference failure: when (Unix ms) and why.
+    pub last_failure: Mutex<Option<(u64, String)>>,
     /// Reading messages refused because the readings queue was full (also in `rejected`).
     pub readings_dropped: Counter,
     /// Predictions made durable in the outbox.
@@ -78,6 +85,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn set_last_failure(&self, ms: u64, reason: &str) {
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some((ms, reason.to_string()));
+    }
+
+    pub fn last_failure(&self) -> Option<(u64, String)> {
+        self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn loss_totals(&self) -> Vec<protocol::messages::LossTotal> {
         self.losses.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

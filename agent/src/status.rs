@@ -1,11 +1,13 @@
 //! `lathe status`: what the agent is doing, read from its database. Works whether or not the
 //! agent or the broker is up.
 //!
-//! It names every problem a technician should act on, and `lathe status` exits 1 when there is
-//! one: the agent is not running or not connected, a subscription was refused, no model is
-//! deployed, records were lost recently, the disk is under its floor, records wait with no ack
-//! from the hub for too long, or acks were refused (forged, or an outbox restored from an old
-//! copy).
+//! It names every problem a technician should act on, each with a one-line hint, and `lathe
+//! status` exits 1 when there is one: the agent is stopped, dead or not connected, a
+//! subscription was refused, no model is deployed, inference is failing, records were lost
+//! recently, the disk is under its floor, records wait with no ack from the hub for too long,
+//! or acks were refused (forged, or an outbox restored from an old copy). What only a running
+//! agent can know (its connections, the last minute's counts) is marked unknown when it is not
+//! running.
 
 use crate::config::{OutboxConfig, StatusConfig};
 use crate::deploy::DeployState;
@@ -52,12 +54,121 @@ pub struct LossReport {
     pub last_ms: u64,
 }
 
+/// What the agent has done since it started: written with each heartbeat (meta `activity`)
+/// and on a clean stop, read by `lathe status`. Bounded: a minute and a bit of samples.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Activity {
+    pub started_ms: u64,
+    pub predictions: u64,
+    /// Reading messages refused whole.
+    pub rejected: u64,
+    /// Rows whose inference failed.
+    pub inference_failed: u64,
+    pub last_prediction_ms: Option<u64>,
+    pub last_failure_ms: Option<u64>,
+    pub last_failure: Option<String>,
+    /// `[ts_ms, predictions, rejected, inference_failed]` at each update of the last 70 s.
+    pub samples: Vec<[u64; 4]>,
+}
+
+/// The longest failure reason kept.
+const MAX_REASON: usize = 512;
+const MINUTE_MS: u64 = 60_000;
+
+impl Activity {
+    pub fn started(now_ms: u64) -> Activity {
+        Activity {
+            started_ms: now_ms,
+            ..Activity::default()
+        }
+    }
+
+    /// Take the metrics' counts and add a sample.
+    pub fn update(&mut self, m: &crate::metrics::Metrics, now_ms: u64) {
+        self.predictions = m.predictions.get();
+        self.rejected = m.rejected.get();
+        self.inference_failed = m.inference_failed.get();
+        self.last_prediction_ms = Some(m.last_prediction_ms.get()).filter(|t| *t > 0);
+        if let Some((ms, reason)) = m.last_failure() {
+            self.last_failure_ms = Some(ms);
+            self.last_failure = Some(protocol::messages::echo(&reason, MAX_REASON).into_owned());
+        }
+        self.sample(now_ms);
+    }
+
+    fn sample(&mut self, now_ms: u64) {
+        self.samples
+            .push([now_ms, self.predictions, self.rejected, self.inference_failed]);
+        // Keep the newest sample that is a minute old, and everything after it.
+        let cutoff = now_ms.saturating_sub(MINUTE_MS);
+        let keep_from = self.samples.iter().rposition(|s| s[0] <= cutoff).unwrap_or(0);
+        self.samples.drain(..keep_from);
+    }
+
+    /// Predictions, refused readings and failed rows over the minute before the last update:
+    /// since the agent started, when that was less than a minute before.
+    pub fn last_minute(&self) -> [u64; 3] {
+        let Some(last) = self.samples.last() else {
+            return [0; 3];
+        };
+        let cutoff = last[0].saturating_sub(MINUTE_MS);
+        let base = match self.samples.iter().rev().find(|s| s[0] <= cutoff) {
+            Some(s) => [s[1], s[2], s[3]],
+            None if self.started_ms >= cutoff => [0; 3],
+            None => [self.samples[0][1], self.samples[0][2], self.samples[0][3]],
+        };
+        [
+            last[1].saturating_sub(base[0]),
+            last[2].saturating_sub(base[1]),
+            last[3].saturating_sub(base[2]),
+        ]
+    }
+}
+
+/// The activity as `lathe status` shows it.
+#[derive(Debug, Serialize)]
+pub struct ActivityReport {
+    pub since_ms: u64,
+    pub predictions: u64,
+    pub rejected_readings: u64,
+    pub inference_failed_rows: u64,
+    /// Over the last minute; absent when the agent is not running.
+    pub last_minute: Option<LastMinute>,
+    pub last_prediction_ms: Option<u64>,
+    pub last_failure_ms: Option<u64>,
+    pub last_failure: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastMinute {
+    pub predictions: u64,
+    pub rejected_readings: u64,
+    pub inference_failed_rows: u64,
+}
+
+/// A problem a technician should act on, and what to do about it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub problem: String,
+    pub hint: String,
+}
+
+fn problem(problem: String, hint: &str) -> Problem {
+    Problem {
+        problem,
+        hint: hint.to_string(),
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub state_dir: String,
-    /// `running` when the agent wrote a heartbeat in the last 15 s, else `not_running`.
+    /// `running`; `stopped` (it stopped cleanly); `not_running` (it died, or never ran).
     pub agent: String,
     pub heartbeat_age_s: Option<u64>,
+    /// When the agent last stopped cleanly, if it is not running.
+    pub stopped_ms: Option<u64>,
+    pub activity: Option<ActivityReport>,
     pub connection: Value,
     /// The readings link, when the agent has input topics.
     pub inputs_connection: Value,
@@ -74,7 +185,33 @@ pub struct Report {
     pub acks_refused: u64,
     pub last_sync: Option<Value>,
     /// Problems a technician should know of; empty when all is well.
-    pub problems: Vec<String>,
+    pub problems: Vec<Problem>,
+}
+
+/// The one object `lathe status --json` prints when it cannot read the state at all.
+pub fn failure(message: &str, hint: &str) -> serde_json::Value {
+    serde_json::json!({"agent": "unknown", "error": message, "problems": [problem(message.to_string(), hint)]})
+}
+
+/// Unix seconds as a UTC date and time: `2026-11-29 18:46:15 UTC`.
+pub fn utc(secs: u64) -> String {
+    // Howard Hinnant's days-to-civil algorithm, for the proleptic Gregorian calendar.
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn human_bytes(b: u64) -> String {
@@ -95,32 +232,87 @@ fn human_secs(s: u64) -> String {
     }
 }
 
-pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
-    let db = crate::config::db_path(state_dir);
-    if !db.exists() {
-        return Err(format!(
-            "no agent database at {}: has `lathe run` ever started with this state_dir?",
-            db.display()
-        ));
+/// Why the state cannot be read, with what to do about it.
+#[derive(Debug, Clone)]
+pub struct ReadError {
+    pub message: String,
+    pub hint: &'static str,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.message, self.hint)
     }
-    let store = Store::open_readonly(&db).map_err(|e| e.to_string())?;
-    let meta = |k: &str| store.get_meta(k).map_err(|e| e.to_string());
-    let json = |k: &str| -> Result<Value, String> {
+}
+
+const PERMISSION_HINT: &str =
+    "run it as root or as the user the agent runs as (sudo lathe status), or give your user read access";
+
+fn read_error(db: &Path, e: &std::io::Error) -> ReadError {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => ReadError {
+            message: format!("permission denied reading {}", db.display()),
+            hint: PERMISSION_HINT,
+        },
+        std::io::ErrorKind::NotFound => ReadError {
+            message: format!("no agent database at {}", db.display()),
+            hint: "has `lathe run` ever started with this state_dir? Check device.state_dir",
+        },
+        _ => ReadError {
+            message: format!("cannot read {}: {e}", db.display()),
+            hint: "check the state_dir's filesystem",
+        },
+    }
+}
+
+/// Read the agent's state from its database.
+pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
+    let db = crate::config::db_path(state_dir);
+    // std tells a missing file from one we may not read; SQLite says "unable to open" for both.
+    std::fs::File::open(&db).map_err(|e| read_error(&db, &e))?;
+    let fail = |e: crate::store::StoreError| ReadError {
+        message: e.to_string(),
+        hint: "the database may be damaged; `lathe run` checks it at start",
+    };
+    let store = Store::open_readonly(&db).map_err(fail)?;
+    let meta = |k: &str| store.get_meta(k).map_err(fail);
+    let json = |k: &str| -> Result<Value, ReadError> {
         Ok(meta(k)?
             .and_then(|c| serde_json::from_str(&c).ok())
             .unwrap_or(Value::Null))
     };
     let now = now_ms();
-    let heartbeat_age_s = meta("heartbeat_ms")?
+    let heartbeat_ms = meta("heartbeat_ms")?.and_then(|h| h.parse::<u64>().ok());
+    let heartbeat_age_s = heartbeat_ms.map(|h| now.saturating_sub(h) / 1000);
+    // The agent writes its pid into the state_dir's lock and clears it on a clean stop: a live
+    // process there is a running agent, even one that cannot write its heartbeat (a full
+    // disk), and a pid whose process is gone is an agent that died, whatever an earlier clean
+    // stop left behind.
+    let lock = lock_state(state_dir);
+    let stopped_ms = meta("stopped_ms")?
         .and_then(|h| h.parse::<u64>().ok())
-        .map(|h| now.saturating_sub(h) / 1000);
-    let fresh = heartbeat_age_s.is_some_and(|a| a <= 15);
-    // The agent writes its pid into the state_dir's lock; a live process there is a running
-    // agent even when it cannot write its heartbeat (a full disk).
-    let pid = agent_pid(state_dir);
-    let running = fresh || pid.is_some();
-    let connection = json("conn")?;
-    let inputs_connection = json("inputs_conn")?;
+        .filter(|s| heartbeat_ms.is_none_or(|h| *s >= h))
+        .filter(|_| matches!(lock, Lock::Empty | Lock::Unknown));
+    let fresh = stopped_ms.is_none() && heartbeat_age_s.is_some_and(|a| a <= 15);
+    let running = match lock {
+        Lock::Alive(_) => true,
+        Lock::Dead(_) => false,
+        Lock::Empty | Lock::Unknown => fresh,
+    };
+    let pid = match lock {
+        Lock::Alive(p) => Some(p),
+        _ => None,
+    };
+    let stale = |v: Value| {
+        if running || v.is_null() {
+            v
+        } else {
+            serde_json::json!({"state": "unknown", "error": "the agent is not running", "last_known": v})
+        }
+    };
+    let connection = stale(json("conn")?);
+    let inputs_connection = stale(json("inputs_conn")?);
+    let activity: Option<Activity> = meta("activity")?.and_then(|a| serde_json::from_str(&a).ok());
     let deploy: DeployState = meta("deploy_state")?
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
@@ -141,11 +333,11 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
             acked: s.to_wire(s.acked),
         })
         .collect();
-    let oldest = store.oldest_ts_ms().map_err(|e| e.to_string())?;
+    let oldest = store.oldest_ts_ms().map_err(fail)?;
     let disk_free_bytes = crate::store::free_bytes(state_dir);
     let losses: Vec<LossReport> = store
         .losses()
-        .map_err(|e| e.to_string())?
+        .map_err(fail)?
         .into_iter()
         .map(|l| LossReport {
             unreported: l.total - l.reported,
@@ -158,46 +350,110 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
     let acks_refused = meta("acks_refused")?.and_then(|v| v.parse().ok()).unwrap_or(0);
 
     let mut problems = vec![];
-    if !running {
-        problems.push("agent is not running (no heartbeat in the last 15 s)".to_string());
-    } else if !fresh {
+    const START: &str = "start it (systemctl start lathe); its log says why it stopped (journalctl -u lathe)";
+    if running && !fresh {
         let since = heartbeat_age_s.map_or("since it started".into(), |a| format!("for {}", human_secs(a)));
-        problems.push(format!(
-            "agent (pid {}) runs but has not written its heartbeat {since}: it cannot write its database (is the disk full?)",
-            pid.unwrap_or(0)
+        problems.push(problem(
+            format!(
+                "agent (pid {}) runs but has not written its heartbeat {since}: it cannot write its database",
+                pid.unwrap_or(0)
+            ),
+            "free space on the state_dir's filesystem (see disk) and check its log (journalctl -u lathe)",
         ));
+    } else if let Some(at) = stopped_ms {
+        problems.push(problem(
+            format!(
+                "agent is stopped: it stopped cleanly {} ago",
+                human_secs(now.saturating_sub(at) / 1000)
+            ),
+            START,
+        ));
+    } else if !running {
+        let what = match (heartbeat_age_s, lock) {
+            (Some(a), Lock::Dead(p)) => format!(
+                "agent is not running: it died (pid {p} is gone) without stopping cleanly; its last heartbeat was {} ago",
+                human_secs(a)
+            ),
+            (Some(a), _) => format!(
+                "agent is not running: its last heartbeat was {} ago and it did not stop cleanly",
+                human_secs(a)
+            ),
+            (None, _) => "agent has never run with this state_dir".to_string(),
+        };
+        problems.push(problem(what, START));
     } else {
         for (what, c) in [("broker", &connection), ("readings broker", &inputs_connection)] {
             let err = c["error"].as_str().unwrap_or("unknown");
             match c["state"].as_str() {
                 None | Some("connected") => {}
-                Some("refused") => problems.push(format!("{what}: {err}")),
-                Some(_) => problems.push(format!("not connected to the {what}: {err}")),
+                Some("refused") => problems.push(problem(
+                    format!("{what}: {err}"),
+                    "the broker's ACL must let this device read its own cmd/+ and ack/+ topics (broker/mosquitto/lathe.acl)",
+                )),
+                Some(_) => problems.push(problem(
+                    format!("not connected to the {what}: {err}"),
+                    "check the broker's host and port in the config, the credentials and the network",
+                )),
             }
         }
     }
     if deploy.active.is_none() {
-        problems.push("no model deployed".into());
+        problems.push(problem(
+            "no model deployed".into(),
+            "deploy one from the hub: lathe-hub deploy --fleet F --device D --bundle FILE",
+        ));
     }
+    let activity = activity.map(|a| {
+        let [p, r, f] = a.last_minute();
+        if running && f > 0 {
+            problems.push(problem(
+                format!(
+                    "inference is failing: {f} row(s) in the last minute; last: {}",
+                    a.last_failure.as_deref().unwrap_or("unknown")
+                ),
+                "the active model cannot run these readings: try them with `lathe model run`, or roll back (lathe-hub rollback)",
+            ));
+        }
+        ActivityReport {
+            since_ms: a.started_ms,
+            predictions: a.predictions,
+            rejected_readings: a.rejected,
+            inference_failed_rows: a.inference_failed,
+            last_minute: running.then_some(LastMinute {
+                predictions: p,
+                rejected_readings: r,
+                inference_failed_rows: f,
+            }),
+            last_prediction_ms: a.last_prediction_ms,
+            last_failure_ms: a.last_failure_ms,
+            last_failure: a.last_failure,
+        }
+    });
     let window_ms = t.status.loss_window_secs * 1000;
     let records: [&str; 3] = crate::store::STREAMS;
     for l in &losses {
         if records.contains(&l.stream.as_str()) && now.saturating_sub(l.last_ms) < window_ms {
-            problems.push(format!(
-                "{} record(s) lost: {} {} (last {} ago); see `lathe status` losses",
-                l.stream,
-                l.total,
-                l.cause,
-                human_secs(now.saturating_sub(l.last_ms) / 1000)
+            problems.push(problem(
+                format!(
+                    "{} record(s) lost: {} {} (last {} ago); see `lathe status` losses",
+                    l.stream,
+                    l.total,
+                    l.cause,
+                    human_secs(now.saturating_sub(l.last_ms) / 1000)
+                ),
+                "free disk space, raise outbox.max_records or outbox.max_bytes, or restore the link to the hub",
             ));
         }
     }
     if let Some(free) = disk_free_bytes {
         if free < t.min_free_bytes {
-            problems.push(format!(
-                "the state_dir's filesystem has {} free, under its floor of {} (outbox.min_free_bytes): new records replace the oldest or are refused",
-                human_bytes(free),
-                human_bytes(t.min_free_bytes)
+            problems.push(problem(
+                format!(
+                    "the state_dir's filesystem has {} free, under its floor of {} (outbox.min_free_bytes): new records replace the oldest or are refused",
+                    human_bytes(free),
+                    human_bytes(t.min_free_bytes)
+                ),
+                "free space on that filesystem, or lower outbox.min_free_bytes",
             ));
         }
     }
@@ -207,25 +463,40 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
         let since = last_ack.max(oldest.unwrap_or(now));
         let quiet = now.saturating_sub(since) / 1000;
         if quiet > t.status.ack_stale_secs {
-            problems.push(format!(
-                "{depth} record(s) wait and the hub has acked nothing for {} (status.ack_stale_secs {})",
-                human_secs(quiet),
-                t.status.ack_stale_secs
+            problems.push(problem(
+                format!(
+                    "{depth} record(s) wait and the hub has acked nothing for {} (status.ack_stale_secs {})",
+                    human_secs(quiet),
+                    t.status.ack_stale_secs
+                ),
+                "check that lathe-hub serve runs and reaches the same broker",
             ));
         }
     }
     if let Some(last) = meta("acks_refused_ms")?.and_then(|v| v.parse::<u64>().ok()) {
         if now.saturating_sub(last) < window_ms {
-            problems.push(format!(
-                "{acks_refused} ack(s) refused, the last {} ago: forged, or this outbox was restored from an older copy; records were kept and moved to a new epoch",
-                human_secs(now.saturating_sub(last) / 1000)
+            problems.push(problem(
+                format!(
+                    "{acks_refused} ack(s) refused, the last {} ago: forged, or this outbox was restored from an older copy; records were kept and moved to a new epoch",
+                    human_secs(now.saturating_sub(last) / 1000)
+                ),
+                "if no outbox was restored, someone publishes acks as the hub: restrict ack/+ with the broker's ACL",
             ));
         }
     }
+    let agent = if running {
+        "running"
+    } else if stopped_ms.is_some() {
+        "stopped"
+    } else {
+        "not_running"
+    };
     Ok(Report {
         state_dir: state_dir.display().to_string(),
-        agent: if running { "running" } else { "not_running" }.into(),
+        agent: agent.into(),
         heartbeat_age_s,
+        stopped_ms,
+        activity,
         connection,
         inputs_connection,
         model: as_value(&deploy.active),
@@ -243,18 +514,36 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, String> {
     })
 }
 
-/// The pid in the state_dir's lock file, if that process is alive and is a lathe agent.
-fn agent_pid(state_dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(state_dir.join("lock"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+/// What the state_dir's lock file says of the agent: it holds the agent's pid while it runs
+/// and is emptied on a clean stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    /// A live lathe process.
+    Alive(u32),
+    /// A pid whose process is gone: the agent died without stopping.
+    Dead(u32),
+    /// No pid: stopped cleanly, or never started.
+    Empty,
+    /// Unreadable: fall back to the heartbeat.
+    Unknown,
+}
+
+fn lock_state(state_dir: &Path) -> Lock {
+    let text = match std::fs::read_to_string(state_dir.join("lock")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Lock::Empty,
+        Err(_) => return Lock::Unknown,
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return Lock::Empty;
+    };
     if pid == std::process::id() {
-        return None;
+        return Lock::Empty;
     }
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    comm.trim().starts_with("lathe").then_some(pid)
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(comm) if comm.trim().starts_with("lathe") => Lock::Alive(pid),
+        _ => Lock::Dead(pid),
+    }
 }
 
 fn ago(ms: Option<u64>) -> String {
@@ -266,6 +555,13 @@ fn ago(ms: Option<u64>) -> String {
 
 fn conn_line(c: &Value) -> String {
     match c["state"].as_str() {
+        Some("unknown") => {
+            let last = match c["last_known"]["state"].as_str() {
+                Some(st) => format!("; last known: {st}"),
+                None => String::new(),
+            };
+            format!("unknown (the agent is not running{last})")
+        }
         Some(st) => {
             let mut line = format!("{st} since {}", ago(c["since_ms"].as_u64()));
             if let Some(e) = c["error"].as_str() {
@@ -279,9 +575,10 @@ fn conn_line(c: &Value) -> String {
 
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
-    let agent = match r.heartbeat_age_s {
-        Some(a) => format!("{} (heartbeat {a}s ago)", r.agent.replace('_', " ")),
-        None => "not running (never started)".into(),
+    let agent = match (r.agent.as_str(), r.heartbeat_age_s, r.stopped_ms) {
+        (_, None, _) => "not running (never started)".to_string(),
+        ("stopped", _, Some(at)) => format!("stopped (cleanly, {})", ago(Some(at))),
+        (state, Some(a), _) => format!("{} (heartbeat {} ago)", state.replace('_', " "), human_secs(a)),
     };
     s += &format!("agent       {agent}\n");
     s += &format!("connection  {}\n", conn_line(&r.connection));
@@ -297,6 +594,31 @@ pub fn render(r: &Report) -> String {
         model(&r.model),
         model(&r.previous_model)
     );
+    if let Some(a) = &r.activity {
+        let minute = match &a.last_minute {
+            Some(m) => format!(
+                "last minute: {} predictions, {} readings refused, {} rows failed",
+                m.predictions, m.rejected_readings, m.inference_failed_rows
+            ),
+            None => "last minute: unknown (the agent is not running)".into(),
+        };
+        s += &format!("activity    {minute}\n");
+        s += &format!(
+            "            since it started {}: {} predictions, {} readings refused, {} rows failed\n",
+            ago(Some(a.since_ms)),
+            a.predictions,
+            a.rejected_readings,
+            a.inference_failed_rows
+        );
+        let last = match a.last_prediction_ms {
+            Some(t) => format!("{} ({})", utc(t / 1000), ago(Some(t))),
+            None => "none since it started".into(),
+        };
+        s += &format!("predicted   {last}\n");
+        if let (Some(t), Some(why)) = (a.last_failure_ms, &a.last_failure) {
+            s += &format!("failed      {}: {why}\n", ago(Some(t)));
+        }
+    }
     let parts: Vec<String> = r
         .outbox_by_stream
         .iter()
@@ -348,7 +670,7 @@ pub fn render(r: &Report) -> String {
         s += &format!("acks        {} refused\n", r.acks_refused);
     }
     for p in &r.problems {
-        s += &format!("problem     {p}\n");
+        s += &format!("problem     {}\n            hint: {}\n", p.problem, p.hint);
     }
     s
 }
@@ -382,7 +704,9 @@ mod tests {
         s.append(&[rec], &[lost], lim, None).expect("append");
         s.set_meta("heartbeat_ms", &now_ms().to_string()).expect("heartbeat");
         let r = report(dir.path(), &t).expect("report");
-        let problems = r.problems.join("\n");
+        assert!(r.problems.iter().all(|p| !p.hint.is_empty()));
+        let problems: Vec<&str> = r.problems.iter().map(|p| p.problem.as_str()).collect();
+        let problems = problems.join("\n");
         for e in expected {
             assert!(problems.contains(e), "{e:?} not in:\n{problems}");
         }
@@ -410,5 +734,104 @@ mod tests {
         );
         // The same, with thresholds that do not call them problems.
         check(t(0, 86_400, 0), &["no model deployed"]);
+    }
+
+    #[test]
+    fn activity_counts_the_last_minute() {
+        let m = crate::metrics::Metrics::default();
+        let mut a = Activity::started(1_000_000);
+        for i in 0..30 {
+            m.predictions.add(10);
+            m.inference_failed.add(i % 2);
+            a.update(&m, 1_000_000 + i * 5000);
+        }
+        // Twelve updates of 10 predictions after the sample a minute before the last.
+        assert_eq!(a.last_minute(), [120, 0, 6]);
+        assert!(a.samples.len() <= 14, "bounded: {}", a.samples.len());
+        // An agent younger than a minute: everything since it started.
+        let m = crate::metrics::Metrics::default();
+        let mut young = Activity::started(5_000);
+        m.predictions.add(7);
+        young.update(&m, 20_000);
+        assert_eq!(young.last_minute(), [7, 0, 0]);
+        assert_eq!(Activity::started(0).last_minute(), [0, 0, 0]);
+    }
+
+    /// The agent's state as status tells it, from what the agent left in its database
+    /// (regressions: `agent running` for 15 s after a clean stop, `connected since …` for a
+    /// dead agent, and nothing said about a model failing every reading).
+    fn state(meta: &[(&str, String)], agent: &str, problem: &str, connection: Option<&str>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&crate::config::db_path(dir.path())).expect("open");
+        for (k, v) in meta {
+            s.set_meta(k, v).expect("meta");
+        }
+        let r = report(dir.path(), &Thresholds::default()).expect("report");
+        assert_eq!(r.agent, agent, "{meta:?}");
+        let problems: Vec<&str> = r.problems.iter().map(|p| p.problem.as_str()).collect();
+        assert!(
+            problems.iter().any(|p| p.contains(problem)),
+            "{problem:?} not in {problems:?}"
+        );
+        assert_eq!(r.connection["state"].as_str(), connection, "{meta:?}");
+        let text = render(&r);
+        assert!(text.contains("hint: "), "{text}");
+    }
+
+    #[test]
+    fn stopped_dead_and_failing_agents_are_told_apart() {
+        let now = now_ms();
+        let conn = || ("conn", r#"{"state":"connected","since_ms":1}"#.to_string());
+        let beat = |ago: u64| ("heartbeat_ms", (now - ago).to_string());
+        state(
+            &[conn(), beat(2000), ("stopped_ms", (now - 1000).to_string())],
+            "stopped",
+            "it stopped cleanly",
+            Some("unknown"),
+        );
+        state(
+            &[conn(), beat(60_000)],
+            "not_running",
+            "did not stop cleanly",
+            Some("unknown"),
+        );
+        state(&[], "not_running", "never run with this state_dir", None);
+        let m = crate::metrics::Metrics::default();
+        let mut a = Activity::started(now - 30_000);
+        m.inference_failed.add(4);
+        m.set_last_failure(now - 1000, "Sigmoid does not support F64");
+        a.update(&m, now - 1000);
+        let a = ("activity", serde_json::to_string(&a).expect("json"));
+        state(
+            &[conn(), beat(1000), a],
+            "running",
+            "inference is failing: 4 row(s) in the last minute; last: Sigmoid does not support F64",
+            Some("connected"),
+        );
+    }
+
+    #[test]
+    fn unreadable_state_says_permission_denied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = report(dir.path(), &Thresholds::default()).expect_err("no database");
+        assert!(e.message.contains("no agent database"), "{e}");
+        let e = read_error(
+            Path::new("/x/lathe.db"),
+            &std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(e.message, "permission denied reading /x/lathe.db");
+        assert!(e.to_string().contains("sudo lathe status"), "{e}");
+    }
+
+    #[test]
+    fn utc_dates() {
+        for (secs, want) in [
+            (0, "1970-01-01 00:00:00 UTC"),
+            (951_782_400, "2000-02-29 00:00:00 UTC"),
+            (1_795_536_000, "2026-11-24 16:00:00 UTC"),
+            (4_102_444_799, "2099-12-31 23:59:59 UTC"),
+        ] {
+            assert_eq!(utc(secs), want, "{secs}");
+        }
     }
 }

@@ -336,6 +336,7 @@ impl SyncTask {
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat = Instant::now() - Duration::from_secs(60);
+        let mut activity = crate::status::Activity::started(now_ms());
         // Under an uplink cap, a full window takes time to go out: never call a batch lost
         // before it could have arrived.
         run.ack_timeout = Duration::from_millis(self.cfg.ack_timeout_ms);
@@ -357,6 +358,8 @@ impl SyncTask {
                         rest.push(m.into_inner());
                     }
                     self.append(&mut run, rest);
+                    // A clean stop, so that `lathe status` says so at once.
+                    self.write_activity(&mut activity, "stopped_ms");
                     break;
                 }
                 Some(ack) = self.acks.recv() => self.on_ack(&mut run, ack),
@@ -385,7 +388,7 @@ impl SyncTask {
                     self.housekeeping(&mut run);
                     if heartbeat.elapsed() >= Duration::from_secs(5) {
                         heartbeat = Instant::now();
-                        let _ = tokio::task::block_in_place(|| self.store.set_meta("heartbeat_ms", &now_ms().to_string()));
+                        self.write_activity(&mut activity, "heartbeat_ms");
                     }
                 }
                 msg = self.rx.recv() => match msg {
@@ -521,6 +524,16 @@ impl SyncTask {
         self.metrics.outbox_bytes.set(self.store.bytes());
     }
 
+    /// Write what the agent has done for `lathe status`, with the time now under `key` (the
+    /// heartbeat, or a clean stop), in one transaction. A failed write is retried next time.
+    fn write_activity(&mut self, activity: &mut crate::status::Activity, key: &str) {
+        let now = now_ms();
+        activity.update(&self.metrics, now);
+        let text = serde_json::to_string(&activity).expect("activity serializes");
+        let now = now.to_string();
+        let _ = tokio::task::block_in_place(|| self.store.set_meta_many(&[(key, &now), ("activity", &text)]));
+    }
+
     /// Write records and losses in one transaction, then publish the live copies.
     fn write(&mut self, run: &mut Run, records: &[NewRecord], live: &[bool], mut losses: Vec<Loss>) {
         let free = crate::store::free_bytes(&self.state_dir);
@@ -532,9 +545,11 @@ impl SyncTask {
                     self.metrics.dropped.add(lost);
                     warn!(lost = ?out.lost, policy = ?self.limits.when_full, "outbox full: records dropped");
                 }
-                self.metrics
-                    .predictions
-                    .add(out.appended_to(protocol::streams::PREDICTIONS));
+                let made = out.appended_to(protocol::streams::PREDICTIONS);
+                if made > 0 {
+                    self.metrics.predictions.add(made);
+                    self.metrics.last_prediction_ms.set(now_ms());
+                }
                 // Durable: batches first, then the live copies, then the PUBACKs.
                 if run.connected {
                     self.send_batches(run);

@@ -77,7 +77,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             version: 1,
             model: MODEL.to_vec(),
             features: features.clone(),
-            baseline: None,
             selftest: None,
             created: now,
             expires: now + 86_400,

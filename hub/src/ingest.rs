@@ -50,7 +50,9 @@ impl Ingest {
         let opts = lathe::link::options(&self.broker, self.client_id.clone(), None)?;
         let (client, mut eventloop) = lathe::link::connect(opts, 1024);
         let mut backoff = Duration::from_millis(200);
-        info!(broker = %format!("{}:{}", self.broker.host, self.broker.port), db = %self.db.display(), "ingest running");
+        let broker = format!("{}:{}", self.broker.host, self.broker.port);
+        info!(broker = %broker, db = %self.db.display(), "ingest starting");
+        let mut connected = false;
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -65,7 +67,8 @@ impl Ingest {
                     eventloop
                         .pending
                         .push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
-                    info!("ingest connected");
+                    connected = true;
+                    info!(broker = %broker, "ingest connected");
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     if ack
@@ -102,7 +105,12 @@ impl Ingest {
                     // Acks queued for the dead connection are stale; devices resend and get new ones.
                     eventloop.clean();
                     eventloop.pending.clear();
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ingest connection lost");
+                    let retry_in_ms = backoff.as_millis() as u64;
+                    if std::mem::take(&mut connected) {
+                        warn!(broker = %broker, error = %e, retry_in_ms, "ingest connection lost");
+                    } else {
+                        warn!(broker = %broker, error = %e, retry_in_ms, "ingest cannot connect to the broker");
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}

@@ -46,7 +46,7 @@ enum Cmd {
     /// Receive synced records, store them in SQLite and acknowledge them.
     Serve {
         /// Broker to connect to (host:port).
-        #[arg(long, conflicts_with = "embedded_broker")]
+        #[arg(long, env = "LATHE_HUB_BROKER", conflicts_with = "embedded_broker")]
         broker: Option<String>,
         #[command(flatten)]
         conn: ConnArgs,
@@ -96,10 +96,19 @@ enum BundleCmd {
         keys: Vec<PathBuf>,
         #[arg(long, default_value_t = 365)]
         expires_in_days: u64,
+        /// Refused in this version: the drift baseline format comes with drift detection.
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// A CSV of self-test rows (header: feature names, matched by name). The model is run
+        /// on them now and the bundle carries the outputs; the agent runs the rows again before
+        /// it activates the bundle and refuses it (`selftest_failed`) if an output differs.
         #[arg(long)]
         selftest: Option<PathBuf>,
+        /// Self-test tolerance: |got - expected| <= absolute + relative * |expected|.
+        #[arg(long, default_value_t = protocol::selftest::Tolerance::default().absolute)]
+        selftest_absolute: f64,
+        #[arg(long, default_value_t = protocol::selftest::Tolerance::default().relative)]
+        selftest_relative: f64,
         #[arg(long, short)]
         out: PathBuf,
     },
@@ -122,22 +131,23 @@ enum BundleCmd {
     },
 }
 
-/// Credentials and TLS for the hub's broker connection.
+/// Credentials and TLS for the hub's broker connection. Each can also come from the
+/// environment (`LATHE_HUB_USERNAME`, …), so an operator sets them once per shell or unit.
 #[derive(Args, Clone)]
 struct ConnArgs {
     /// Username on the broker; the password is read from --password-file.
-    #[arg(long, requires = "password_file")]
+    #[arg(long, env = "LATHE_HUB_USERNAME", requires = "password_file")]
     username: Option<String>,
     /// A file whose first line is the broker password.
-    #[arg(long, requires = "username")]
+    #[arg(long, env = "LATHE_HUB_PASSWORD_FILE", requires = "username")]
     password_file: Option<PathBuf>,
     /// PEM CA certificates that sign the broker's certificate: connect with TLS.
-    #[arg(long)]
+    #[arg(long, env = "LATHE_HUB_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// PEM client certificate, for brokers that require one (mTLS); with --key-file.
-    #[arg(long, requires_all = ["ca_file", "key_file"])]
+    #[arg(long, env = "LATHE_HUB_CERT_FILE", requires_all = ["ca_file", "key_file"])]
     cert_file: Option<PathBuf>,
-    #[arg(long, requires = "cert_file")]
+    #[arg(long, env = "LATHE_HUB_KEY_FILE", requires = "cert_file")]
     key_file: Option<PathBuf>,
 }
 
@@ -161,7 +171,9 @@ impl ConnArgs {
 
 #[derive(Args)]
 struct TargetArgs {
-    #[arg(long, default_value = "127.0.0.1:18830")]
+    /// The broker the devices use (host:port). The default is where `serve --embedded-broker`
+    /// listens.
+    #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
     broker: String,
     #[command(flatten)]
     conn: ConnArgs,
@@ -206,12 +218,7 @@ fn main() -> ExitCode {
         Cmd::Demo(_) => "warn,rumqttd=off",
         _ => "info,rumqttd=warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    lathe::logs::init(lathe::logs::Format::Text, default_filter);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -256,8 +263,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             expires_in_days,
             baseline,
             selftest,
+            selftest_absolute,
+            selftest_relative,
             out,
         }) => {
+            if let Some(b) = baseline {
+                anyhow::bail!(
+                    "--baseline {}: drift baselines are not supported yet (their format comes with drift \
+                     detection); pack without --baseline",
+                    b.display()
+                );
+            }
             let features = match features_file {
                 Some(f) => serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("{}", f.display()))?)
                     .with_context(|| format!("{}: expected a JSON array of names", f.display()))?,
@@ -271,14 +287,29 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
+            let selftest = match selftest {
+                Some(path) => {
+                    let text = String::from_utf8(read(&path)?)
+                        .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))?;
+                    let rows = lathe::engine::parse_csv(&text, &features, false)
+                        .map_err(|e| anyhow::anyhow!("--selftest {}: {e}", path.display()))?;
+                    Some(ops::Selftest {
+                        rows,
+                        tolerance: protocol::selftest::Tolerance {
+                            absolute: selftest_absolute,
+                            relative: selftest_relative,
+                        },
+                    })
+                }
+                None => None,
+            };
             let now = ops::now_secs();
             let input = ops::PackInput {
                 name,
                 version,
                 model: read(&model)?,
                 features,
-                baseline: baseline.as_ref().map(read).transpose()?,
-                selftest: selftest.as_ref().map(read).transpose()?,
+                selftest,
                 created: now,
                 expires: now + expires_in_days * 86_400,
             };
@@ -336,7 +367,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 );
             } else {
                 println!("bundle     {} v{} (not verified)", m.name, m.version);
-                println!("created    {}  expires {}", m.created, m.expires);
+                println!(
+                    "created    {}  expires {}",
+                    lathe::status::utc(m.created),
+                    lathe::status::utc(m.expires)
+                );
                 println!("input      {} float32 [{}]", m.input.name, m.input.features.join(", "));
                 for o in &m.outputs {
                     println!("output     {} {}", o.name, o.dtype);

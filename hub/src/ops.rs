@@ -5,6 +5,7 @@ use lathe::engine::Engine;
 use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Role};
 use protocol::keys::SigningKey;
 use protocol::messages::{Command, Response, State, Status};
+use protocol::selftest::Tolerance;
 use protocol::{Channel, Name, Topic};
 use rumqttc::{Event, Packet, QoS};
 use std::time::Duration;
@@ -15,17 +16,28 @@ pub struct PackInput {
     pub version: u64,
     pub model: Vec<u8>,
     pub features: Vec<String>,
-    pub baseline: Option<Vec<u8>>,
-    pub selftest: Option<Vec<u8>>,
+    /// Self-test rows, in feature order: the expected outputs are computed here (SPEC §4.8).
+    pub selftest: Option<Selftest>,
     pub created: u64,
     pub expires: u64,
 }
 
+/// Rows for a self-test and the tolerance its outputs are checked with.
+pub struct Selftest {
+    pub rows: Vec<Vec<f32>>,
+    pub tolerance: Tolerance,
+}
+
 /// Check that the model runs as the agent would run it, then build and sign the bundle.
-/// A model the agent could not load is refused here, before anything is signed.
+///
+/// The check is the agent's ([`Engine::load`]: operators, input and output types, a run on
+/// trial rows); with a self-test, the model is also run on its rows and their outputs become
+/// the expected ones. A model the agent could not load is refused here, before anything is
+/// signed, and the signed bundle is loaded again exactly as a deploy loads it.
 pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, Manifest)> {
-    let engine = Engine::load(&input.model, input.features.len())
-        .map_err(|e| anyhow::anyhow!("refusing to sign {} v{}: {e}", input.name, input.version))?;
+    let what = format!("{} v{}", input.name, input.version);
+    let refuse = |e: &dyn std::fmt::Display| anyhow::anyhow!("refusing to sign {what}: {e}");
+    let engine = Engine::load(&input.model, input.features.len()).map_err(|e| refuse(&e))?;
     let manifest = Manifest {
         format: bundle::MANIFEST_FORMAT,
         name: input.name,
@@ -36,6 +48,7 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
         input: InputSchema {
             name: engine.input_name().to_string(),
             dtype: "float32".into(),
+            accepts_missing: engine.handles_missing(),
             features: input.features,
         },
         outputs: engine
@@ -53,16 +66,61 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
         sha256: String::new(),
         size: 0,
     };
+    let selftest = match &input.selftest {
+        Some(t) => Some(selftest(&engine, &manifest, t).map_err(|e| refuse(&format_args!("self-test: {e}")))?),
+        None => None,
+    };
     let mut payloads = vec![(r(Role::Model, "model.onnx"), input.model)];
-    if let Some(b) = input.baseline {
-        payloads.push((r(Role::Baseline, "baseline.json"), b));
-    }
-    if let Some(s) = input.selftest {
+    if let Some(s) = selftest {
         payloads.push((r(Role::Selftest, "selftest.json"), s));
     }
     let bytes = bundle::pack(manifest, &payloads, keys).map_err(|e| anyhow::anyhow!("cannot pack: {e}"))?;
-    let (m, _) = bundle::inspect(&bytes)?;
+    // What was signed must load as a deploy loads it: the one check, on the bundle itself.
+    let trust = protocol::keys::TrustStore::new(keys.iter().map(|k| k.public_key()));
+    let policy = bundle::Policy {
+        trust: &trust,
+        threshold: 1,
+        now: 0,
+        installed_version: &bundle::none_installed,
+    };
+    let verified =
+        bundle::verify(&bytes, &policy).map_err(|e| anyhow::anyhow!("the packed bundle does not verify: {e}"))?;
+    let m = verified.manifest.clone();
+    lathe::deploy::load_model(verified).map_err(|e| refuse(&e))?;
     Ok((bytes, m))
+}
+
+/// Run the self-test rows and write `selftest.json` with the outputs as the expected values.
+fn selftest(engine: &Engine, manifest: &Manifest, t: &Selftest) -> anyhow::Result<Vec<u8>> {
+    let outputs = engine.run(&t.rows)?;
+    let expected = manifest
+        .outputs
+        .iter()
+        .map(|o| {
+            let column = outputs
+                .column(&o.name)
+                .ok_or_else(|| anyhow::anyhow!("the model has no output {:?}", o.name))?;
+            Ok((
+                o.name.clone(),
+                (0..t.rows.len()).map(|i| column.row(i).to_vec()).collect(),
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let test = protocol::selftest::Selftest {
+        format: protocol::selftest::FORMAT,
+        rows: t.rows.clone(),
+        expected,
+        tolerance: t.tolerance,
+    };
+    if let Some((name, row)) = test.expected.iter().find_map(|(n, rows)| {
+        rows.iter()
+            .position(|r| r.iter().any(|v| !v.is_finite()))
+            .map(|i| (n, i))
+    }) {
+        anyhow::bail!("output {name:?} is not finite on row {row}; a self-test needs finite outputs");
+    }
+    test.check(manifest).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(serde_json::to_vec(&test)?)
 }
 
 /// Where a command goes: the broker (address, credentials, TLS) and the device.
@@ -91,6 +149,7 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_state: Option<State> = None;
     let mut sent = false;
+    let mut connected = false;
     loop {
         let ev = match tokio::time::timeout_at(deadline, eventloop.poll()).await {
             Ok(ev) => ev,
@@ -111,6 +170,7 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
         };
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
                 client.subscribe(res_topic.clone(), QoS::AtLeastOnce).await?;
                 client.subscribe(state_topic.clone(), QoS::AtLeastOnce).await?;
             }
@@ -132,7 +192,16 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
                 return Ok(resp);
             }
             Ok(_) => {}
-            Err(e) => anyhow::bail!("broker {}:{}: {e}", target.broker.host, target.broker.port),
+            Err(e) if connected => anyhow::bail!(
+                "connection to broker {}:{} lost: {e}",
+                target.broker.host,
+                target.broker.port
+            ),
+            Err(e) => anyhow::bail!(
+                "cannot connect to broker {}:{}: {e}",
+                target.broker.host,
+                target.broker.port
+            ),
         }
     }
 }

@@ -63,6 +63,10 @@ pub struct InputSchema {
     pub dtype: String,
     /// Feature names, in the order of the tensor's last axis.
     pub features: Vec<String>,
+    /// The model handles missing values (1.2): a reading's `null` becomes NaN in the row
+    /// instead of being refused. Written only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accepts_missing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,6 +524,7 @@ mod tests {
                 name: "x".into(),
                 dtype: "float32".into(),
                 features: vec!["a".into()],
+                accepts_missing: false,
             },
             outputs: vec![OutputSchema {
                 name: "y".into(),

@@ -8,6 +8,7 @@ pub mod bundle;
 pub mod canonical;
 pub mod keys;
 pub mod messages;
+pub mod selftest;
 pub mod sync;
 pub mod topic;
 

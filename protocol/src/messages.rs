@@ -59,8 +59,11 @@ pub struct Health {
     pub readings_total: u64,
     /// Predictions made durable in the outbox since the agent started.
     pub predictions_total: u64,
-    /// Reading messages refused since the agent started, whatever the cause.
+    /// Reading messages refused whole since the agent started, whatever the cause.
     pub rejected_total: u64,
+    /// Rows of accepted reading messages whose inference failed, since the agent started.
+    #[serde(default)]
+    pub inference_failed_total: u64,
     /// Records (predictions, events, loss reports) lost since the agent started, whatever the
     /// cause. Readings are not records: refused readings are counted in `rejected_total`.
     pub dropped_total: u64,
@@ -125,6 +128,10 @@ impl<'a> ReceivedCommand<'a> {
             op: Cow<'a, str>,
             #[serde(borrow, default)]
             bundle: Option<Cow<'a, str>>,
+        }
+        // serde would take a struct from an array too (`["ping"]`); a command is an object.
+        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err("not a command: a command is a JSON object".into());
         }
         let w: Wire<'a> = serde_json::from_slice(payload).map_err(|e| format!("not a command: {e}"))?;
         match w.op.as_ref() {
@@ -313,6 +320,10 @@ mod tests {
         cmd(r#"{"op":"format_disk"}"#, Err("unknown op \"format_disk\""));
         cmd(r#"{"bundle":"AAAA"}"#, Err("missing field `op`"));
         cmd("[1]", Err("not a command"));
+        // Regression: an array was taken field by field and executed as a ping.
+        cmd(r#"["ping"]"#, Err("a command is a JSON object"));
+        cmd(r#" ["deploy","AAAA"]"#, Err("a command is a JSON object"));
+        cmd(" \n{\"op\":\"ping\"}", Ok("ping"));
         let long = format!(r#"{{"op":"{}"}}"#, "x".repeat(10_000));
         let e = ReceivedCommand::parse(long.as_bytes()).expect_err("unknown op");
         assert!(e.len() < 200, "the echo of a long op is cut: {} bytes", e.len());

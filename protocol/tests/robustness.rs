@@ -19,6 +19,7 @@ fn valid() -> (Vec<u8>, TrustStore) {
             name: "x".into(),
             dtype: "float32".into(),
             features: vec!["a".into(), "b".into()],
+            accepts_missing: false,
         },
         outputs: vec![OutputSchema {
             name: "y".into(),

@@ -39,6 +39,7 @@ fn manifest(expires: u64) -> Manifest {
             name: "X".into(),
             dtype: "float32".into(),
             features: vec!["rms".into(), "kurtosis".into(), "crest_factor".into(), "peak_hz".into()],
+            accepts_missing: false,
         },
         outputs: vec![OutputSchema {
             name: "variable".into(),
@@ -74,7 +75,9 @@ fn raw(payload_type: &str, body: &[u8], keys: &[&SigningKey], model: &[u8]) -> V
 }
 
 /// (file, bytes, installed_version, threshold, expected verdict)
-fn cases(model: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<u64>, usize, &'static str)> {
+type Case = (&'static str, Vec<u8>, Option<u64>, usize, &'static str);
+
+fn cases(model: &[u8]) -> Vec<Case> {
     let s = signer();
     let pack = |m: Manifest, keys: &[&SigningKey]| {
         bundle::pack(m, &[(model_ref(), model.to_vec())], keys).expect("vector packs")
@@ -178,6 +181,29 @@ fn cases(model: &[u8]) -> Vec<(&'static str, Vec<u8>, Option<u64>, usize, &'stat
     v.push((
         "no-model.lbundle",
         raw(bundle::PAYLOAD_TYPE, &no_model, &[&s], model),
+        None,
+        1,
+        "invalid_manifest",
+    ));
+    // One rule for the signature limit (§4.3, §4.6): 17 signatures are refused, even valid ones.
+    let many: Vec<SigningKey> = (0..17u8).map(|i| SigningKey::from_seed(&[0x40 + i; 32])).collect();
+    let mut keys: Vec<&SigningKey> = vec![&s];
+    keys.extend(many.iter().take(16));
+    v.push((
+        "seventeen-signatures.lbundle",
+        raw(bundle::PAYLOAD_TYPE, &with_digest.canonical_bytes(), &keys, model),
+        None,
+        1,
+        "malformed_envelope",
+    ));
+    // The digest's case is fixed (§4.4): uppercase hex is not the manifest's format.
+    let mut upper: Value = serde_json::to_value(&with_digest).expect("to value");
+    let digest = upper["payloads"][0]["sha256"].as_str().expect("digest").to_uppercase();
+    upper["payloads"][0]["sha256"] = json!(digest);
+    let upper = protocol::canonical::encode(&upper).expect("canonical");
+    v.push((
+        "uppercase-digest.lbundle",
+        raw(bundle::PAYLOAD_TYPE, &upper, &[&s], model),
         None,
         1,
         "invalid_manifest",

@@ -28,7 +28,7 @@ impl Weights {
         let name = &node.name;
         let coefficients: Vec<f32> = node.get_attr_vec("coefficients")?;
         ensure!(
-            models > 0 && !coefficients.is_empty() && coefficients.len() % models == 0,
+            models > 0 && !coefficients.is_empty() && coefficients.len().is_multiple_of(models),
             "node {name:?}: {} coefficients do not split into {models} model(s)",
             coefficients.len()
         );

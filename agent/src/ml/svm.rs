@@ -162,7 +162,7 @@ impl Classifier {
                 vpc.len()
             );
             ensure!(
-                support.len() % vectors == 0,
+                support.len().is_multiple_of(vectors),
                 "node {name:?}: support_vectors do not divide into {vectors} vectors"
             );
             ensure!(
@@ -178,7 +178,7 @@ impl Classifier {
             support.len() / vectors
         } else {
             ensure!(
-                coefficients.len() % classes == 0,
+                coefficients.len().is_multiple_of(classes),
                 "node {name:?}: coefficients do not divide into {classes} classes"
             );
             coefficients.len() / classes
@@ -337,7 +337,7 @@ impl Regressor {
         ensure!(!rho.is_empty(), "node {name:?}: rho is empty");
         let features = if n_supports > 0 {
             ensure!(
-                support.len() % n_supports as usize == 0,
+                support.len().is_multiple_of(n_supports as usize),
                 "node {name:?}: support_vectors do not divide into n_supports"
             );
             ensure!(

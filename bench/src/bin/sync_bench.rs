@@ -252,7 +252,6 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
             version: 1,
             model: MODEL.to_vec(),
             features: features.clone(),
-            baseline: None,
             selftest: None,
             created: now,
             expires: now + 3600,

@@ -287,3 +287,89 @@ fn the_hub_cli_and_the_command_channel_say_what_happened() {
         "{v}"
     );
 }
+
+/// A model that passed every check before activation but fails on some readings at run time
+/// (tract panics on a lookup out of range): only those rows are lost, each counted; the
+/// failure is logged and sent as an event once, not per reading; `lathe status` says that
+/// inference is failing, with the reason, and exits 1.
+#[test]
+fn inference_failures_are_counted_shown_and_not_flooded() {
+    let f = Fleet::new();
+    let _hub = f.hub();
+    let d = f.device("press-8", f.hub_broker.port, &[]);
+    let bundle = f.path().join("fragile.lbundle");
+    let (code, o, e) = run(&mut hub_cmd(&[
+        "bundle",
+        "pack",
+        "--model",
+        fixture("fails_on_large.onnx").to_str().expect("utf8"),
+        "--name",
+        "fragile",
+        "--version",
+        "1",
+        "--features",
+        "rms,kurtosis,crest_factor,peak_hz",
+        "--key",
+        f.path().join("k1.key").to_str().expect("utf8"),
+        "--out",
+        bundle.to_str().expect("utf8"),
+    ]));
+    assert_eq!(code, 0, "it passes every check before activation: {o}{e}");
+    let log = f.path().join("agent.log");
+    let _agent = Proc::spawn(
+        "agent",
+        Command::new(&bins().0)
+            .arg("run")
+            .arg("--config")
+            .arg(&d.config)
+            .env_remove("LATHE_LOG")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+    );
+    wait_online(f.hub_broker.port, &d.id);
+    let (code, out) = f.deploy(&d, &bundle);
+    assert_eq!(code, 0, "{out}");
+
+    let row = |id: i64, rms: f64| serde_json::json!({"id": id, "rms": rms, "kurtosis": 3.0, "crest_factor": 3.2, "peak_hz": 120.0});
+    let sensor = Sensor::new(f.sensor_broker.port, &d.id);
+    // One message whose middle row fails: its neighbours are still predicted.
+    sensor.send(serde_json::to_vec(&[row(1, 0.9), row(2, 25_000.0), row(3, 1.1)]).expect("json"));
+    for id in 10..15 {
+        sensor.send(serde_json::to_vec(&row(id, 30_000.0)).expect("json"));
+    }
+    sensor.send(serde_json::to_vec(&row(20, 0.8)).expect("json"));
+    sensor.wait_acked(7);
+    let stored = wait_hub_has(&f.hub_db, [1, 3, 20], Duration::from_secs(60));
+    let ids: Vec<i64> = stored.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), 3, "only the rows that fail alone are lost: {ids:?}");
+
+    let v = eventually(Duration::from_secs(30), || {
+        let (code, v) = status(&d);
+        (code == 1 && v["activity"]["inference_failed_rows"] == 6).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("status never counted 6 failed rows: {}", status(&d).1));
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("inference is failing: 6 row(s) in the last minute")
+            && problems.contains("the engine failed on these rows"),
+        "{v}"
+    );
+    assert_eq!(v["activity"]["predictions"], 3, "{v}");
+    assert_eq!(v["activity"]["rejected_readings"], 0, "the messages were taken: {v}");
+
+    let events = eventually(Duration::from_secs(30), || {
+        let e: Vec<String> = hub_records(&f.hub_db, "events")
+            .into_iter()
+            .filter(|e| e.contains("inference_failed"))
+            .collect();
+        (!e.is_empty()).then_some(e)
+    })
+    .expect("an inference_failed event reaches the hub");
+    std::thread::sleep(Duration::from_secs(2));
+    let text = std::fs::read_to_string(&log).expect("log");
+    let logged = text.lines().filter(|l| l.contains("inference failed")).count();
+    assert_eq!(logged, 1, "logged once, then counted: {text}");
+    assert!(!text.contains("panicked"), "{text}");
+    assert_eq!(events.len(), 1, "{events:?}");
+}

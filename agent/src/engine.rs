@@ -554,7 +554,7 @@ impl Engine {
             Some(s) => s,
             None => self.plan.spawn().map_err(run)?,
         };
-        let outputs = state.run(tvec!(input.into_tvalue())).map_err(run)?;
+        let outputs = contained(|| state.run(tvec!(input.into_tvalue())))?.map_err(run)?;
         if let Ok(mut pool) = self.states.lock() {
             if pool.len() < POOLED_STATES {
                 pool.push(state);
@@ -576,6 +576,39 @@ impl Engine {
         }
         Ok(Outputs { rows: n, columns })
     }
+}
+
+std::thread_local! {
+    /// Set while this thread runs a model: a panic there becomes an error, not a crash report.
+    static RUNNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`, turning a panic inside the engine into an error. Some of tract's operators panic
+/// on values they cannot handle (a Gather index out of range); a model that does so fails
+/// those rows, as any other inference failure, and the agent carries on. The panic hook is
+/// silent for such panics, so that a model failing every reading does not flood the log: the
+/// failure is reported where inference failures are, rate-limited.
+fn contained<T>(f: impl FnOnce() -> T) -> Result<T, EngineError> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !RUNNING.with(|r| r.get()) {
+                previous(info);
+            }
+        }));
+    });
+    RUNNING.with(|r| r.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    RUNNING.with(|r| r.set(false));
+    result.map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        EngineError::Run(format!("the engine failed on these rows: {why}"))
+    })
 }
 
 fn run_error(e: TractError) -> EngineError {
@@ -965,6 +998,18 @@ mod tests {
         let (onnx, _, rows) = fixture("vibration_logreg");
         let engine = Engine::load(&onnx, rows[0].len()).expect("loads");
         assert!(!engine.handles_missing(), "a linear model gives NaN for NaN");
+    }
+
+    /// Regression: tract panics on a Gather index out of range, which took `lathe model run`
+    /// down; a panic in the engine is an inference failure of those rows.
+    #[test]
+    fn a_panic_in_the_engine_fails_the_rows_and_the_engine_goes_on() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/fails_on_large.onnx");
+        let engine = Engine::load(&std::fs::read(path).expect("fixture"), 4).expect("passes its trial rows");
+        let err = engine.run(&[vec![25_000.0, 1.0, 1.0, 1.0]]).expect_err("index 2 of 2");
+        assert!(err.to_string().contains("the engine failed on these rows"), "{err}");
+        let ok = engine.run(&[vec![1.0, 2.0, 3.0, 4.0]]).expect("still runs");
+        assert_eq!(ok.row(0)["Y"], vec![4.0]);
     }
 
     #[test]

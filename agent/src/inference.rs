@@ -423,8 +423,9 @@ impl InferenceTask {
         }
     }
 
-    /// Run the batch's rows, `max_batch` at a time; returns the predictions as records. Rows
-    /// whose inference failed are counted as refused readings.
+    /// Run the batch's rows, `max_batch` at a time; returns the predictions as records. When a
+    /// batch fails, its rows are run one at a time, and only the rows that fail alone are
+    /// counted as failed.
     async fn infer(&mut self, model: Arc<ActiveModel>, batch: &mut Batch, failures: &mut Reports) -> Vec<Outgoing> {
         let n_features = model.features.len();
         let rows = std::mem::take(&mut batch.rows);
@@ -436,13 +437,22 @@ impl InferenceTask {
             .iter()
             .flat_map(|(t, k)| std::iter::repeat_n(t.clone(), *k));
         let model_ref = model.model_ref();
+        // Rows below this run one at a time: their batch failed as a whole.
+        let mut one_by_one_until = 0usize;
         while row < rows.ids.len() {
-            let end = (row + self.max_batch).min(rows.ids.len());
+            let size = if row < one_by_one_until { 1 } else { self.max_batch };
+            let end = (row + size).min(rows.ids.len());
             let (m, v) = (model.clone(), values.clone());
             let (a, b) = (row * n_features, end * n_features);
             let result = tokio::task::spawn_blocking(move || m.engine.run_flat(&v[a..b])).await;
             let outputs = match result {
                 Ok(Ok(o)) => o,
+                Ok(Err(_)) | Err(_) if end - row > 1 => {
+                    // One row the model cannot run fails its whole batch: run these rows one
+                    // at a time, so that only the rows it cannot run are lost.
+                    one_by_one_until = end;
+                    continue;
+                }
                 failed => {
                     let message = match failed {
                         Ok(Err(e)) => e.to_string(),
@@ -574,6 +584,17 @@ mod tests {
         check("{", Err("not JSON"));
         check(r#"{"a":1,"b":2} x"#, Err("not JSON"));
         check(r#"{"\u0061": 5, "b": 6}"#, Ok(vec![5.0, 6.0]));
+    }
+
+    #[test]
+    fn repeated_troubles_are_reported_at_once_then_counted() {
+        let mut r = Reports::default();
+        assert_eq!(r.due(3), Some(3), "the first is reported at once");
+        assert_eq!(r.due(2), None);
+        assert_eq!(r.due(1), None);
+        assert_eq!(r.since, 3, "counted until the next report");
+        r.last = Some(Instant::now() - Reports::EVERY);
+        assert_eq!(r.due(1), Some(4), "a minute on: the count since");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!
 //! [`DeployState`] holds these rules without I/O.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError};
 use crate::inference::Features;
 use crate::link::IncomingCommand;
 use crate::metrics::Metrics;
@@ -25,6 +25,7 @@ use base64::Engine as _;
 use protocol::bundle::{self, Manifest, Policy, Verified};
 use protocol::keys::TrustStore;
 use protocol::messages::{Event, Level, ModelRef, ReceivedCommand, Response};
+use protocol::selftest::{Selftest, Tolerance};
 use protocol::{Channel, Name, Topic};
 use rumqttc::{AsyncClient, QoS};
 use serde::{Deserialize, Serialize};
@@ -355,7 +356,7 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
             version: m.version,
             message,
         };
-        let test = protocol::selftest::Selftest::parse(bytes, m).map_err(failed)?;
+        let test = Selftest::parse(bytes, m).map_err(failed)?;
         let outputs = engine.run(&test.rows).map_err(|e| failed(e.to_string()))?;
         test.compare(|name, row| outputs.column(name).map(|c| c.row(row)))
             .map_err(|e| failed(e.to_string()))?;
@@ -365,6 +366,23 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
         manifest: v.manifest,
         engine,
         signed_by: v.signed_by,
+    })
+}
+
+/// A self-test of `rows` whose expected outputs are what `engine` computes for them, by output
+/// name (SPEC §4.8): what a packer signs into a bundle, and what `load_model` compares with.
+pub fn make_selftest(engine: &Engine, rows: Vec<Vec<f32>>, tolerance: Tolerance) -> Result<Selftest, EngineError> {
+    let outputs = engine.run(&rows)?;
+    let expected = outputs
+        .columns()
+        .iter()
+        .map(|c| (c.name.to_string(), (0..rows.len()).map(|i| c.row(i).to_vec()).collect()))
+        .collect();
+    Ok(Selftest {
+        format: protocol::selftest::FORMAT,
+        rows,
+        expected,
+        tolerance,
     })
 }
 

@@ -24,8 +24,8 @@ pub enum EngineError {
     Run(String),
 }
 
-/// One reason a model cannot run on this engine. [`check`] finds every one of them; the agent's
-/// deploy, `lathe model inspect`, `lathe model run` and `lathe-hub bundle pack` all use it.
+/// One reason a model cannot run on this engine. [`Engine::load`] finds every one of them; the
+/// agent's deploy, `lathe model inspect`, `lathe model run` and `lathe-hub bundle pack` all use it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {
     /// An operator the engine does not implement.

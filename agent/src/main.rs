@@ -248,10 +248,7 @@ fn model_for_run(
         let policy = protocol::bundle::Policy {
             trust: &trust,
             threshold: cfg.trust.threshold,
-            now: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            now: lathe::sync::now_ms() / 1000,
             installed_version: &protocol::bundle::none_installed,
         };
         let verified = protocol::bundle::verify(&bytes, &policy).map_err(|e| at(&e))?;

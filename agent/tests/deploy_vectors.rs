@@ -51,7 +51,7 @@ fn payload(role: Role, name: &str) -> PayloadRef {
     }
 }
 
-/// A self-test of four rows with the engine's outputs as the expected ones.
+/// A self-test of four rows with the engine's outputs as the expected ones, as a packer makes it.
 fn selftest(model: &[u8]) -> Selftest {
     let rows = vec![
         vec![0.9, 3.1, 3.2, 120.0],
@@ -59,22 +59,8 @@ fn selftest(model: &[u8]) -> Selftest {
         vec![0.0, 0.0, 0.0, 0.0],
         vec![-1.0, 2.0, -3.0, 4.0],
     ];
-    let out = Engine::load(model, 4)
-        .expect("the vector model loads")
-        .run(&rows)
-        .expect("runs");
-    let column = out.column("variable").expect("output");
-    let expected: BTreeMap<String, Vec<Vec<f64>>> = [(
-        "variable".to_string(),
-        (0..rows.len()).map(|i| column.row(i).to_vec()).collect(),
-    )]
-    .into();
-    Selftest {
-        format: protocol::selftest::FORMAT,
-        rows,
-        expected,
-        tolerance: Tolerance::default(),
-    }
+    let engine = Engine::load(model, 4).expect("the vector model loads");
+    lathe::deploy::make_selftest(&engine, rows, Tolerance::default()).expect("runs")
 }
 
 /// (file, bytes, the agent's verdict)

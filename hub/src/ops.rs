@@ -92,33 +92,7 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
 
 /// Run the self-test rows and write `selftest.json` with the outputs as the expected values.
 fn selftest(engine: &Engine, manifest: &Manifest, t: &Selftest) -> anyhow::Result<Vec<u8>> {
-    let outputs = engine.run(&t.rows)?;
-    let expected = manifest
-        .outputs
-        .iter()
-        .map(|o| {
-            let column = outputs
-                .column(&o.name)
-                .ok_or_else(|| anyhow::anyhow!("the model has no output {:?}", o.name))?;
-            Ok((
-                o.name.clone(),
-                (0..t.rows.len()).map(|i| column.row(i).to_vec()).collect(),
-            ))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let test = protocol::selftest::Selftest {
-        format: protocol::selftest::FORMAT,
-        rows: t.rows.clone(),
-        expected,
-        tolerance: t.tolerance,
-    };
-    if let Some((name, row)) = test.expected.iter().find_map(|(n, rows)| {
-        rows.iter()
-            .position(|r| r.iter().any(|v| !v.is_finite()))
-            .map(|i| (n, i))
-    }) {
-        anyhow::bail!("output {name:?} is not finite on row {row}; a self-test needs finite outputs");
-    }
+    let test = lathe::deploy::make_selftest(engine, t.rows.clone(), t.tolerance)?;
     test.check(manifest).map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::to_vec(&test)?)
 }

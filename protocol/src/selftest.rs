@@ -114,8 +114,10 @@ impl Selftest {
                     self.rows.len()
                 ));
             }
-            if rows.iter().flatten().any(|v| !v.is_finite()) {
-                return Err(format!("output {name:?} holds an expected value that is not finite"));
+            if let Some(row) = rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+                return Err(format!(
+                    "output {name:?} is not finite on row {row}; a self-test needs finite outputs"
+                ));
             }
         }
         let t = self.tolerance;
@@ -220,6 +222,11 @@ mod tests {
             Err("unknown field"),
         );
         check("[]", Err("not a self-test"));
+        // JSON cannot carry NaN, but a packer's engine can compute it.
+        let mut nan = Selftest::parse(GOOD.as_bytes(), &manifest()).expect("good");
+        nan.expected.get_mut("p").expect("p")[1][0] = f64::NAN;
+        let e = nan.check(&manifest()).expect_err("NaN expected");
+        assert!(e.starts_with("output \"p\" is not finite on row 1"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use lathe_e2e::*;
 use rumqttc::{Client, MqttOptions, QoS};
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn lathe_status(d: &Device) -> (i32, String) {
@@ -129,39 +129,19 @@ fn logs_are_plain_or_json_and_quiet_about_tested_opsets() {
         serde_json::from_slice(&std::fs::read(corpus.join(format!("{model}.cases.json"))).expect("cases"))
             .expect("json");
     let features: Vec<String> = serde_json::from_value(cases["features"].clone()).expect("features");
-    let bundle = f.path().join("opset.lbundle");
-    let (code, o, e) = run(&mut hub_cmd(&[
-        "bundle",
-        "pack",
-        "--model",
-        corpus.join(format!("{model}.onnx")).to_str().expect("utf8"),
-        "--name",
+    let (code, out, bundle) = f.pack_model(
+        &corpus.join(format!("{model}.onnx")),
         "pipeline",
-        "--version",
-        "1",
-        "--features",
+        1,
         &features.join(","),
-        "--key",
-        f.path().join("k1.key").to_str().expect("utf8"),
-        "--out",
-        bundle.to_str().expect("utf8"),
-    ]));
-    assert_eq!(code, 0, "{o}{e}");
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
     for (id, format) in [("logtext", "text"), ("logjson", "json")] {
         let line = format!("format = \"{format}\"");
         let d = f.device(id, f.hub_broker.port, &[("log", &line)]);
         let log = f.path().join(format!("{id}.log"));
-        let mut agent = Proc::spawn(
-            id,
-            Command::new(&bins().0)
-                .arg("run")
-                .arg("--config")
-                .arg(&d.config)
-                .env_remove("LATHE_LOG")
-                .env_remove("RUST_LOG")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log file")),
-        );
+        let mut agent = f.agent_logging_to(&d, &log);
         wait_online(f.hub_broker.port, &d.id);
         let (code, out) = f.deploy(&d, &bundle);
         assert_eq!(code, 0, "{out}");
@@ -297,36 +277,16 @@ fn inference_failures_are_counted_shown_and_not_flooded() {
     let f = Fleet::new();
     let _hub = f.hub();
     let d = f.device("press-8", f.hub_broker.port, &[]);
-    let bundle = f.path().join("fragile.lbundle");
-    let (code, o, e) = run(&mut hub_cmd(&[
-        "bundle",
-        "pack",
-        "--model",
-        fixture("fails_on_large.onnx").to_str().expect("utf8"),
-        "--name",
+    let (code, out, bundle) = f.pack_model(
+        &fixture("fails_on_large.onnx"),
         "fragile",
-        "--version",
-        "1",
-        "--features",
+        1,
         "rms,kurtosis,crest_factor,peak_hz",
-        "--key",
-        f.path().join("k1.key").to_str().expect("utf8"),
-        "--out",
-        bundle.to_str().expect("utf8"),
-    ]));
-    assert_eq!(code, 0, "it passes every check before activation: {o}{e}");
-    let log = f.path().join("agent.log");
-    let _agent = Proc::spawn(
-        "agent",
-        Command::new(&bins().0)
-            .arg("run")
-            .arg("--config")
-            .arg(&d.config)
-            .env_remove("LATHE_LOG")
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file")),
+        &[],
     );
+    assert_eq!(code, 0, "it passes every check before activation: {out}");
+    let log = f.path().join("agent.log");
+    let _agent = f.agent_logging_to(&d, &log);
     wait_online(f.hub_broker.port, &d.id);
     let (code, out) = f.deploy(&d, &bundle);
     assert_eq!(code, 0, "{out}");

@@ -290,25 +290,46 @@ impl Fleet {
 
     /// Pack the fixture model as `bearing` at `version`, signed with k1.
     pub fn pack(&self, version: u64) -> PathBuf {
-        let out = self.path().join(format!("bearing-{version}.lbundle"));
-        let (code, o, e) = run(&mut hub_cmd(&[
+        let features = cases().features.join(",");
+        let (code, out, bundle) =
+            self.pack_model(&fixture("vibration_logreg.onnx"), "bearing", version, &features, &[]);
+        assert_eq!(code, 0, "pack: {out}");
+        bundle
+    }
+
+    /// `lathe-hub bundle pack` of `model` as `name` at `version` with `features` (comma
+    /// separated), signed with k1, into `<name>-<version>.lbundle`, with `extra` arguments;
+    /// (exit code, output, bundle path).
+    pub fn pack_model(
+        &self,
+        model: &Path,
+        name: &str,
+        version: u64,
+        features: &str,
+        extra: &[&str],
+    ) -> (i32, String, PathBuf) {
+        let bundle = self.path().join(format!("{name}-{version}.lbundle"));
+        let version = version.to_string();
+        let (model, key) = (model.to_str().expect("utf8"), self.path().join("k1.key"));
+        let mut args = vec![
             "bundle",
             "pack",
             "--model",
-            fixture("vibration_logreg.onnx").to_str().expect("utf8"),
+            model,
             "--name",
-            "bearing",
+            name,
             "--version",
-            &version.to_string(),
-            "--features-file",
-            fixture("vibration_logreg.features.json").to_str().expect("utf8"),
+            &version,
+            "--features",
+            features,
             "--key",
-            self.path().join("k1.key").to_str().expect("utf8"),
+            key.to_str().expect("utf8"),
             "--out",
-            out.to_str().expect("utf8"),
-        ]));
-        assert_eq!(code, 0, "pack: {o}{e}");
-        out
+            bundle.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&mut hub_cmd(&args));
+        (code, format!("{out}{err}"), bundle)
     }
 
     /// Write an agent config for `id`: the hub link on `hub_port` (the hub broker, or a proxy
@@ -353,6 +374,21 @@ impl Fleet {
         args.extend(self.hub_args.iter().map(String::as_str));
         args.extend_from_slice(extra);
         Proc::spawn("lathe-hub serve", hub_cmd(&args).stdout(Stdio::null()))
+    }
+
+    /// `lathe run` for `d` with its default log settings, its log written to `log`.
+    pub fn agent_logging_to(&self, d: &Device, log: &Path) -> Proc {
+        Proc::spawn(
+            &format!("lathe run ({})", d.id),
+            Command::new(&bins().0)
+                .arg("run")
+                .arg("--config")
+                .arg(&d.config)
+                .env_remove("LATHE_LOG")
+                .env_remove("RUST_LOG")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).expect("log file")),
+        )
     }
 
     pub fn agent(&self, d: &Device) -> Proc {

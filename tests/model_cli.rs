@@ -259,27 +259,11 @@ fn a_model_that_cannot_run_is_refused_by_every_command() {
         assert_eq!(code, 1, "{err}");
         assert!(info["problems"].to_string().contains("Lathe"), "{model}: {info}");
 
-        let bundle_path = f.path().join(format!("{model}.lbundle"));
-        let (code, out, err) = run(&mut hub_cmd(&[
-            "bundle",
-            "pack",
-            "--model",
-            s(&path),
-            "--name",
-            model,
-            "--version",
-            "1",
-            "--features",
-            features,
-            "--key",
-            s(&f.path().join("k1.key")),
-            "--out",
-            s(&bundle_path),
-        ]));
-        assert_eq!(code, 1, "{model}: {out}{err}");
+        let (code, out, bundle_path) = f.pack_model(&path, model, 1, features, &[]);
+        assert_eq!(code, 1, "{model}: {out}");
         assert!(
-            err.contains("refusing to sign") && err.contains(reason),
-            "{model}: {err}"
+            out.contains("refusing to sign") && out.contains(reason),
+            "{model}: {out}"
         );
         assert!(!bundle_path.exists());
 
@@ -347,39 +331,15 @@ fn the_selftest_runs_at_pack_time_and_before_activation() {
     let f = Fleet::new();
     let d = f.device("press-4", f.hub_broker.port, &[]);
     let rows = vibration_csv(f.path(), "selftest.csv", &[2, 0, 1, 3], 8);
-    let out = f.path().join("tested.lbundle");
-    let (model, features, key) = (
-        fixture("vibration_logreg.onnx"),
-        fixture("vibration_logreg.features.json"),
-        f.path().join("k1.key"),
-    );
-    let pack = |extra: &[&str]| {
-        let mut args = vec![
-            "bundle",
-            "pack",
-            "--model",
-            s(&model),
-            "--name",
-            "bearing",
-            "--version",
-            "2",
-            "--features-file",
-            s(&features),
-            "--key",
-            s(&key),
-            "--out",
-            s(&out),
-        ];
-        args.extend_from_slice(extra);
-        run(&mut hub_cmd(&args))
-    };
-    let (code, o, e) = pack(&["--baseline", s(&rows)]);
-    assert_eq!(code, 1, "{o}{e}");
-    assert!(e.contains("drift baselines are not supported yet"), "{e}");
-    let (code, o, e) = pack(&["--selftest", s(&rows)]);
-    assert_eq!(code, 0, "{o}{e}");
+    let features = cases().features.join(",");
+    let pack = |extra: &[&str]| f.pack_model(&fixture("vibration_logreg.onnx"), "bearing", 2, &features, extra);
+    let (code, out, _) = pack(&["--baseline", s(&rows)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("drift baselines are not supported yet"), "{out}");
+    let (code, out, tested) = pack(&["--selftest", s(&rows)]);
+    assert_eq!(code, 0, "{out}");
 
-    let bytes = std::fs::read(&out).expect("bundle");
+    let bytes = std::fs::read(&tested).expect("bundle");
     let (_, _) = bundle::inspect(&bytes).expect("inspect");
     let trust =
         protocol::keys::TrustStore::parse(&std::fs::read_to_string(f.path().join("trust.keys")).expect("trust"))
@@ -440,7 +400,7 @@ fn the_selftest_runs_at_pack_time_and_before_activation() {
     assert_eq!(code, 1, "{o}");
     assert!(o.contains("refused (selftest_failed)") && o.contains("row 5"), "{o}");
     assert!(o.contains("active: none"), "{o}");
-    let (code, o) = f.deploy(&d, &out);
+    let (code, o) = f.deploy(&d, &tested);
     assert_eq!(code, 0, "{o}");
     assert!(o.contains("active: bearing v2"), "{o}");
 }

@@ -5,7 +5,7 @@
 use lathe_e2e::*;
 use rumqttc::{Client, MqttOptions, QoS};
 use serde_json::Value;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn lathe_status(d: &Device) -> (i32, String) {
@@ -238,6 +238,31 @@ fn the_hub_cli_and_the_command_channel_say_what_happened() {
     ]));
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains(&format!("cannot connect to broker {nobody}")), "{err}");
+
+    // Regression: `serve` against a dead broker said `connection lost` for a connection that
+    // never existed.
+    let log = f.path().join("serve.log");
+    let mut serve = Proc::spawn(
+        "serve",
+        hub_cmd(&[
+            "serve",
+            "--broker",
+            &nobody,
+            "--db",
+            f.path().join("x.db").to_str().expect("utf8"),
+        ])
+        .env("LATHE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log")),
+    );
+    let said = eventually(Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("cannot connect to the broker").then_some(text)
+    });
+    serve.terminate(Duration::from_secs(5));
+    let text = said.unwrap_or_else(|| std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(text.contains("cannot connect to the broker"), "{text}");
+    assert!(!text.contains("connection lost"), "{text}");
 
     let answers = watch(
         f.hub_broker.port,

@@ -16,4 +16,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The export test reads Parquet back in pandas.
+if ! python3 -c "import pandas, pyarrow" >/dev/null 2>&1; then
+    echo "installing pandas and pyarrow (for the export test)"
+    python3 -m pip install -q pandas pyarrow
+fi
+
 cargo test --workspace --locked "$@"

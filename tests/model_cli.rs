@@ -325,7 +325,7 @@ fn signed(key: &SigningKey, name: &str, model: &[u8], features: &str, selftest: 
 
 /// `--selftest` rows are run at pack time and again by the agent before it activates the
 /// bundle; a self-test the model does not pass is refused with `selftest_failed`, naming the
-/// output and row. `--baseline` is refused until its format exists.
+/// output and row. A training CSV without every feature is refused.
 #[test]
 fn the_selftest_runs_at_pack_time_and_before_activation() {
     let f = Fleet::new();
@@ -333,9 +333,15 @@ fn the_selftest_runs_at_pack_time_and_before_activation() {
     let rows = vibration_csv(f.path(), "selftest.csv", &[2, 0, 1, 3], 8);
     let features = cases().features.join(",");
     let pack = |extra: &[&str]| f.pack_model(&fixture("vibration_logreg.onnx"), "bearing", 2, &features, extra);
-    let (code, out, _) = pack(&["--baseline", s(&rows)]);
+    // A training CSV that lacks a feature is refused before anything is signed.
+    let partial = f.path().join("partial.csv");
+    std::fs::write(&partial, "rms,kurtosis,crest_factor,target\n1,3,3,0\n").expect("csv");
+    let (code, out, _) = pack(&["--baseline", s(&partial)]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("drift baselines are not supported yet"), "{out}");
+    assert!(
+        out.contains("--baseline") && out.contains("no column for feature(s) peak_hz"),
+        "{out}"
+    );
     let (code, out, tested) = pack(&["--selftest", s(&rows)]);
     assert_eq!(code, 0, "{out}");
 

@@ -14,10 +14,11 @@
 
 use crate::config::{Config, ConfigError};
 use crate::deploy::{birth, DeployTask, Deployer, Events};
-use crate::inference::InferenceTask;
+use crate::inference::{InferenceTask, Watch};
 use crate::link::{self, Backoff, ConnState, Limits as LinkLimits, Link, Refusals, Routes};
 use crate::metrics::Metrics;
 use crate::queue;
+use crate::schedule;
 use crate::store::{Limits, Store};
 use crate::sync::{now_ms, LiveTopics, Outbox, SyncTask};
 use protocol::keys::TrustStore;
@@ -221,6 +222,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     for e in startup_events {
         events.emit(e).await;
     }
+    let (cron, schedule) = drift_schedule(&cfg).await?;
     let sync_stop = CancellationToken::new();
     let mut sync = sync(
         &cfg,
@@ -243,6 +245,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         client.clone(),
         w.commands.1,
         w.readings.1,
+        schedule,
         events,
         w.outbox.0,
         w.hub_state.1,
@@ -263,6 +266,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     if drained.is_err() {
         warn!("drain time exceeded; aborting the remaining tasks");
     }
+    if let Some(c) = cron {
+        c.stop().await;
+    }
     // The sensor link sends the PUBACKs of what was made durable, then disconnects.
     if let Some((client, task)) = sensor_link {
         stop_link(&client, task, sensors_stop).await;
@@ -271,6 +277,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // No pid in the lock once stopped: `lathe status` reads it to tell a live agent.
     let _ = lock.set_len(0);
     Ok(())
+}
+
+/// The operator's drift schedule (`drift.schedule`), ticking on a channel of one: a tick
+/// that finds one waiting is not needed.
+async fn drift_schedule(cfg: &Config) -> anyhow::Result<(Option<schedule::Running>, Option<mpsc::Receiver<()>>)> {
+    let Some(expr) = cfg.drift.schedule.as_deref().filter(|_| cfg.drift.enabled) else {
+        return Ok((None, None));
+    };
+    let s = schedule::Schedule::parse(expr, &cfg.drift.timezone)?;
+    let (tx, rx) = mpsc::channel(1);
+    let running = schedule::Running::start(&s, tx).await?;
+    info!(schedule = expr, timezone = %cfg.drift.timezone, "drift windows also close on schedule");
+    Ok((Some(running), Some(rx)))
 }
 
 /// The link to the readings' broker: its own connection (on `[inputs.broker]`, else on
@@ -453,6 +472,7 @@ fn producers(
     client: AsyncClient,
     commands: mpsc::Receiver<queue::Held<link::IncomingCommand>>,
     readings: mpsc::Receiver<queue::Held<link::Reading>>,
+    schedule: Option<mpsc::Receiver<()>>,
     events: Events,
     outbox: Outbox,
     conn: watch::Receiver<ConnState>,
@@ -477,6 +497,8 @@ fn producers(
         max_batch: cfg.inputs.max_batch,
         max_id_bytes: cfg.inputs.max_id_bytes,
         metrics: metrics.clone(),
+        watch: Watch::new(&cfg.drift, cfg.samples.clone()),
+        schedule,
     };
     let mut set = JoinSet::new();
     set.spawn(deploy.run(shutdown.clone()));
@@ -493,7 +515,7 @@ fn producers(
     async move { while set.join_next().await.is_some() {} }
 }
 
-/// Publish health every interval while connected.
+/// Sample the box every interval, and publish health while connected.
 async fn health(
     topic: String,
     every: Duration,
@@ -504,15 +526,35 @@ async fn health(
     shutdown: CancellationToken,
 ) {
     let mut t = tokio::time::interval(every);
+    let mut sampler = crate::system::Sampler::new();
     loop {
         tokio::select! { _ = shutdown.cancelled() => break, _ = t.tick() => {} }
+        let sampled = tokio::task::block_in_place(|| sampler.sample());
+        let model = active.load().as_ref().map(|a| a.model_ref());
+        let snapshot = {
+            let mut s = m.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((system, process)) = sampled {
+                s.system = Some(system);
+                s.process = Some(process);
+            }
+            if let (Some((calls, rows, p50_us, p99_us)), Some(model)) = (m.latency.take(), model.clone()) {
+                s.latency = Some(protocol::messages::Latency {
+                    model,
+                    calls,
+                    rows,
+                    p50_us,
+                    p99_us,
+                });
+            }
+            s.clone()
+        };
         if !matches!(*conn.borrow(), ConnState::Connected | ConnState::Refused { .. }) {
             continue;
         }
         let oldest = m.oldest_ms.get();
         let h = Health {
             ts_ms: now_ms(),
-            model: active.load().as_ref().map(|a| a.model_ref()),
+            model,
             outbox_depth: m.outbox_depth.get(),
             outbox_bytes: m.outbox_bytes.get(),
             oldest_age_ms: (oldest > 0).then(|| now_ms().saturating_sub(oldest)),
@@ -523,6 +565,10 @@ async fn health(
             inference_failed_total: m.inference_failed.get(),
             dropped_total: m.dropped.get(),
             losses: m.loss_totals(),
+            system: snapshot.system,
+            process: snapshot.process,
+            latency: snapshot.latency,
+            outbox: snapshot.outbox,
         };
         let _ = client.try_publish(
             topic.clone(),

@@ -42,6 +42,124 @@ pub struct Config {
     pub status: StatusConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub drift: DriftConfig,
+    #[serde(default)]
+    pub samples: SamplesConfig,
+}
+
+/// `[drift]`: drift of the active model against the baseline signed into its bundle (SPEC §6).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A window closes after this many rows...
+    #[serde(default = "default_window_rows")]
+    pub window_rows: u64,
+    /// ...or once it is this old and holds at least `min_rows` rows...
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
+    /// Windows with fewer rows are reported but not judged: too few to tell drift from noise.
+    #[serde(default = "default_min_rows")]
+    pub min_rows: u64,
+    /// ...or when this cron schedule fires (e.g. `"0 6,14,22 * * *"` at each shift change).
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// The IANA time zone of `schedule`.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// While a model stays in alert, the alert event is repeated at most this often.
+    #[serde(default = "default_repeat_alert")]
+    pub repeat_alert_secs: u64,
+    #[serde(default)]
+    pub thresholds: crate::drift::Thresholds,
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        DriftConfig {
+            enabled: true,
+            window_rows: default_window_rows(),
+            window_secs: default_window_secs(),
+            min_rows: default_min_rows(),
+            schedule: None,
+            timezone: default_timezone(),
+            repeat_alert_secs: default_repeat_alert(),
+            thresholds: Default::default(),
+        }
+    }
+}
+
+impl DriftConfig {
+    pub fn policy(&self) -> crate::drift::Policy {
+        crate::drift::Policy {
+            window_rows: self.window_rows,
+            window_ms: self.window_secs * 1000,
+            min_rows: self.min_rows,
+            thresholds: self.thresholds,
+        }
+    }
+}
+
+fn default_window_rows() -> u64 {
+    1000
+}
+fn default_window_secs() -> u64 {
+    600
+}
+fn default_min_rows() -> u64 {
+    500
+}
+fn default_timezone() -> String {
+    "UTC".into()
+}
+fn default_repeat_alert() -> u64 {
+    600
+}
+
+/// `[samples]`: input rows captured with their outputs into the `samples` stream, for
+/// retraining (SPEC §6.5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplesConfig {
+    /// Keep one row in this many; 0 keeps none by count.
+    #[serde(default)]
+    pub every: u64,
+    /// Always keep rows with a feature outside the baseline's training range.
+    #[serde(default = "yes")]
+    pub out_of_range: bool,
+    /// Always keep rows whose top class probability is below this (0 = off). A probability
+    /// output is a float output whose row is non-negative and sums to 1.
+    #[serde(default)]
+    pub low_confidence: f64,
+    /// When a drift window alerts, keep up to this many of its rows (a uniform sample of the
+    /// window, held in fixed memory).
+    #[serde(default = "default_alert_rows")]
+    pub alert_rows: usize,
+    /// At most this many samples a minute; the rest are counted as lost (`samples`,
+    /// `rate_limited`).
+    #[serde(default = "default_samples_per_minute")]
+    pub max_per_minute: u64,
+}
+
+impl Default for SamplesConfig {
+    fn default() -> Self {
+        SamplesConfig {
+            every: 0,
+            out_of_range: true,
+            low_confidence: 0.0,
+            alert_rows: default_alert_rows(),
+            max_per_minute: default_samples_per_minute(),
+        }
+    }
+}
+
+fn default_alert_rows() -> usize {
+    32
+}
+fn default_samples_per_minute() -> u64 {
+    600
 }
 
 /// `[log]`: how `lathe run` writes its log to stderr. The level comes from `LATHE_LOG` (or
@@ -523,6 +641,22 @@ impl Config {
         }
         range("predictions.qos", self.predictions.qos as u64, 0, 1)?;
         range("health.interval_secs", self.health.interval_secs, 1, 86_400)?;
+        range("drift.window_rows", self.drift.window_rows, 1, 1 << 32)?;
+        range("drift.window_secs", self.drift.window_secs, 1, 30 * 86_400)?;
+        range("drift.min_rows", self.drift.min_rows, 1, self.drift.window_rows)?;
+        range("drift.repeat_alert_secs", self.drift.repeat_alert_secs, 1, 30 * 86_400)?;
+        if let Some(which) = self.drift.thresholds.invalid() {
+            return Err((format!("drift.thresholds.{which}"), "needs 0 < warn <= alert".into()));
+        }
+        if let Some(s) = &self.drift.schedule {
+            crate::schedule::Schedule::parse(s, &self.drift.timezone)
+                .map_err(|e| ("drift.schedule".to_string(), e.to_string()))?;
+        }
+        if !(0.0..1.0).contains(&self.samples.low_confidence) {
+            return Err(("samples.low_confidence".into(), "must be 0 (off) or below 1".into()));
+        }
+        range("samples.alert_rows", self.samples.alert_rows as u64, 0, 1024)?;
+        range("samples.max_per_minute", self.samples.max_per_minute, 1, 1_000_000)?;
         let command = self.max_command_bytes();
         if command + 65_536 > self.broker.max_packet_bytes {
             return Err((

@@ -22,6 +22,7 @@ use crate::store::{NewRecord, Store};
 use crate::sync::{now_ms, Append, Outbox, Outgoing};
 use arc_swap::ArcSwapOption;
 use base64::Engine as _;
+use protocol::baseline::Baseline;
 use protocol::bundle::{self, Manifest, Policy, Verified};
 use protocol::keys::TrustStore;
 use protocol::messages::{Event, Level, ModelRef, ReceivedCommand, Response};
@@ -43,6 +44,9 @@ pub struct ActiveModel {
     pub signed_by: Vec<String>,
     /// Where each input feature goes in a row.
     pub features: Features,
+    /// The training baseline drift is measured against; `None` when the bundle has none, and
+    /// drift is off for it.
+    pub baseline: Option<Arc<Baseline>>,
 }
 
 impl ActiveModel {
@@ -125,6 +129,12 @@ pub enum DeployError {
         version: u64,
         message: String,
     },
+    #[error("bundle {name} v{version}: drift baseline is invalid: {message}")]
+    Baseline {
+        name: String,
+        version: u64,
+        message: String,
+    },
     #[error("{0}")]
     NoPrevious(&'static str),
     #[error("{path}: {message}")]
@@ -141,6 +151,7 @@ impl DeployError {
             DeployError::Refused(v) => v.code().into(),
             DeployError::Load { .. } => "load_failed".into(),
             DeployError::Selftest { .. } => "selftest_failed".into(),
+            DeployError::Baseline { .. } => "baseline_invalid".into(),
             DeployError::NoPrevious(_) => "no_previous".into(),
             DeployError::Io { .. } | DeployError::Store(_) => "io".into(),
         }
@@ -361,7 +372,18 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
         test.compare(|name, row| outputs.column(name).map(|c| c.row(row)))
             .map_err(|e| failed(e.to_string()))?;
     }
+    let baseline = match v.payload(bundle::Role::Baseline) {
+        Some(bytes) => Some(Arc::new(Baseline::parse(bytes, m).map_err(|message| {
+            DeployError::Baseline {
+                name: m.name.clone(),
+                version: m.version,
+                message,
+            }
+        })?)),
+        None => None,
+    };
     Ok(ActiveModel {
+        baseline,
         features: Features::new(&v.manifest.input.features).accepting_missing(v.manifest.input.accepts_missing),
         manifest: v.manifest,
         engine,

@@ -356,6 +356,26 @@ impl Outputs {
         self.columns.iter().find(|c| &*c.name == name)
     }
 
+    /// Outputs built from (name, width, values) columns: for tests of what consumes outputs.
+    pub fn of(columns: Vec<(&str, usize, Vec<f64>)>) -> Outputs {
+        Outputs {
+            rows: columns.first().map_or(0, |(_, w, v)| v.len() / w),
+            columns: columns
+                .into_iter()
+                .map(|(name, width, values)| Column {
+                    name: Arc::from(name),
+                    width,
+                    values,
+                })
+                .collect(),
+        }
+    }
+
+    /// One output of one value per row: for tests.
+    pub fn single(name: &str, values: Vec<f64>) -> Outputs {
+        Outputs::of(vec![(name, 1, values)])
+    }
+
     /// Row `i` as a map from output name to its values: the shape of a prediction.
     pub fn row(&self, i: usize) -> BTreeMap<String, Vec<f64>> {
         self.columns
@@ -660,6 +680,16 @@ pub fn csv_header(text: &str) -> Result<Vec<String>, String> {
 /// cell (or `null`) unless the model accepts missing values, where it is NaN as a reading's
 /// `null` is.
 pub fn parse_csv(text: &str, features: &[String], accepts_missing: bool) -> Result<Vec<Vec<f32>>, String> {
+    csv_rows(text, features, accepts_missing, false)
+}
+
+/// Like [`parse_csv`], for training data: columns that are not features (a target, an id) are
+/// skipped.
+pub fn parse_training_csv(text: &str, features: &[String], accepts_missing: bool) -> Result<Vec<Vec<f32>>, String> {
+    csv_rows(text, features, accepts_missing, true)
+}
+
+fn csv_rows(text: &str, features: &[String], accepts_missing: bool, skip_extra: bool) -> Result<Vec<Vec<f32>>, String> {
     let header = csv_header(text)?;
     let mut position = std::collections::HashMap::new();
     for (i, h) in header.iter().enumerate() {
@@ -674,7 +704,7 @@ pub fn parse_csv(text: &str, features: &[String], accepts_missing: bool) -> Resu
         .collect();
     let extra: Vec<&str> = header
         .iter()
-        .filter(|h| !features.contains(h))
+        .filter(|h| !skip_extra && !features.contains(h))
         .map(String::as_str)
         .collect();
     if !missing.is_empty() || !extra.is_empty() {

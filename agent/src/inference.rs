@@ -13,11 +13,15 @@
 //! readings they came from are PUBACKed then.
 
 use crate::deploy::{event, ActiveModel, SharedModel};
+use crate::drift;
+use crate::engine::Outputs;
 use crate::link::{PubAck, Reading};
 use crate::metrics::Metrics;
 use crate::queue::Held;
+use crate::samples::{self, Sampler};
 use crate::store::{cause, Loss, NewRecord};
 use crate::sync::{now_ms, Append, Outbox, Outgoing};
+use protocol::messages::ModelRef;
 use protocol::messages::{Level, Prediction};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -28,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 /// A model's feature names and where each goes in a row, built once per model.
 #[derive(Debug, Clone)]
@@ -312,6 +316,272 @@ pub struct InferenceTask {
     pub max_batch: usize,
     pub max_id_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// Drift and samples of the active model.
+    pub watch: Watch,
+    /// Ticks of the operator's drift schedule (`drift.schedule`).
+    pub schedule: Option<mpsc::Receiver<()>>,
+}
+
+/// Drift windows and samples of the active model: what the inference task feeds the pure
+/// trackers ([`crate::drift`], [`crate::samples`]) and the records they make.
+pub struct Watch {
+    /// `None` when drift is off in the config.
+    policy: Option<drift::Policy>,
+    repeat_alert_ms: u64,
+    model: Option<Arc<ActiveModel>>,
+    tracker: Option<drift::Tracker>,
+    alerts: drift::Alerts,
+    sampler: Sampler,
+}
+
+/// Records and small state a step of the watch produced.
+#[derive(Default)]
+struct Made {
+    records: Vec<Outgoing>,
+    losses: Vec<Loss>,
+    meta: Vec<(&'static str, String)>,
+}
+
+impl Made {
+    fn record(&mut self, stream: &'static str, ts_ms: u64, data: String, live: bool) {
+        self.records.push(Outgoing {
+            record: NewRecord { stream, ts_ms, data },
+            live,
+        });
+    }
+}
+
+impl Watch {
+    pub fn new(drift: &crate::config::DriftConfig, samples: crate::config::SamplesConfig) -> Watch {
+        Watch {
+            policy: drift.enabled.then(|| drift.policy()),
+            repeat_alert_ms: drift.repeat_alert_secs * 1000,
+            model: None,
+            tracker: None,
+            alerts: drift::Alerts::default(),
+            sampler: Sampler::new(samples),
+        }
+    }
+
+    /// Follow the active model: a new one closes the old one's window and opens its own.
+    fn follow(&mut self, model: &Option<Arc<ActiveModel>>, now: u64, made: &mut Made) {
+        let same = match (&self.model, model) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        self.close(now, "model_change", made);
+        self.model = model.clone();
+        self.alerts = drift::Alerts::default();
+        self.tracker = match (model, self.policy) {
+            (Some(m), Some(policy)) => m
+                .baseline
+                .as_ref()
+                .map(|b| drift::Tracker::new(m.model_ref(), b.clone(), policy, now)),
+            _ => None,
+        };
+        if let Some(m) = model {
+            let model = m.model_ref();
+            if m.baseline.is_none() {
+                info!(model = %model.name, version = model.version, "drift is off for this model: its bundle has no baseline");
+            } else if self.policy.is_none() {
+                info!(model = %model.name, version = model.version, "drift is off: drift.enabled = false");
+            }
+            let state = drift::DriftState {
+                model,
+                baseline: m.baseline.is_some(),
+                enabled: self.policy.is_some(),
+                window_start_ms: now,
+                last: None,
+            };
+            made.meta
+                .push(("drift", serde_json::to_string(&state).expect("drift state serializes")));
+        }
+    }
+
+    /// Count rows the model ran on, keep the samples due, and close the window if it is full.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        &mut self,
+        model: &ActiveModel,
+        model_ref: &ModelRef,
+        values: &[f32],
+        outputs: &Outputs,
+        sources: &[Arc<str>],
+        ids: &[Option<Box<RawValue>>],
+        ts_ms: u64,
+        made: &mut Made,
+    ) {
+        let width = model.features.len();
+        let n = values.len() / width.max(1);
+        let mut i = 0;
+        while i < n {
+            // Up to the end of the open window, which closes on count at its exact size.
+            let end = match self.tracker.as_ref() {
+                Some(t) => (i + t.room().max(1) as usize).min(n),
+                None => n,
+            };
+            self.segment(model, model_ref, values, outputs, sources, ids, i..end, ts_ms, made);
+            if let Some(why) = self.tracker.as_ref().and_then(|t| t.due(ts_ms)) {
+                self.close(ts_ms, why, made);
+            }
+            i = end;
+        }
+    }
+
+    /// Rows `range` of a batch: counted in the open window, sampled, held for an alert.
+    #[allow(clippy::too_many_arguments)]
+    fn segment(
+        &mut self,
+        model: &ActiveModel,
+        model_ref: &ModelRef,
+        values: &[f32],
+        outputs: &Outputs,
+        sources: &[Arc<str>],
+        ids: &[Option<Box<RawValue>>],
+        range: std::ops::Range<usize>,
+        ts_ms: u64,
+        made: &mut Made,
+    ) {
+        let width = model.features.len();
+        let rows = &values[range.start * width..range.end * width];
+        if let Some(t) = self.tracker.as_mut() {
+            t.add(rows, outputs, range.start);
+        }
+        let baseline = model.baseline.as_deref();
+        for (i, row) in range.clone().zip(rows.chunks_exact(width)) {
+            if let Some(reason) = self.sampler.pick(row, outputs, i, baseline) {
+                if self.sampler.admit(ts_ms) {
+                    let out: Vec<(&str, &[f64])> = outputs.columns().iter().map(|c| (&*c.name, c.row(i))).collect();
+                    let data = sample(
+                        model,
+                        model_ref,
+                        reason,
+                        &sources[i],
+                        ids[i].as_deref(),
+                        row,
+                        &out,
+                        ts_ms,
+                    );
+                    made.record(protocol::streams::SAMPLES, ts_ms, data, false);
+                } else {
+                    push_loss(&mut made.losses, protocol::streams::SAMPLES, cause::RATE_LIMITED, 1);
+                }
+            }
+            if self.tracker.is_some() {
+                self.sampler.hold(|| samples::Held {
+                    ts_ms,
+                    source: sources[i].clone(),
+                    values: row.to_vec(),
+                    outputs: outputs
+                        .columns()
+                        .iter()
+                        .map(|c| (c.name.to_string(), c.row(i).to_vec()))
+                        .collect(),
+                });
+            }
+        }
+    }
+
+    /// When the open window is old enough to close on time, if it has the rows for it.
+    fn deadline_ms(&self) -> Option<u64> {
+        self.tracker.as_ref().and_then(|t| t.deadline_ms())
+    }
+
+    /// Close the open window, if it has rows: its record, an alert event if one is due, the
+    /// rows held for an alert, and the state `lathe status` shows.
+    fn close(&mut self, now: u64, why: &str, made: &mut Made) {
+        let Some(t) = self.tracker.as_mut() else { return };
+        if t.rows() == 0 {
+            if why == "schedule" {
+                *t = drift::Tracker::new(t.model.clone(), t.baseline(), t.policy(), now);
+            }
+            return;
+        }
+        let w = t.close(now, why);
+        made.record(
+            protocol::streams::DRIFT,
+            now,
+            serde_json::to_string(&w).expect("a drift window serializes"),
+            false,
+        );
+        let alerted = w.status == drift::Verdict::Alert;
+        if self.alerts.due(&w, self.repeat_alert_ms) {
+            let message = drift::alert_message(&w);
+            warn!(model = %w.model.name, version = w.model.version, %message, "drift alert");
+            let e = event(Level::Warn, "drift_alert", message);
+            made.record(
+                protocol::streams::EVENTS,
+                e.ts_ms,
+                serde_json::to_string(&e).expect("an event serializes"),
+                true,
+            );
+        }
+        if let Some(model) = self.model.clone() {
+            let model_ref = model.model_ref();
+            for h in self.sampler.window_closed(alerted) {
+                if !self.sampler.admit(now) {
+                    push_loss(&mut made.losses, protocol::streams::SAMPLES, cause::RATE_LIMITED, 1);
+                    continue;
+                }
+                let out: Vec<(&str, &[f64])> = h.outputs.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+                let data = sample(
+                    &model,
+                    &model_ref,
+                    samples::Reason::DriftAlert,
+                    &h.source,
+                    None,
+                    &h.values,
+                    &out,
+                    h.ts_ms,
+                );
+                made.record(protocol::streams::SAMPLES, h.ts_ms, data, false);
+            }
+            let state = drift::DriftState {
+                model: model_ref,
+                baseline: true,
+                enabled: true,
+                window_start_ms: now,
+                last: Some(w),
+            };
+            made.meta
+                .push(("drift", serde_json::to_string(&state).expect("drift state serializes")));
+        }
+    }
+}
+
+/// A sample record (SPEC §6.5).
+#[allow(clippy::too_many_arguments)]
+fn sample(
+    model: &ActiveModel,
+    model_ref: &ModelRef,
+    reason: samples::Reason,
+    source: &str,
+    reading_id: Option<&RawValue>,
+    row: &[f32],
+    outputs: &[(&str, &[f64])],
+    ts_ms: u64,
+) -> String {
+    let s = samples::Sample {
+        ts_ms,
+        model: model_ref,
+        reason,
+        source,
+        reading_id,
+        features: model
+            .manifest
+            .input
+            .features
+            .iter()
+            .zip(row)
+            .map(|(n, v)| (n.as_str(), (!v.is_nan()).then_some(*v)))
+            .collect(),
+        outputs: outputs.iter().copied().collect(),
+    };
+    serde_json::to_string(&s).expect("a sample serializes")
 }
 
 /// A repeated trouble reported at once, then at most once a minute with the count since.
@@ -349,12 +619,27 @@ impl InferenceTask {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut rejections = Reports::default();
         let mut failures = Reports::default();
+        let mut schedule = self.schedule.take();
         loop {
+            let deadline = self
+                .watch
+                .deadline_ms()
+                .map(|d| tokio::time::Instant::now() + Duration::from_millis(d.saturating_sub(now_ms())));
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = at(deadline) => {
+                    self.close_window("time").await;
+                    continue;
+                }
+                Some(()) = tick(&mut schedule) => {
+                    self.close_window("schedule").await;
+                    continue;
+                }
                 r = self.rx.recv() => match r { Some(r) => r, None => break },
             };
             let model = self.active.load_full();
+            let mut made = Made::default();
+            self.watch.follow(&model, now_ms(), &mut made);
             let mut batch = Batch {
                 rows: Rows::default(),
                 sources: vec![],
@@ -409,24 +694,59 @@ impl InferenceTask {
                 })
                 .collect();
             if let (Some(m), false) = (model, batch.rows.is_empty()) {
-                records.extend(self.infer(m, &mut batch, &mut failures).await);
+                records.extend(self.infer(m, &mut batch, &mut failures, &mut made).await);
             }
+            records.extend(made.records);
+            batch.losses.extend(made.losses);
             let append = Append {
                 records,
                 losses: batch.losses,
                 acks: batch.acks,
+                meta: made.meta,
             };
             let bytes = append.bytes();
             if !self.outbox.send(append, bytes).await {
                 warn!("outbox task is gone; predictions not buffered");
             }
         }
+        // The open window's rows are not kept across a restart: report what it has.
+        self.close_window("shutdown").await;
+    }
+
+    /// Close the open drift window (on time, on schedule, at shutdown) and hand its records
+    /// to the outbox.
+    async fn close_window(&mut self, why: &str) {
+        let now = now_ms();
+        let mut made = Made::default();
+        if why == "time" && self.watch.tracker.as_ref().and_then(|t| t.due(now)).is_none() {
+            return;
+        }
+        self.watch.close(now, why, &mut made);
+        if made.records.is_empty() && made.meta.is_empty() && made.losses.is_empty() {
+            return;
+        }
+        let append = Append {
+            records: made.records,
+            losses: made.losses,
+            meta: made.meta,
+            ..Default::default()
+        };
+        let bytes = append.bytes();
+        if !self.outbox.send(append, bytes).await {
+            warn!("outbox task is gone; drift window not buffered");
+        }
     }
 
     /// Run the batch's rows, `max_batch` at a time; returns the predictions as records. When a
     /// batch fails, its rows are run one at a time, and only the rows that fail alone are
     /// counted as failed.
-    async fn infer(&mut self, model: Arc<ActiveModel>, batch: &mut Batch, failures: &mut Reports) -> Vec<Outgoing> {
+    async fn infer(
+        &mut self,
+        model: Arc<ActiveModel>,
+        batch: &mut Batch,
+        failures: &mut Reports,
+        made: &mut Made,
+    ) -> Vec<Outgoing> {
         let n_features = model.features.len();
         let rows = std::mem::take(&mut batch.rows);
         let values = Arc::new(rows.values);
@@ -444,7 +764,17 @@ impl InferenceTask {
             let end = (row + size).min(rows.ids.len());
             let (m, v) = (model.clone(), values.clone());
             let (a, b) = (row * n_features, end * n_features);
-            let result = tokio::task::spawn_blocking(move || m.engine.run_flat(&v[a..b])).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                (m.engine.run_flat(&v[a..b]), t.elapsed())
+            })
+            .await
+            .map(|(r, took)| {
+                if r.is_ok() {
+                    self.metrics.latency.record(took, (end - row) as u64);
+                }
+                r
+            });
             let outputs = match result {
                 Ok(Ok(o)) => o,
                 Ok(Err(_)) | Err(_) if end - row > 1 => {
@@ -495,8 +825,20 @@ impl InferenceTask {
                 }
             };
             let ts_ms = now_ms();
-            for (i, id) in rows.ids[row..end].iter().enumerate() {
-                let source = sources.next().expect("one source per row");
+            let row_sources: Vec<Arc<str>> = (row..end)
+                .map(|_| sources.next().expect("one source per row"))
+                .collect();
+            self.watch.rows(
+                &model,
+                &model_ref,
+                &values[a..b],
+                &outputs,
+                &row_sources,
+                &rows.ids[row..end],
+                ts_ms,
+                made,
+            );
+            for (i, (id, source)) in rows.ids[row..end].iter().zip(&row_sources).enumerate() {
                 let pred = Prediction {
                     ts_ms,
                     model: &model_ref,
@@ -520,6 +862,22 @@ impl InferenceTask {
             row = end;
         }
         out
+    }
+}
+
+/// Wait until `d`, or forever when there is none.
+async fn at(d: Option<tokio::time::Instant>) {
+    match d {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next tick of a schedule, or never when there is none.
+async fn tick(rx: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

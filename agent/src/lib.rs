@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod config;
 pub mod deploy;
+pub mod drift;
 pub mod engine;
 pub mod inference;
 pub mod link;
@@ -10,9 +11,12 @@ pub mod logs;
 pub mod metrics;
 pub mod ml;
 pub mod queue;
+pub mod samples;
+pub mod schedule;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod system;
 
 /// Exit codes of the `lathe` binary.
 pub mod exit {

@@ -9,6 +9,7 @@
 //! Persistent per-cause totals live in the outbox's `losses` table.
 
 use crate::store::Loss;
+use protocol::messages::{Latency, ProcessHealth, StreamDepth, SystemHealth};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -49,8 +50,89 @@ impl Tally {
     }
 }
 
+/// Durations in buckets a quarter power of two wide (within 19%), from 1 µs to about 70 s:
+/// fixed memory, lock-free recording. Read and reset together by [`Latencies::take`].
+#[derive(Debug)]
+pub struct Latencies {
+    buckets: [AtomicU64; Latencies::BUCKETS],
+    rows: AtomicU64,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            rows: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Latencies {
+    const BUCKETS: usize = 105;
+
+    fn bucket(us: u64) -> usize {
+        if us <= 1 {
+            return 0;
+        }
+        ((4.0 * (us as f64).log2()).ceil() as usize).min(Self::BUCKETS - 1)
+    }
+
+    /// The largest duration a bucket holds, in µs.
+    fn upper(i: usize) -> u64 {
+        2f64.powf(i as f64 / 4.0).round() as u64
+    }
+
+    pub fn record(&self, d: std::time::Duration, rows: u64) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        self.buckets[Self::bucket(us)].fetch_add(1, Ordering::Relaxed);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// (calls, rows, p50 µs, p99 µs) since the last take, and start again; `None` when there
+    /// were no calls.
+    pub fn take(&self) -> Option<(u64, u64, u64, u64)> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.swap(0, Ordering::Relaxed)).collect();
+        let rows = self.rows.swap(0, Ordering::Relaxed);
+        let calls: u64 = counts.iter().sum();
+        if calls == 0 {
+            return None;
+        }
+        let at = |q: f64| {
+            let rank = ((q * calls as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Self::upper(i);
+                }
+            }
+            Self::upper(Self::BUCKETS - 1)
+        };
+        Some((calls, rows, at(0.5), at(0.99)))
+    }
+}
+
+/// The last sample of the box and of the agent's process, and the outbox per stream: what
+/// health messages and `lathe status` show.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    #[serde(default)]
+    pub system: Option<SystemHealth>,
+    #[serde(default)]
+    pub process: Option<ProcessHealth>,
+    #[serde(default)]
+    pub outbox: Vec<StreamDepth>,
+    /// Inference latency over the last health interval that had calls.
+    #[serde(default)]
+    pub latency: Option<Latency>,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// How long inference calls take.
+    pub latency: Latencies,
+    /// The last system sample and the outbox per stream.
+    pub snapshot: Mutex<Snapshot>,
     /// Reading messages received.
     pub readings: Counter,
     /// Reading messages refused whole, before inference: too large, malformed, no active
@@ -95,5 +177,27 @@ impl Metrics {
 
     pub fn loss_totals(&self) -> Vec<protocol::messages::LossTotal> {
         self.losses.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn percentiles_within_a_bucket() {
+        let l = Latencies::default();
+        assert_eq!(l.take(), None);
+        for _ in 0..98 {
+            l.record(Duration::from_micros(100), 2);
+        }
+        l.record(Duration::from_micros(5_000), 2);
+        l.record(Duration::from_micros(5_000), 2);
+        let (calls, rows, p50, p99) = l.take().expect("calls");
+        assert_eq!((calls, rows), (100, 200));
+        assert!((100..=119).contains(&p50), "{p50}");
+        assert!((5_000..=5_950).contains(&p99), "{p99}");
+        assert_eq!(l.take(), None, "taken and reset");
     }
 }

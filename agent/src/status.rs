@@ -69,6 +69,10 @@ pub struct Activity {
     pub last_failure: Option<String>,
     /// `[ts_ms, predictions, rejected, inference_failed]` at each update of the last 70 s.
     pub samples: Vec<[u64; 4]>,
+    /// The box, the agent's process, inference latency and the outbox per stream, as last
+    /// sampled.
+    #[serde(default)]
+    pub health: crate::metrics::Snapshot,
 }
 
 /// The longest failure reason kept.
@@ -88,6 +92,7 @@ impl Activity {
         self.predictions = m.predictions.get();
         self.rejected = m.rejected.get();
         self.inference_failed = m.inference_failed.get();
+        self.health = m.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.last_prediction_ms = Some(m.last_prediction_ms.get()).filter(|t| *t > 0);
         if let Some((ms, reason)) = m.last_failure() {
             self.last_failure_ms = Some(ms);
@@ -128,6 +133,8 @@ impl Activity {
 /// The activity as `lathe status` shows it.
 #[derive(Debug, Serialize)]
 pub struct ActivityReport {
+    /// The box, the agent's process and inference latency, as last sampled.
+    pub health: crate::metrics::Snapshot,
     pub since_ms: u64,
     pub predictions: u64,
     pub rejected_readings: u64,
@@ -184,6 +191,8 @@ pub struct Report {
     pub losses: Vec<LossReport>,
     pub acks_refused: u64,
     pub last_sync: Option<Value>,
+    /// Drift of the active model against its baseline: the last closed window.
+    pub drift: Option<crate::drift::DriftState>,
     /// Problems a technician should know of; empty when all is well.
     pub problems: Vec<Problem>,
 }
@@ -348,8 +357,21 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         })
         .collect();
     let acks_refused = meta("acks_refused")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+    let drift: Option<crate::drift::DriftState> = meta("drift")?.and_then(|d| serde_json::from_str(&d).ok());
 
     let mut problems = vec![];
+    if let Some(w) = drift.as_ref().and_then(|d| d.last.as_ref()) {
+        if w.status == crate::drift::Verdict::Alert {
+            problems.push(problem(
+                format!(
+                    "{} ({})",
+                    crate::drift::alert_message(w),
+                    ago(Some(w.end_ms))
+                ),
+                "compare recent inputs with the training data (lathe-hub export) and retrain, or check the sensors named",
+            ));
+        }
+    }
     const START: &str = "start it (systemctl start lathe); its log says why it stopped (journalctl -u lathe)";
     if running && !fresh {
         let since = heartbeat_age_s.map_or("since it started".into(), |a| format!("for {}", human_secs(a)));
@@ -415,6 +437,7 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
             ));
         }
         ActivityReport {
+            health: a.health.clone(),
             since_ms: a.started_ms,
             predictions: a.predictions,
             rejected_readings: a.rejected,
@@ -430,7 +453,7 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         }
     });
     let window_ms = t.status.loss_window_secs * 1000;
-    let records: [&str; 3] = crate::store::STREAMS;
+    let records = crate::store::STREAMS;
     for l in &losses {
         if records.contains(&l.stream.as_str()) && now.saturating_sub(l.last_ms) < window_ms {
             problems.push(problem(
@@ -509,6 +532,7 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         disk_floor_bytes: t.min_free_bytes,
         losses,
         acks_refused,
+        drift,
         last_sync,
         problems,
     })
@@ -618,6 +642,7 @@ pub fn render(r: &Report) -> String {
         if let (Some(t), Some(why)) = (a.last_failure_ms, &a.last_failure) {
             s += &format!("failed      {}: {why}\n", ago(Some(t)));
         }
+        s += &render_health(&a.health);
     }
     let parts: Vec<String> = r
         .outbox_by_stream
@@ -669,8 +694,90 @@ pub fn render(r: &Report) -> String {
     if r.acks_refused > 0 {
         s += &format!("acks        {} refused\n", r.acks_refused);
     }
+    s += &render_drift(r.drift.as_ref());
     for p in &r.problems {
         s += &format!("problem     {}\n            hint: {}\n", p.problem, p.hint);
+    }
+    s
+}
+
+/// The box, the agent's memory and inference latency, as the agent last sampled them.
+fn render_health(h: &crate::metrics::Snapshot) -> String {
+    let mut s = String::new();
+    if let Some(b) = &h.system {
+        let temp = b.temperature_c.map(|t| format!(", {t:.0} °C")).unwrap_or_default();
+        s += &format!(
+            "box         cpu {:.0}% of {} CPU(s), memory {} used of {}, up {}{temp}\n",
+            b.cpu_percent,
+            b.cpus,
+            human_bytes(b.memory_used_bytes),
+            human_bytes(b.memory_total_bytes),
+            human_secs(b.uptime_secs)
+        );
+    }
+    if let Some(p) = &h.process {
+        s += &format!(
+            "memory      agent rss {}, up {}\n",
+            human_bytes(p.rss_bytes),
+            human_secs(p.uptime_secs)
+        );
+    }
+    if let Some(l) = &h.latency {
+        s += &format!(
+            "latency     {} v{}: p50 {} µs, p99 {} µs per call ({} calls, {} rows)\n",
+            l.model.name, l.model.version, l.p50_us, l.p99_us, l.calls, l.rows
+        );
+    }
+    s
+}
+
+/// The drift lines: the last window's verdict, then its features and outputs, worst first.
+fn render_drift(d: Option<&crate::drift::DriftState>) -> String {
+    const SHOWN: usize = 8;
+    let Some(d) = d else {
+        return "drift       no model has run yet\n".into();
+    };
+    let model = format!("{} v{}", d.model.name, d.model.version);
+    if !d.baseline {
+        return format!(
+            "drift       off for {model}: its bundle has no baseline (pack it with --baseline <training.csv>)\n"
+        );
+    }
+    if !d.enabled {
+        return format!("drift       off (drift.enabled = false in the config); {model} has a baseline\n");
+    }
+    let Some(w) = &d.last else {
+        return format!(
+            "drift       {model}: no window closed yet (window open since {})\n",
+            ago(Some(d.window_start_ms))
+        );
+    };
+    let mut s = format!(
+        "drift       {model}: {} in the last window ({} rows, closed by {} {})\n",
+        w.status.word(),
+        w.rows,
+        w.closed_by.replace('_', " "),
+        ago(Some(w.end_ms))
+    );
+    let all = w.worst();
+    for m in all.iter().take(SHOWN) {
+        let name = match (m.column, w.features.iter().any(|f| std::ptr::eq(f, *m))) {
+            (_, true) => m.name.clone(),
+            (Some(c), false) => format!("output {}[{c}]", m.name),
+            (None, false) => format!("output {}", m.name),
+        };
+        let detail = if m.reasons.is_empty() {
+            match m.psi {
+                Some(p) => format!("PSI {p:.3}"),
+                None => "no values".into(),
+            }
+        } else {
+            m.reasons.join(", ")
+        };
+        s += &format!("            {name:<24} {:<8} {detail}\n", m.status.word());
+    }
+    if all.len() > SHOWN {
+        s += &format!("            ... {} more, all no worse\n", all.len() - SHOWN);
     }
     s
 }

@@ -45,11 +45,23 @@ impl StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// The streams the outbox holds.
-pub const STREAMS: [&str; 3] = [
-    protocol::streams::PREDICTIONS,
+/// The streams the outbox holds, in the order they are served: events, loss reports and drift
+/// windows go before the bulk of samples and predictions when a backlog drains.
+pub const STREAMS: [&str; 5] = [
     protocol::streams::EVENTS,
     protocol::streams::LOSSES,
+    protocol::streams::DRIFT,
+    protocol::streams::SAMPLES,
+    protocol::streams::PREDICTIONS,
+];
+
+/// Which streams' records make room for another stream's when the outbox is full: bulk data
+/// first. Loss reports are never dropped for room.
+const EVICTION_ORDER: [&str; 4] = [
+    protocol::streams::SAMPLES,
+    protocol::streams::PREDICTIONS,
+    protocol::streams::DRIFT,
+    protocol::streams::EVENTS,
 ];
 
 /// Why something was lost: the `cause` of a loss counter.
@@ -70,6 +82,8 @@ pub mod cause {
     pub const NO_MODEL: &str = "no_model";
     /// Readings whose inference failed.
     pub const INFERENCE_FAILED: &str = "inference_failed";
+    /// A sample over `samples.max_per_minute`.
+    pub const RATE_LIMITED: &str = "rate_limited";
     /// The readings link dropped its broker session to be rid of a message larger than its
     /// packet limit; what the broker held for it is gone (counted once per reset).
     pub const SESSION_RESET: &str = "session_reset";
@@ -573,12 +587,6 @@ impl Store {
                     "SELECT seq, length(CAST(data AS BLOB)) FROM outbox WHERE stream = ?1 ORDER BY seq LIMIT 1",
                 )
                 .map_err(err)?;
-            let mut oldest_any = tx
-                .prepare_cached(
-                    "SELECT stream, seq, length(CAST(data AS BLOB)) FROM outbox WHERE stream != ?1
-                     ORDER BY stream, seq LIMIT 1",
-                )
-                .map_err(err)?;
             let mut delete = tx
                 .prepare_cached("DELETE FROM outbox WHERE stream = ?1 AND seq = ?2")
                 .map_err(err)?;
@@ -607,20 +615,18 @@ impl Store {
                         out.lose(r.stream, why);
                         break false;
                     }
-                    // The oldest record of the same stream, else of another; never a loss report.
-                    let victim: Option<(String, i64, i64)> = match oldest_same
-                        .query_row([r.stream], |row| Ok((r.stream.to_string(), row.get(0)?, row.get(1)?)))
-                        .optional()
-                        .map_err(err)?
-                    {
-                        Some(v) => Some(v),
-                        None => oldest_any
-                            .query_row([protocol::streams::LOSSES], |row| {
-                                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                            })
+                    // The oldest record of the same stream, else of another, bulk streams first;
+                    // never a loss report.
+                    let mut victim: Option<(String, i64, i64)> = None;
+                    for s in std::iter::once(r.stream).chain(EVICTION_ORDER.into_iter().filter(|s| *s != r.stream)) {
+                        victim = oldest_same
+                            .query_row([s], |row| Ok((s.to_string(), row.get(0)?, row.get(1)?)))
                             .optional()
-                            .map_err(err)?,
-                    };
+                            .map_err(err)?;
+                        if victim.is_some() {
+                            break;
+                        }
+                    }
                     let Some((vstream, vseq, vlen)) = victim else {
                         // Nothing left to drop: the new record cannot be kept.
                         out.lose(r.stream, why);
@@ -1042,7 +1048,13 @@ mod tests {
         let ro = Store::open_readonly(&path).expect("read-only");
         assert_eq!(
             ro.depth_by_stream(),
-            vec![(E.into(), 1), ("losses".into(), 0), (P.into(), 2)]
+            vec![
+                ("drift".into(), 0),
+                (E.into(), 1),
+                ("losses".into(), 0),
+                (P.into(), 2),
+                ("samples".into(), 0)
+            ]
         );
     }
 

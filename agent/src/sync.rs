@@ -48,12 +48,16 @@ pub struct Append {
     pub records: Vec<Outgoing>,
     pub losses: Vec<Loss>,
     pub acks: Vec<PubAck>,
+    /// Small state for `lathe status` (key, JSON), written after the records.
+    pub meta: Vec<(&'static str, String)>,
 }
 
 impl Append {
     /// The bytes this message holds, for the byte budget.
     pub fn bytes(&self) -> usize {
-        self.records.iter().map(|r| r.record.data.len() + 64).sum::<usize>() + 64
+        self.records.iter().map(|r| r.record.data.len() + 64).sum::<usize>()
+            + self.meta.iter().map(|m| m.1.len() + 32).sum::<usize>()
+            + 64
     }
 }
 
@@ -475,6 +479,15 @@ impl SyncTask {
         }
         self.metrics.outbox_depth.set(self.store.depth());
         self.metrics.outbox_bytes.set(self.store.bytes());
+        self.metrics.snapshot.lock().unwrap_or_else(|e| e.into_inner()).outbox = self
+            .store
+            .streams()
+            .map(|(stream, s)| protocol::messages::StreamDepth {
+                stream: stream.to_string(),
+                depth: s.depth,
+                bytes: s.bytes,
+            })
+            .collect();
         self.metrics
             .oldest_ms
             .set(self.store.oldest_ts_ms().ok().flatten().unwrap_or(0));
@@ -488,6 +501,7 @@ impl SyncTask {
         let mut live = vec![];
         let mut losses = std::mem::take(&mut run.unsaved);
         let mut acks = vec![];
+        let mut meta: Vec<(&str, String)> = vec![];
         for a in burst {
             for o in a.records {
                 live.push(o.live);
@@ -495,6 +509,10 @@ impl SyncTask {
             }
             losses.extend(a.losses);
             acks.extend(a.acks);
+            for (k, v) in a.meta {
+                meta.retain(|(m, _)| *m != k);
+                meta.push((k, v));
+            }
         }
         // One transaction must fit in the free-space floor, WAL and all: a large burst is
         // written in several.
@@ -518,6 +536,12 @@ impl SyncTask {
         for a in acks {
             if a.send().is_err() {
                 run.acks_due.push_back(a);
+            }
+        }
+        if !meta.is_empty() {
+            let pairs: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if let Err(e) = tokio::task::block_in_place(|| self.store.set_meta_many(&pairs)) {
+                warn!(error = %e, "cannot write the drift state for lathe status");
             }
         }
         self.metrics.outbox_depth.set(self.store.depth());
@@ -554,9 +578,12 @@ impl SyncTask {
                 if run.connected {
                     self.send_batches(run);
                     let now = Instant::now();
-                    for ((r, live), kept) in records.iter().zip(live).zip(&out.kept) {
-                        if *live && *kept {
-                            self.publish_live(run, r, now);
+                    // Events first: an alert must not wait behind a burst of predictions.
+                    for events_pass in [true, false] {
+                        for ((r, live), kept) in records.iter().zip(live).zip(&out.kept) {
+                            if *live && *kept && (r.stream == protocol::streams::EVENTS) == events_pass {
+                                self.publish_live(run, r, now);
+                            }
                         }
                     }
                 }

@@ -8,6 +8,7 @@
 //! `LATHE_REGEN_VECTORS=1 cargo test -p lathe --test deploy_vectors`.
 
 use lathe::engine::Engine;
+use protocol::baseline::{self, Baseline, OutputValues};
 use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Policy, Role};
 use protocol::keys::{SigningKey, TrustStore};
 use protocol::selftest::{Selftest, Tolerance};
@@ -63,15 +64,47 @@ fn selftest(model: &[u8]) -> Selftest {
     lathe::deploy::make_selftest(&engine, rows, Tolerance::default()).expect("runs")
 }
 
+/// A baseline of 200 spread rows and the model's outputs on them, as a packer builds it.
+fn baseline(model: &[u8]) -> Baseline {
+    let rows: Vec<Vec<f32>> = (0..200)
+        .map(|i| {
+            let x = i as f32 / 200.0;
+            vec![0.5 + x, 2.5 + 3.0 * x, 3.0 + 2.0 * x, 100.0 + 250.0 * x]
+        })
+        .collect();
+    let engine = Engine::load(model, 4).expect("the vector model loads");
+    let out = engine.run(&rows).expect("runs");
+    let scores = out.column("variable").expect("variable");
+    let columns: Vec<Vec<f64>> = (0..4).map(|j| rows.iter().map(|r| f64::from(r[j])).collect()).collect();
+    let outputs = vec![OutputValues::Scores {
+        name: "variable".into(),
+        columns: vec![(0..rows.len()).map(|i| scores.row(i)[0]).collect()],
+    }];
+    baseline::build(&manifest().input.features, &columns, outputs, baseline::DEFAULT_BINS).expect("builds")
+}
+
+fn bjson(b: &Baseline) -> Vec<u8> {
+    serde_json::to_vec(b).expect("json")
+}
+
 /// (file, bytes, the agent's verdict)
 fn cases(model: &[u8], key: &SigningKey) -> Vec<(&'static str, Vec<u8>, &'static str)> {
-    let pack = |m: Manifest, test: Option<Vec<u8>>| {
+    let pack_with = |m: Manifest, role: Role, name: &str, data: Option<Vec<u8>>| {
         let mut payloads = vec![(payload(Role::Model, "model.onnx"), model.to_vec())];
-        if let Some(t) = test {
-            payloads.push((payload(Role::Selftest, "selftest.json"), t));
+        if let Some(t) = data {
+            payloads.push((payload(role, name), t));
         }
         bundle::pack(m, &payloads, &[key]).expect("vector packs")
     };
+    let pack = |m: Manifest, test: Option<Vec<u8>>| pack_with(m, Role::Selftest, "selftest.json", test);
+    let with_baseline = |b: Vec<u8>| pack_with(manifest(), Role::Baseline, "baseline.json", Some(b));
+    let base = baseline(model);
+    let mut unordered = base.clone();
+    unordered.features[1].dist.edges.reverse();
+    let mut renamed_feature = base.clone();
+    renamed_feature.features[0].name = "rms_g".into();
+    let mut short = base.clone();
+    short.features[2].dist.counts.pop();
     let json = |t: &Selftest| serde_json::to_vec(t).expect("json");
     let good = selftest(model);
     let mut off = good.clone();
@@ -104,6 +137,27 @@ fn cases(model: &[u8], key: &SigningKey) -> Vec<(&'static str, Vec<u8>, &'static
         ("output-dtype.lbundle", pack(dtype, None), "load_failed"),
         ("output-name.lbundle", pack(renamed, None), "load_failed"),
         ("input-name.lbundle", pack(input, None), "load_failed"),
+        ("baseline-pass.lbundle", with_baseline(bjson(&base)), "ok"),
+        (
+            "baseline-unordered-edges.lbundle",
+            with_baseline(bjson(&unordered)),
+            "baseline_invalid",
+        ),
+        (
+            "baseline-other-features.lbundle",
+            with_baseline(bjson(&renamed_feature)),
+            "baseline_invalid",
+        ),
+        (
+            "baseline-counts.lbundle",
+            with_baseline(bjson(&short)),
+            "baseline_invalid",
+        ),
+        (
+            "baseline-not-json.lbundle",
+            with_baseline(b"rms,kurtosis\n".to_vec()),
+            "baseline_invalid",
+        ),
     ]
 }
 
@@ -157,7 +211,7 @@ fn deploy_vectors_match_their_verdicts() {
     }
     assert_eq!(
         verdicts.len(),
-        3,
-        "ok, load_failed and selftest_failed are all covered: {verdicts:?}"
+        4,
+        "ok, load_failed, selftest_failed and baseline_invalid are all covered: {verdicts:?}"
     );
 }

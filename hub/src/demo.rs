@@ -1,8 +1,10 @@
 //! `lathe-hub demo`: the whole loop on one machine, with nothing installed.
 //!
 //! An embedded broker, the ingest service, a real `lathe` agent process and simulated sensors.
-//! A signed bundle is deployed, predictions flow, the agent's link to the hub is cut (a
-//! black-holing proxy) and restored, and the buffered predictions arrive at the hub.
+//! A signed bundle with its training baseline is deployed, predictions flow, the agent's link
+//! to the hub is cut (a black-holing proxy) and restored, and the buffered predictions arrive
+//! at the hub; then a sensor is recalibrated and the drift is alerted on the device and at the
+//! hub.
 
 use crate::ingest::{Ingest, IngestStats};
 use crate::{broker, ops, proxy::Proxy};
@@ -18,6 +20,18 @@ use tokio_util::sync::CancellationToken;
 
 const MODEL: &[u8] = include_bytes!("../../fixtures/models/vibration_logreg.onnx");
 const CASES: &str = include_str!("../../fixtures/models/vibration_logreg.cases.json");
+/// Training rows of the model (the drift baseline), live rows like them, and live rows after
+/// the peak-frequency sensor was recalibrated (x1.3).
+const TRAIN: &str = include_str!("../../fixtures/drift/train.csv");
+const LIVE: &str = include_str!("../../fixtures/drift/control.csv");
+const RECALIBRATED: &str = include_str!("../../fixtures/drift/peak_recalibrated.csv");
+
+fn csv_rows(text: &str) -> Vec<Vec<f64>> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').map(|v| v.trim().parse::<f64>().ok()).collect())
+        .collect()
+}
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -64,7 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
         proxy.addr
     );
 
-    step("generating a signing key and packing a signed bundle");
+    step("generating a signing key and packing a signed bundle, with the training data's baseline");
     let key = SigningKey::generate(&ring::rand::SystemRandom::new())?;
     let trust = dir.path().join("trust.keys");
     std::fs::write(&trust, format!("{} demo\n", key.public_key().to_text()))?;
@@ -78,6 +92,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
             model: MODEL.to_vec(),
             features: features.clone(),
             selftest: None,
+            baseline: Some(
+                csv_rows(TRAIN)
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|v| v as f32).collect())
+                    .collect(),
+            ),
+            baseline_bins: protocol::baseline::DEFAULT_BINS,
             created: now,
             expires: now + 86_400,
         },
@@ -147,6 +168,10 @@ ack_timeout_ms = 3000
 
 [health]
 interval_secs = 5
+
+[drift]             # small windows, so that the demo shows them quickly
+window_rows = 200
+min_rows = 200
 "#,
             state = state_dir.display(),
             pport = proxy.addr.port(),
@@ -205,7 +230,10 @@ interval_secs = 5
     println!("    a tampered copy is refused: ok={} {}", resp.ok, resp.message);
 
     step("simulated sensors publish readings; predictions flow");
-    let rows: Vec<Vec<f64>> = serde_json::from_value(cases["rows"].clone())?;
+    let rows = csv_rows(LIVE);
+    let recalibrated_rows = csv_rows(RECALIBRATED);
+    let recalibrated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let recal = recalibrated.clone();
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (sent2, sc) = (sent.clone(), sensors.clone());
     let input_topic = format!("sensors/{device}/features");
@@ -217,7 +245,11 @@ interval_secs = 5
         let mut i = 0usize;
         while !stop2.is_cancelled() {
             t.tick().await;
-            let row = &rows[i % rows.len()];
+            let row = if recal.load(Ordering::Relaxed) {
+                &recalibrated_rows[i % recalibrated_rows.len()]
+            } else {
+                &rows[i % rows.len()]
+            };
             let mut obj = serde_json::Map::new();
             for (f, v) in features.iter().zip(row) {
                 obj.insert(f.clone(), serde_json::json!(v));
@@ -272,6 +304,35 @@ interval_secs = 5
     step("restoring the link");
     proxy.restore();
     tokio::time::sleep(Duration::from_secs(2)).await;
+
+    step("a technician recalibrates the peak-frequency sensor (x1.3): the model's inputs drift");
+    recalibrated.store(true, Ordering::Relaxed);
+    let windows = 2 * 200 * 1_000_000 / period.as_micros().max(1) as u64;
+    tokio::time::sleep(Duration::from_micros(windows) + Duration::from_secs(2)).await;
+    let status = tokio::process::Command::new(&agent_bin)
+        .args(["status", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .await?;
+    println!("    `lathe status` on the device says:");
+    for line in String::from_utf8_lossy(&status.stdout)
+        .lines()
+        .skip_while(|l| !l.starts_with("drift"))
+        .take(6)
+    {
+        println!("      {line}");
+    }
+    let drift = crate::views::drift(
+        &crate::store::HubStore::open(&dir.path().join("hub.db"))?,
+        None,
+        None,
+        3,
+    )?;
+    println!("    and the hub's drift view (`lathe-hub drift`):");
+    for line in crate::views::render_drift(&drift).lines() {
+        println!("      {line}");
+    }
+    let alerted = drift.devices.iter().any(|d| d.alerts_total > 0);
     stop_sensors.cancel();
     let _ = sensor_task.await;
     let total = sent.load(Ordering::Relaxed);
@@ -296,9 +357,12 @@ interval_secs = 5
     }
     let _ = tokio::time::timeout(Duration::from_secs(15), agent.wait()).await;
     shutdown.cancel();
-    if stored == total {
-        println!("\ndemo complete: every prediction made it to the hub");
+    if stored == total && alerted {
+        println!("\ndemo complete: every prediction made it to the hub, and the drift was alerted");
         Ok(0)
+    } else if stored == total {
+        println!("\ndemo FAILED: the recalibrated sensor raised no drift alert at the hub");
+        Ok(1)
     } else {
         println!("\ndemo FAILED: {stored} of {total} predictions reached the hub");
         Ok(1)

@@ -1,6 +1,7 @@
 //! The ingest service: receives sync batches, stores them, acks them.
 //!
-//! It subscribes to every device's sync topics (and, to log them, state and events), decodes
+//! It subscribes to every device's sync topics, health (it keeps each device's last one) and,
+//! to log them, state and events, decodes
 //! each batch within a size limit (zstd or plain JSON), stores it in one transaction, then
 //! publishes the ack. It re-subscribes on every ConnAck and reconnects with backoff; a batch
 //! that arrives twice is stored once and acked again. Acks say which encodings the hub
@@ -15,6 +16,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The largest health message the hub keeps.
+const MAX_HEALTH_BYTES: usize = 64 << 10;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -62,8 +66,13 @@ impl Ingest {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(200);
                     // Straight to the front of the event loop's queue: never refused, sent first.
-                    let filters = [filter::all_sync(), filter::all_state(), filter::all_events()]
-                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                    let filters = [
+                        filter::all_sync(),
+                        filter::all_state(),
+                        filter::all_events(),
+                        filter::all_health(),
+                    ]
+                    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
                     eventloop
                         .pending
                         .push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
@@ -84,6 +93,7 @@ impl Ingest {
                     let Ok(t) = topic.parse::<Topic>() else { continue };
                     match &t.channel {
                         Channel::Sync(stream) => self.on_batch(&mut store, &client, &t, stream.as_str(), &p.payload),
+                        Channel::Health => self.on_health(&mut store, &t, &p.payload),
                         Channel::State if self.echo => {
                             println!(
                                 "hub    | {}/{} state: {}",
@@ -120,6 +130,31 @@ impl Ingest {
             }
         }
         Ok(())
+    }
+
+    /// Keep a device's last health message (SPEC §3.2), if it is one.
+    fn on_health(&self, store: &mut HubStore, t: &Topic, payload: &[u8]) {
+        if payload.len() > MAX_HEALTH_BYTES {
+            warn!(fleet = %t.fleet, device = %t.device, bytes = payload.len(), "health message too large; not stored");
+            return;
+        }
+        let h: protocol::messages::Health = match serde_json::from_slice(payload) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(fleet = %t.fleet, device = %t.device, error = %e, "malformed health message; not stored");
+                return;
+            }
+        };
+        let Ok(text) = std::str::from_utf8(payload) else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Err(e) =
+            tokio::task::block_in_place(|| store.set_health(t.fleet.as_str(), t.device.as_str(), h.ts_ms, text, now))
+        {
+            warn!(error = %e, "cannot store a health message");
+        }
     }
 
     fn refuse(&self, t: &Topic, why: &str) {

@@ -6,3 +6,4 @@ pub mod ingest;
 pub mod ops;
 pub mod proxy;
 pub mod store;
+pub mod views;

@@ -1,7 +1,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lathe::config::{BrokerConfig, TlsConfig};
-use lathe_hub::{broker, demo, ingest, ops};
+use lathe_hub::{broker, demo, ingest, ops, views};
 use protocol::bundle::{self, Policy};
 use protocol::keys::{SigningKey, TrustStore};
 use protocol::messages::Command;
@@ -71,6 +71,46 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// List drift alerts and the worst features of each device and model, from the windows the
+    /// devices synced. Exits 1 when a device's last window alerted.
+    Drift {
+        #[arg(long, default_value = "lathe-hub.db")]
+        db: PathBuf,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Alerts listed per device and model, newest first.
+        #[arg(long, default_value_t = 10)]
+        alerts: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the samples the devices captured for a model (inputs with outputs), ready for
+    /// pandas: time, fleet, device, model_version, reason, source, one column per feature, one
+    /// per output value.
+    Export {
+        #[arg(long, default_value = "lathe-hub.db")]
+        db: PathBuf,
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        device: Option<String>,
+        /// Only samples from this time on: unix seconds, a date, or a UTC time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum)]
+        format: views::Format,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Show the last health message of each device.
+    Health {
+        #[arg(long, default_value = "lathe-hub.db")]
+        db: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the whole loop on this machine: embedded broker, hub, a real agent, simulated sensors.
     Demo(demo::DemoArgs),
 }
@@ -96,9 +136,15 @@ enum BundleCmd {
         keys: Vec<PathBuf>,
         #[arg(long, default_value_t = 365)]
         expires_in_days: u64,
-        /// Refused in this version: the drift baseline format comes with drift detection.
+        /// A CSV of training rows (header: feature names, matched by name; other columns are
+        /// ignored). The drift baseline is computed from it and the model's outputs on it, and
+        /// signed into the bundle (SPEC §4.9). Without one, the agent says drift is off.
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// Quantile bins per feature and output column in the baseline.
+        #[arg(long, default_value_t = protocol::baseline::DEFAULT_BINS as u64,
+              value_parser = clap::value_parser!(u64).range(2..=protocol::baseline::MAX_BINS as u64))]
+        baseline_bins: u64,
         /// A CSV of self-test rows (header: feature names, matched by name). The model is run
         /// on them now and the bundle carries the outputs; the agent runs the rows again before
         /// it activates the bundle and refuses it (`selftest_failed`) if an output differs.
@@ -262,18 +308,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             keys,
             expires_in_days,
             baseline,
+            baseline_bins,
             selftest,
             selftest_absolute,
             selftest_relative,
             out,
         }) => {
-            if let Some(b) = baseline {
-                anyhow::bail!(
-                    "--baseline {}: drift baselines are not supported yet (their format comes with drift \
-                     detection); pack without --baseline",
-                    b.display()
-                );
-            }
             let features = match features_file {
                 Some(f) => serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("{}", f.display()))?)
                     .with_context(|| format!("{}: expected a JSON array of names", f.display()))?,
@@ -303,6 +343,19 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 }
                 None => None,
             };
+            let baseline = match baseline {
+                Some(path) => {
+                    let text = String::from_utf8(read(&path)?)
+                        .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))?;
+                    let missing = lathe::engine::Engine::load(&read(&model)?, features.len())
+                        .map(|e| e.handles_missing())
+                        .unwrap_or(false);
+                    let rows = lathe::engine::parse_training_csv(&text, &features, missing)
+                        .map_err(|e| anyhow::anyhow!("--baseline {}: {e}", path.display()))?;
+                    Some(rows)
+                }
+                None => None,
+            };
             let now = ops::now_secs();
             let input = ops::PackInput {
                 name,
@@ -310,6 +363,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 model: read(&model)?,
                 features,
                 selftest,
+                baseline,
+                baseline_bins: baseline_bins as usize,
                 created: now,
                 expires: now + expires_in_days * 86_400,
             };
@@ -438,8 +493,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Audit { db, json } => {
-            anyhow::ensure!(db.exists(), "no hub database at {}", db.display());
-            let a = lathe_hub::store::HubStore::open(&db)?.audit()?;
+            let a = open_store(&db)?.audit()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&a)?);
             } else {
@@ -448,8 +502,73 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             let bad = a.epochs.iter().any(|e| e.unaccounted > 0);
             Ok(if bad { 1 } else { 0 })
         }
+        Cmd::Drift {
+            db,
+            device,
+            model,
+            alerts,
+            json,
+        } => {
+            let store = open_store(&db)?;
+            let r = views::drift(&store, device.as_deref(), model.as_deref(), alerts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", views::render_drift(&r));
+            }
+            let alerting = r.devices.iter().any(|d| d.last.status == lathe::drift::Verdict::Alert);
+            Ok(if alerting { 1 } else { 0 })
+        }
+        Cmd::Export {
+            db,
+            model,
+            device,
+            since,
+            format,
+            out,
+        } => {
+            let store = open_store(&db)?;
+            let since = since.as_deref().map(views::parse_time).transpose()?.unwrap_or(0);
+            let e = views::export(&store, &model, device.as_deref(), since, format, &out)?;
+            println!(
+                "wrote {} sample(s) in {} columns to {}",
+                e.rows,
+                e.columns,
+                out.display()
+            );
+            if e.unreadable > 0 {
+                println!("{} stored sample(s) could not be read and were skipped", e.unreadable);
+            }
+            Ok(0)
+        }
+        Cmd::Health { db, json } => {
+            let rows = open_store(&db)?.health()?;
+            if json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(f, d, at, data)| {
+                        serde_json::json!({"fleet": f, "device": d, "received_ms": at,
+                            "health": serde_json::from_str::<serde_json::Value>(data).unwrap_or_default()})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", views::render_health(&rows));
+            }
+            Ok(0)
+        }
         Cmd::Demo(args) => demo::run(args).await,
     }
+}
+
+/// The store a reading command names with `--db`: it must exist (`serve` creates it).
+fn open_store(db: &std::path::Path) -> anyhow::Result<lathe_hub::store::HubStore> {
+    anyhow::ensure!(
+        db.exists(),
+        "no hub database at {}; give the --db that lathe-hub serve uses",
+        db.display()
+    );
+    Ok(lathe_hub::store::HubStore::open(db)?)
 }
 
 fn print_response(resp: &protocol::messages::Response) -> anyhow::Result<u8> {

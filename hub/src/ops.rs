@@ -18,6 +18,11 @@ pub struct PackInput {
     pub features: Vec<String>,
     /// Self-test rows, in feature order: the expected outputs are computed here (SPEC §4.8).
     pub selftest: Option<Selftest>,
+    /// Training rows, in feature order (NaN = missing): the drift baseline is computed from
+    /// them and the model's outputs on them (SPEC §4.9).
+    pub baseline: Option<Vec<Vec<f32>>>,
+    /// Quantile bins per distribution in the baseline.
+    pub baseline_bins: usize,
     pub created: u64,
     pub expires: u64,
 }
@@ -70,7 +75,17 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
         Some(t) => Some(selftest(&engine, &manifest, t).map_err(|e| refuse(&format_args!("self-test: {e}")))?),
         None => None,
     };
+    let baseline = match &input.baseline {
+        Some(rows) => Some(
+            baseline(&engine, &manifest, rows, input.baseline_bins)
+                .map_err(|e| refuse(&format_args!("baseline: {e}")))?,
+        ),
+        None => None,
+    };
     let mut payloads = vec![(r(Role::Model, "model.onnx"), input.model)];
+    if let Some(b) = baseline {
+        payloads.push((r(Role::Baseline, "baseline.json"), b));
+    }
     if let Some(s) = selftest {
         payloads.push((r(Role::Selftest, "selftest.json"), s));
     }
@@ -95,6 +110,72 @@ fn selftest(engine: &Engine, manifest: &Manifest, t: &Selftest) -> anyhow::Resul
     let test = lathe::deploy::make_selftest(engine, t.rows.clone(), t.tolerance)?;
     test.check(manifest).map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::to_vec(&test)?)
+}
+
+/// Rows the model is run on at a time while a baseline is computed.
+const BASELINE_CHUNK: usize = 1024;
+
+/// Compute the drift baseline of training `rows`: each feature's distribution, and the
+/// distribution of each output the model computes for them (labels for integer outputs,
+/// scores by column otherwise), then write `baseline.json`.
+fn baseline(engine: &Engine, manifest: &Manifest, rows: &[Vec<f32>], bins: usize) -> anyhow::Result<Vec<u8>> {
+    use protocol::baseline::{self, OutputValues};
+    if rows.is_empty() {
+        anyhow::bail!("the training CSV has no rows");
+    }
+    let width = manifest.input.features.len();
+    let columns: Vec<Vec<f64>> = (0..width)
+        .map(|i| rows.iter().map(|r| f64::from(r[i])).collect())
+        .collect();
+    let mut outputs: Vec<OutputValues> = manifest
+        .outputs
+        .iter()
+        .map(|o| match o.dtype.as_str() {
+            "int64" | "int32" | "tdim" | "bool" => OutputValues::Labels {
+                name: o.name.clone(),
+                values: Vec::with_capacity(rows.len()),
+            },
+            _ => OutputValues::Scores {
+                name: o.name.clone(),
+                columns: vec![],
+            },
+        })
+        .collect();
+    for chunk in rows.chunks(BASELINE_CHUNK) {
+        let out = engine.run(chunk)?;
+        for o in outputs.iter_mut() {
+            let (name, c) = match o {
+                OutputValues::Labels { name, .. } | OutputValues::Scores { name, .. } => {
+                    let c = out
+                        .column(name)
+                        .ok_or_else(|| anyhow::anyhow!("the model did not compute output {name:?}"))?;
+                    (name.clone(), c)
+                }
+            };
+            for i in 0..chunk.len() {
+                let values = c.row(i);
+                match o {
+                    OutputValues::Labels { values: v, .. } => {
+                        if values.len() != 1 {
+                            anyhow::bail!("label output {name:?} has {} values per row, expected 1", values.len());
+                        }
+                        v.push(values[0]);
+                    }
+                    OutputValues::Scores { columns, .. } => {
+                        if columns.is_empty() {
+                            columns.resize(values.len().min(baseline::MAX_COLUMNS), vec![]);
+                        }
+                        for (col, x) in columns.iter_mut().zip(values) {
+                            col.push(*x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let b = baseline::build(&manifest.input.features, &columns, outputs, bins).map_err(|e| anyhow::anyhow!(e))?;
+    b.check(manifest).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(serde_json::to_vec(&b)?)
 }
 
 /// Where a command goes: the broker (address, credentials, TLS) and the device.

@@ -74,6 +74,11 @@ CREATE TABLE IF NOT EXISTS watermarks (
     conflict_at INTEGER,
     PRIMARY KEY (fleet, device, stream, epoch)
 );
+CREATE TABLE IF NOT EXISTS health (
+    fleet TEXT NOT NULL, device TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (fleet, device)
+);
 CREATE TABLE IF NOT EXISTS hub_losses (
     fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL, epoch TEXT NOT NULL,
     from_seq INTEGER NOT NULL, to_seq INTEGER NOT NULL, count INTEGER NOT NULL,
@@ -380,6 +385,88 @@ impl HubStore {
             out.acked = out.acked.min(c - 1);
         }
         Ok(out)
+    }
+
+    /// Keep `data` as the last health message of a device.
+    pub fn set_health(
+        &mut self,
+        fleet: &str,
+        device: &str,
+        ts_ms: u64,
+        data: &str,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO health (fleet, device, ts_ms, received_ms, data) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(fleet, device) DO UPDATE SET ts_ms = excluded.ts_ms,
+                    received_ms = excluded.received_ms, data = excluded.data",
+                params![fleet, device, ts_ms as i64, now_ms as i64, data],
+            )
+            .map(|_| ())
+            .map_err(|source| StoreError::Sql {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// The last health message of each device (fleet, device, received_ms, data), by device.
+    pub fn health(&self) -> Result<Vec<(String, String, u64, String)>, StoreError> {
+        let err = |source| StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        };
+        let mut st = self
+            .conn
+            .prepare("SELECT fleet, device, received_ms, data FROM health ORDER BY fleet, device")
+            .map_err(err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64, r.get(3)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(err)?;
+        Ok(rows)
+    }
+
+    /// Records of a stream (copies of moved records excluded), oldest first, for one device or
+    /// all, from `since_ms` on, of one model name or all (the record's `model.name`). Calls `f`
+    /// with (fleet, device, ts_ms, data) for each.
+    pub fn each_record(
+        &self,
+        stream: &str,
+        device: Option<&str>,
+        model: Option<&str>,
+        since_ms: u64,
+        mut f: impl FnMut(&str, &str, u64, &str),
+    ) -> Result<(), StoreError> {
+        let err = |source| StoreError::Sql {
+            path: self.path.clone(),
+            source,
+        };
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT fleet, device, ts_ms, data FROM records
+                 WHERE stream = ?1 AND data IS NOT NULL AND ts_ms >= ?2
+                   AND (?3 IS NULL OR device = ?3)
+                   AND (?4 IS NULL OR (json_valid(data) AND json_extract(data, '$.model.name') = ?4))
+                 ORDER BY ts_ms, fleet, device, epoch, seq",
+            )
+            .map_err(err)?;
+        let mut rows = st
+            .query(params![stream, since_ms.min(i64::MAX as u64) as i64, device, model])
+            .map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let (fleet, device, ts, data): (String, String, i64, String) = (
+                r.get(0).map_err(err)?,
+                r.get(1).map_err(err)?,
+                r.get(2).map_err(err)?,
+                r.get(3).map_err(err)?,
+            );
+            f(&fleet, &device, ts.max(0) as u64, &data);
+        }
+        Ok(())
     }
 
     /// Records stored for a device and stream, all epochs (copies of moved records excluded).

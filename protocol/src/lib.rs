@@ -4,6 +4,7 @@
 //! This crate does no I/O and knows nothing of tokio, sockets or files: callers pass bytes in
 //! and get values or bytes back.
 
+pub mod baseline;
 pub mod bundle;
 pub mod canonical;
 pub mod keys;
@@ -18,6 +19,10 @@ pub use topic::{Channel, Name, Topic};
 pub mod streams {
     pub const PREDICTIONS: &str = "predictions";
     pub const EVENTS: &str = "events";
+    /// Closed drift windows (SPEC.md §6.3).
+    pub const DRIFT: &str = "drift";
+    /// Captured input rows with their outputs, for retraining (SPEC.md §6.5).
+    pub const SAMPLES: &str = "samples";
     /// Loss reports (SPEC.md §5.6).
     pub const LOSSES: &str = "losses";
     /// Not a stream of records: the name loss reports give to refused readings.

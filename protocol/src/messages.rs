@@ -70,6 +70,56 @@ pub struct Health {
     /// Every loss since the outbox was created, per stream and cause. Survives restarts.
     #[serde(default)]
     pub losses: Vec<LossTotal>,
+    /// The box the agent runs on (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<SystemHealth>,
+    /// The agent's own process (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessHealth>,
+    /// Inference latency of the active model since the previous health message (1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
+    /// Records waiting in the outbox, per stream (1.3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<StreamDepth>,
+}
+
+/// CPU, memory, uptime and temperature of the box.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemHealth {
+    /// All CPUs together, 0 to 100, since the previous sample.
+    pub cpu_percent: f32,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub uptime_secs: u64,
+    /// The hottest temperature sensor the board exposes, in °C; absent when it exposes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessHealth {
+    pub rss_bytes: u64,
+    pub uptime_secs: u64,
+}
+
+/// Inference calls of one model: how long a call to the engine took, by percentile. Calls run
+/// a batch of rows; the figures are bucketed to within 19% (quarter powers of two).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    pub model: ModelRef,
+    pub calls: u64,
+    pub rows: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamDepth {
+    pub stream: String,
+    pub depth: u64,
+    pub bytes: u64,
 }
 
 /// One loss counter: everything of `stream` lost for `cause`.

@@ -186,6 +186,11 @@ pub mod filter {
         format!("{ROOT}/+/+/state")
     }
 
+    /// Health of every device: `lathe/v1/+/+/health`.
+    pub fn all_health() -> String {
+        format!("{ROOT}/+/+/health")
+    }
+
     /// Events of every device: `lathe/v1/+/+/events`.
     pub fn all_events() -> String {
         format!("{ROOT}/+/+/events")

@@ -253,6 +253,8 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
             model: MODEL.to_vec(),
             features: features.clone(),
             selftest: None,
+            baseline: None,
+            baseline_bins: protocol::baseline::DEFAULT_BINS,
             created: now,
             expires: now + 3600,
         },

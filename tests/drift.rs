@@ -332,3 +332,89 @@ print(json.dumps({
     // The recalibrated peak frequencies are in the export: above the training maximum (≈ 480).
     assert!(v["max_peak"].as_f64() > Some(500.0), "{v}");
 }
+
+/// Windows close on the operator's cron schedule and on age, as well as on count: a
+/// scheduled close reports a window too small to judge as `few_rows`; one old enough with
+/// `min_rows` rows closes on `time` and is judged.
+#[test]
+fn windows_close_on_schedule_and_on_age() {
+    let s = Fleet::new();
+    let features = cases().features.join(",");
+    let train = drift_csv("train");
+    let (code, out, bundle) = s.pack_model(
+        &fixture("vibration_logreg.onnx"),
+        "vibration",
+        1,
+        &features,
+        &["--baseline", train.to_str().expect("utf8")],
+    );
+    assert_eq!(code, 0, "{out}");
+    let scheduled = s.device(
+        "line-4",
+        s.hub_broker.port,
+        &[
+            ("drift", "window_rows = 100000"),
+            ("drift", "min_rows = 50"),
+            ("drift", "schedule = \"*/2 * * * * *\""),
+        ],
+    );
+    let aged = s.device(
+        "line-5",
+        s.hub_broker.port,
+        &[
+            ("drift", "window_rows = 100000"),
+            ("drift", "min_rows = 50"),
+            ("drift", "window_secs = 1"),
+        ],
+    );
+    let _hub = s.hub();
+    let _a = s.agent(&scheduled);
+    let _b = s.agent(&aged);
+    for d in [&scheduled, &aged] {
+        wait_online(s.hub_broker.port, &d.id);
+        let (code, out) = s.deploy(d, &bundle);
+        assert_eq!(code, 0, "{out}");
+    }
+    let one = Sensor::new(s.sensor_broker.port, "line-4");
+    let text = std::fs::read_to_string(drift_csv("control")).expect("csv");
+    let row = |i: usize| {
+        let header: Vec<&str> = text.lines().next().expect("header").split(',').collect();
+        let line = text.lines().nth(1 + i).expect("row");
+        let o: serde_json::Map<String, Value> = header
+            .iter()
+            .zip(line.split(','))
+            .map(|(h, v)| (h.to_string(), Value::from(v.parse::<f64>().expect("number"))))
+            .collect();
+        Value::Object(o)
+    };
+    let ten: Vec<Value> = (0..10).map(row).collect();
+    one.send(serde_json::to_vec(&ten).expect("json"));
+    let window = |device: &str| -> Option<Value> {
+        let db = rusqlite::Connection::open_with_flags(&s.hub_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+        let data: String = db
+            .query_row(
+                "SELECT data FROM records WHERE stream = 'drift' AND device = ?1 ORDER BY seq LIMIT 1",
+                [device],
+                |r| r.get(0),
+            )
+            .ok()?;
+        serde_json::from_str(&data).ok()
+    };
+    let w = eventually(Duration::from_secs(30), || window("line-4")).expect("a scheduled window at the hub");
+    assert_eq!(
+        (w["closed_by"].as_str(), w["status"].as_str(), w["rows"].as_u64()),
+        (Some("schedule"), Some("few_rows"), Some(10)),
+        "{w}"
+    );
+
+    let other = Sensor::new(s.sensor_broker.port, "line-5");
+    let sixty: Vec<Value> = (0..60).map(row).collect();
+    other.send(serde_json::to_vec(&sixty).expect("json"));
+    let w = eventually(Duration::from_secs(30), || window("line-5")).expect("a window closed on age");
+    assert_eq!(
+        (w["closed_by"].as_str(), w["rows"].as_u64()),
+        (Some("time"), Some(60)),
+        "{w}"
+    );
+    assert_ne!(w["status"], "few_rows", "{w}");
+}

@@ -797,12 +797,45 @@ keys_file = "/etc/lathe/trust.keys"
             "[inputs]\nmax_message_bytes = 9000000\n",
             Err("inputs.max_message_bytes"),
         );
+        check("[drift]\nmin_rows = 2000\n", Err("drift.min_rows"));
+        check("[drift]\nschedule = \"at noon\"\n", Err("drift.schedule"));
+        check(
+            "[drift]\nschedule = \"0 6 * * *\"\ntimezone = \"Atlantis/Capital\"\n",
+            Err("IANA"),
+        );
+        check(
+            "[drift.thresholds]\npsi = { warn = 0.3, alert = 0.2 }\n",
+            Err("drift.thresholds.psi"),
+        );
+        check(
+            "[drift]\nschedule = \"0 6,14,22 * * *\"\ntimezone = \"Europe/Berlin\"\n[drift.thresholds]\nks = { warn = 0.05, alert = 0.1 }\n",
+            Ok(()),
+        );
+        check("[samples]\nlow_confidence = 1.5\n", Err("samples.low_confidence"));
+        check("[samples]\nmax_per_minute = 0\n", Err("samples.max_per_minute"));
         let big = MINIMAL.replace(
             "keys_file = \"/etc/lathe/trust.keys\"",
             "keys_file = \"k\"\nmax_bundle_bytes = 100000000",
         );
         let e = Config::parse(&big, Path::new("t.toml")).expect_err("a bundle that could never arrive");
         assert!(e.to_string().contains("broker.max_packet_bytes"), "{e}");
+    }
+
+    /// The README's configuration block, every field with its default, is a valid config and
+    /// says what the defaults are.
+    #[test]
+    fn the_readme_config_parses_to_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n[device]").expect("the README's config block") + 8;
+        let block = &readme[start..start + readme[start..].find("```").expect("end of block")];
+        let c = Config::parse(block, Path::new("README.md")).expect("the README's config parses");
+        let d = Config::parse(MINIMAL, Path::new("t.toml")).expect("minimal");
+        assert_eq!(c.drift.window_rows, d.drift.window_rows);
+        assert_eq!(c.drift.window_secs, d.drift.window_secs);
+        assert_eq!(c.drift.min_rows, d.drift.min_rows);
+        assert_eq!(c.drift.thresholds, d.drift.thresholds);
+        assert_eq!(c.samples.max_per_minute, d.samples.max_per_minute);
+        assert_eq!(c.samples.alert_rows, d.samples.alert_rows);
     }
 
     /// Regression: `inputs.topics = ["#"]` routed `cmd` and `sync` traffic into readings.

@@ -177,6 +177,10 @@ fn worst_first(v: &[Measures]) -> Vec<&Measures> {
 /// Streaming counts of numbers against a reference distribution.
 #[derive(Debug, Clone)]
 struct Numbers {
+    /// For a float32 input with at most 16 edges: the edges rounded down to float32 and padded
+    /// with +inf, so that a bin is 16 compares the compiler can vectorise. For a float32 `x`,
+    /// `e < x` holds exactly when `round_down_f32(e) < x`, so the bins are the same.
+    fast: Option<[f32; 16]>,
     counts: Vec<u64>,
     missing: u64,
     below: u64,
@@ -187,7 +191,16 @@ struct Numbers {
 
 impl Numbers {
     fn new(d: &Dist) -> Numbers {
+        let fast = (d.edges.len() <= 16).then(|| {
+            let mut edges = [f32::INFINITY; 16];
+            for (slot, e) in edges.iter_mut().zip(&d.edges) {
+                let f = *e as f32;
+                *slot = if f64::from(f) > *e { f.next_down() } else { f };
+            }
+            edges
+        });
         Numbers {
+            fast,
             counts: vec![0; d.counts.len()],
             missing: 0,
             below: 0,
@@ -196,23 +209,62 @@ impl Numbers {
         }
     }
 
+    /// Count a float32 feature value: the fast bins when there are few edges.
+    /// Whether the value was outside the training range.
     #[inline]
-    fn add(&mut self, d: &Dist, x: f64) {
+    fn add_f32(&mut self, d: &Dist, x: f32) -> bool {
+        let Some(edges) = &self.fast else {
+            return self.add(d, f64::from(x));
+        };
         if x.is_nan() {
             self.missing += 1;
-            return;
+            return false;
         }
-        self.counts[d.bin(x)] += 1;
+        let bin: u32 = edges.iter().map(|e| u32::from(*e < x)).sum();
+        self.counts[bin as usize] += 1;
+        self.range(d, f64::from(x))
+    }
+
+    /// Count `x` against the range and the mean; whether it was outside the range.
+    #[inline]
+    fn range(&mut self, d: &Dist, x: f64) -> bool {
+        self.sum_dev += x - d.mean;
         if x < d.min {
             self.below += 1;
+            true
         } else if x > d.max {
             self.above += 1;
+            true
+        } else {
+            false
         }
-        self.sum_dev += x - d.mean;
+    }
+
+    /// Whether the value was outside the training range.
+    #[inline]
+    fn add(&mut self, d: &Dist, x: f64) -> bool {
+        if x.is_nan() {
+            self.missing += 1;
+            return false;
+        }
+        // The bin rule of `Dist::bin`: the edges below x. Counted without branches, which is
+        // faster than a binary search for the few edges a baseline has.
+        let bin = if d.edges.len() <= 32 {
+            d.edges.iter().map(|e| usize::from(*e < x)).sum()
+        } else {
+            d.bin(x)
+        };
+        self.counts[bin] += 1;
+        self.range(d, x)
     }
 
     fn values(&self) -> u64 {
         self.counts.iter().sum()
+    }
+
+    fn clear(&mut self) {
+        self.counts.iter_mut().for_each(|c| *c = 0);
+        (self.missing, self.below, self.above, self.sum_dev) = (0, 0, 0, 0.0);
     }
 
     fn measure(
@@ -307,7 +359,15 @@ impl Labels {
             self.nan += 1;
             return;
         }
-        let i = self.classes.binary_search(&(x as i64)).unwrap_or(self.classes.len());
+        let label = x as i64;
+        let i = if self.classes.len() <= 8 {
+            self.classes
+                .iter()
+                .position(|c| *c == label)
+                .unwrap_or(self.classes.len())
+        } else {
+            self.classes.binary_search(&label).unwrap_or(self.classes.len())
+        };
         self.counts[i] += 1;
     }
 
@@ -369,6 +429,8 @@ pub struct Tracker {
     outputs: Vec<OutputCounts>,
     rows: u64,
     start_ms: u64,
+    /// For each row of the last `add`: whether a feature was outside the training range.
+    outside: Vec<bool>,
 }
 
 impl Tracker {
@@ -390,7 +452,13 @@ impl Tracker {
             outputs,
             rows: 0,
             start_ms: now_ms,
+            outside: vec![],
         }
+    }
+
+    /// For each row of the last [`Tracker::add`]: whether a feature was outside the range.
+    pub fn outside(&self) -> &[bool] {
+        &self.outside
     }
 
     pub fn rows(&self) -> u64 {
@@ -411,16 +479,21 @@ impl Tracker {
 
     /// Count rows: `values` holds them back to back in feature order, `outputs` the model's
     /// outputs for a batch in which they are rows `first..`.
+    #[inline]
     pub fn add(&mut self, values: &[f32], outputs: &Outputs, first: usize) {
         let width = self.features.len();
         if width == 0 {
             return;
         }
         let n = values.len() / width;
-        for (j, (acc, f)) in self.features.iter_mut().zip(&self.baseline.features).enumerate() {
-            for row in values.chunks_exact(width) {
-                acc.add(&f.dist, f64::from(row[j]));
+        // Row by row, so that the counters of one feature are not bumped back to back.
+        self.outside.clear();
+        for row in values.chunks_exact(width) {
+            let mut outside = false;
+            for ((acc, f), x) in self.features.iter_mut().zip(&self.baseline.features).zip(row) {
+                outside |= acc.add_f32(&f.dist, *x);
             }
+            self.outside.push(outside);
         }
         for (acc, o) in self.outputs.iter_mut().zip(&self.baseline.outputs) {
             let Some(col) = outputs.column(&o.name) else { continue };
@@ -502,8 +575,26 @@ impl Tracker {
             features,
             outputs,
         };
-        *self = Tracker::new(self.model.clone(), self.baseline.clone(), self.policy, now_ms);
+        self.reset(now_ms);
         w
+    }
+
+    /// Start the next window empty, keeping the counters' memory.
+    fn reset(&mut self, now_ms: u64) {
+        for n in self.features.iter_mut() {
+            n.clear();
+        }
+        for o in self.outputs.iter_mut() {
+            match o {
+                OutputCounts::Scores(cols) => cols.iter_mut().for_each(Numbers::clear),
+                OutputCounts::Labels(l) => {
+                    l.counts.iter_mut().for_each(|c| *c = 0);
+                    l.nan = 0;
+                }
+            }
+        }
+        self.rows = 0;
+        self.start_ms = now_ms;
     }
 }
 
@@ -728,6 +819,39 @@ mod tests {
         check(&mut a, Verdict::Alert, 1000, true);
         check(&mut a, Verdict::Ok, 1100, false);
         check(&mut a, Verdict::Alert, 1200, true);
+    }
+
+    /// The float32 bins give every value the bin of the spec's rule, edges that are not
+    /// float32 values included.
+    #[test]
+    fn fast_bins_are_the_bins_of_the_rule() {
+        let d = Dist {
+            edges: vec![-1.0, 0.1, 0.30000001192092896, 1.0 / 3.0, 2.5, 1e30],
+            counts: vec![1; 7],
+            mean: 0.0,
+            std: 1.0,
+            min: -5.0,
+            max: 5.0,
+        };
+        let mut fast = Numbers::new(&d);
+        assert!(fast.fast.is_some());
+        let mut xs: Vec<f32> = vec![-1.0, 0.1, 0.3, 1.0 / 3.0, 2.5, 1e30, f32::MAX, -f32::MAX, 0.0];
+        for e in &d.edges {
+            let f = *e as f32;
+            xs.extend([f, f.next_up(), f.next_down()]);
+        }
+        for x in xs {
+            let want = d.bin(f64::from(x));
+            let before = fast.counts.clone();
+            fast.add_f32(&d, x);
+            let got = fast
+                .counts
+                .iter()
+                .zip(&before)
+                .position(|(a, b)| a != b)
+                .expect("counted");
+            assert_eq!(got, want, "{x}");
+        }
     }
 
     #[test]

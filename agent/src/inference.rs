@@ -334,6 +334,19 @@ pub struct Watch {
     sampler: Sampler,
 }
 
+/// One inference call as the watch sees it: the rows (back to back), the model's outputs for
+/// them, where each came from, and when.
+#[derive(Clone, Copy)]
+struct Ran<'a> {
+    model: &'a ActiveModel,
+    model_ref: &'a ModelRef,
+    values: &'a [f32],
+    outputs: &'a Outputs,
+    sources: &'a [Arc<str>],
+    ids: &'a [Option<Box<RawValue>>],
+    ts_ms: u64,
+}
+
 /// Records and small state a step of the watch produced.
 #[derive(Default)]
 struct Made {
@@ -403,20 +416,8 @@ impl Watch {
     }
 
     /// Count rows the model ran on, keep the samples due, and close the window if it is full.
-    #[allow(clippy::too_many_arguments)]
-    fn rows(
-        &mut self,
-        model: &ActiveModel,
-        model_ref: &ModelRef,
-        values: &[f32],
-        outputs: &Outputs,
-        sources: &[Arc<str>],
-        ids: &[Option<Box<RawValue>>],
-        ts_ms: u64,
-        made: &mut Made,
-    ) {
-        let width = model.features.len();
-        let n = values.len() / width.max(1);
+    fn rows(&mut self, ran: &Ran, made: &mut Made) {
+        let n = ran.values.len() / ran.model.features.len().max(1);
         let mut i = 0;
         while i < n {
             // Up to the end of the open window, which closes on count at its exact size.
@@ -424,28 +425,25 @@ impl Watch {
                 Some(t) => (i + t.room().max(1) as usize).min(n),
                 None => n,
             };
-            self.segment(model, model_ref, values, outputs, sources, ids, i..end, ts_ms, made);
-            if let Some(why) = self.tracker.as_ref().and_then(|t| t.due(ts_ms)) {
-                self.close(ts_ms, why, made);
+            self.segment(ran, i..end, made);
+            if let Some(why) = self.tracker.as_ref().and_then(|t| t.due(ran.ts_ms)) {
+                self.close(ran.ts_ms, why, made);
             }
             i = end;
         }
     }
 
     /// Rows `range` of a batch: counted in the open window, sampled, held for an alert.
-    #[allow(clippy::too_many_arguments)]
-    fn segment(
-        &mut self,
-        model: &ActiveModel,
-        model_ref: &ModelRef,
-        values: &[f32],
-        outputs: &Outputs,
-        sources: &[Arc<str>],
-        ids: &[Option<Box<RawValue>>],
-        range: std::ops::Range<usize>,
-        ts_ms: u64,
-        made: &mut Made,
-    ) {
+    fn segment(&mut self, ran: &Ran, range: std::ops::Range<usize>, made: &mut Made) {
+        let Ran {
+            model,
+            model_ref,
+            values,
+            outputs,
+            sources,
+            ids,
+            ts_ms,
+        } = *ran;
         let width = model.features.len();
         let rows = &values[range.start * width..range.end * width];
         if let Some(t) = self.tracker.as_mut() {
@@ -453,7 +451,11 @@ impl Watch {
         }
         let baseline = model.baseline.as_deref();
         for (i, row) in range.clone().zip(rows.chunks_exact(width)) {
-            if let Some(reason) = self.sampler.pick(row, outputs, i, baseline) {
+            let outside = self
+                .tracker
+                .as_ref()
+                .and_then(|t| t.outside().get(i - range.start).copied());
+            if let Some(reason) = self.sampler.pick(row, outputs, i, baseline, outside) {
                 if self.sampler.admit(ts_ms) {
                     let out: Vec<(&str, &[f64])> = outputs.columns().iter().map(|c| (&*c.name, c.row(i))).collect();
                     let data = sample(
@@ -472,16 +474,7 @@ impl Watch {
                 }
             }
             if self.tracker.is_some() {
-                self.sampler.hold(|| samples::Held {
-                    ts_ms,
-                    source: sources[i].clone(),
-                    values: row.to_vec(),
-                    outputs: outputs
-                        .columns()
-                        .iter()
-                        .map(|c| (c.name.to_string(), c.row(i).to_vec()))
-                        .collect(),
-                });
+                self.sampler.hold(ts_ms, &sources[i], row, outputs, i);
             }
         }
     }
@@ -828,16 +821,16 @@ impl InferenceTask {
             let row_sources: Vec<Arc<str>> = (row..end)
                 .map(|_| sources.next().expect("one source per row"))
                 .collect();
-            self.watch.rows(
-                &model,
-                &model_ref,
-                &values[a..b],
-                &outputs,
-                &row_sources,
-                &rows.ids[row..end],
+            let ran = Ran {
+                model: &model,
+                model_ref: &model_ref,
+                values: &values[a..b],
+                outputs: &outputs,
+                sources: &row_sources,
+                ids: &rows.ids[row..end],
                 ts_ms,
-                made,
-            );
+            };
+            self.watch.rows(&ran, made);
             for (i, (id, source)) in rows.ids[row..end].iter().zip(&row_sources).enumerate() {
                 let pred = Prediction {
                     ts_ms,

@@ -40,8 +40,19 @@ pub struct Sample<'a> {
     pub outputs: BTreeMap<&'a str, &'a [f64]>,
 }
 
-/// A row held for a window that may alert.
-#[derive(Debug, Clone)]
+/// A row held for a window that may alert. Its buffers are reused when a later row takes its
+/// place, so that holding rows allocates nothing once the reservoir is full.
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    ts_ms: u64,
+    source: Option<std::sync::Arc<str>>,
+    values: Vec<f32>,
+    /// Every output's values for the row, back to back, in the layout of [`Sampler::layout`].
+    outputs: Vec<f64>,
+}
+
+/// A held row of a window that alerted, handed back to be written as a sample.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Held {
     pub ts_ms: u64,
     pub source: std::sync::Arc<str>,
@@ -57,9 +68,18 @@ pub struct Sampler {
     /// When the current minute of the allowance started.
     minute_start_ms: Option<u64>,
     this_minute: u64,
-    /// A uniform sample of the open drift window's rows, and how many rows it was drawn from.
-    reservoir: Vec<Held>,
+    /// A uniform sample of the open drift window's rows (the first `held` slots), how many rows
+    /// it was drawn from, and the outputs' names and widths.
+    reservoir: Vec<Slot>,
+    held: usize,
     window_rows: u64,
+    layout: Vec<(std::sync::Arc<str>, usize)>,
+    /// xorshift64 state for the reservoir: cheap, and good enough to pick rows uniformly.
+    rng: u64,
+    /// Algorithm L once the reservoir is full: the row that replaces a held one next, and the
+    /// running weight; the rows in between cost one comparison each.
+    next_row: u64,
+    weight: f64,
 }
 
 /// Whether any output row looks like class probabilities whose top value is below `floor`.
@@ -81,12 +101,26 @@ impl Sampler {
             minute_start_ms: None,
             this_minute: 0,
             reservoir: vec![],
+            held: 0,
             window_rows: 0,
+            layout: vec![],
+            rng: rand::random::<u64>() | 1,
+            next_row: 0,
+            weight: 0.0,
         }
     }
 
-    /// Whether row `i` of a batch is kept, and why. `values` is the row.
-    pub fn pick(&mut self, values: &[f32], outputs: &Outputs, i: usize, baseline: Option<&Baseline>) -> Option<Reason> {
+    /// Whether row `i` of a batch is kept, and why. `values` is the row; `outside` says whether
+    /// it is outside the baseline's range, when the drift window already found out.
+    #[inline]
+    pub fn pick(
+        &mut self,
+        values: &[f32],
+        outputs: &Outputs,
+        i: usize,
+        baseline: Option<&Baseline>,
+        outside: Option<bool>,
+    ) -> Option<Reason> {
         if self.cfg.every > 0 {
             self.count += 1;
             if self.count >= self.cfg.every {
@@ -95,14 +129,16 @@ impl Sampler {
             }
         }
         if self.cfg.out_of_range {
-            if let Some(b) = baseline {
-                let outside = values
-                    .iter()
-                    .zip(&b.features)
-                    .any(|(v, f)| !v.is_nan() && (f64::from(*v) < f.dist.min || f64::from(*v) > f.dist.max));
-                if outside {
-                    return Some(Reason::OutOfRange);
-                }
+            let outside = outside.unwrap_or_else(|| {
+                baseline.is_some_and(|b| {
+                    values
+                        .iter()
+                        .zip(&b.features)
+                        .any(|(v, f)| !v.is_nan() && (f64::from(*v) < f.dist.min || f64::from(*v) > f.dist.max))
+                })
+            });
+            if outside {
+                return Some(Reason::OutOfRange);
             }
         }
         if self.cfg.low_confidence > 0.0 && low_confidence(outputs, i, self.cfg.low_confidence) {
@@ -111,31 +147,93 @@ impl Sampler {
         None
     }
 
-    /// Offer a row of the open drift window to the reservoir (algorithm R).
-    pub fn hold(&mut self, make: impl FnOnce() -> Held) {
+    /// Offer row `i` of a batch, part of the open drift window, to the reservoir (algorithm R).
+    #[inline]
+    pub fn hold(&mut self, ts_ms: u64, source: &std::sync::Arc<str>, row: &[f32], outputs: &Outputs, i: usize) {
         if self.cfg.alert_rows == 0 {
             return;
         }
         self.window_rows += 1;
-        if self.reservoir.len() < self.cfg.alert_rows {
-            self.reservoir.push(make());
-        } else {
-            let j = rand::random::<u64>() % self.window_rows;
-            if (j as usize) < self.cfg.alert_rows {
-                self.reservoir[j as usize] = make();
+        let k = self.cfg.alert_rows;
+        let slot = if self.held < k {
+            if self.held == 0 {
+                self.layout = outputs.columns().iter().map(|c| (c.name.clone(), c.width)).collect();
             }
+            if self.reservoir.len() == self.held {
+                self.reservoir.push(Slot::default());
+            }
+            self.held += 1;
+            if self.held == k {
+                self.weight = (self.uniform().ln() / k as f64).exp();
+                self.skip();
+            }
+            self.held - 1
+        } else {
+            if self.window_rows != self.next_row {
+                return;
+            }
+            let j = ((u128::from(self.random()) * k as u128) >> 64) as usize;
+            self.weight *= (self.uniform().ln() / k as f64).exp();
+            self.skip();
+            j
+        };
+        let s = &mut self.reservoir[slot];
+        s.ts_ms = ts_ms;
+        s.source = Some(source.clone());
+        s.values.clear();
+        s.values.extend_from_slice(row);
+        s.outputs.clear();
+        for c in outputs.columns() {
+            s.outputs.extend_from_slice(c.row(i));
         }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Uniform in (0, 1).
+    fn uniform(&mut self) -> f64 {
+        ((self.random() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Algorithm L: the next row that takes a place in the full reservoir.
+    fn skip(&mut self) {
+        let gap = (self.uniform().ln() / (1.0 - self.weight).ln()).floor();
+        self.next_row = self.window_rows + 1 + if gap.is_finite() { gap.min(1e15) as u64 } else { 0 };
     }
 
     /// The window closed: its held rows if it alerted; the reservoir starts again empty.
     pub fn window_closed(&mut self, alerted: bool) -> Vec<Held> {
+        let held = std::mem::take(&mut self.held);
         self.window_rows = 0;
-        let held = std::mem::take(&mut self.reservoir);
-        if alerted {
-            held
-        } else {
-            vec![]
+        if !alerted {
+            return vec![];
         }
+        self.reservoir[..held]
+            .iter()
+            .map(|s| {
+                let mut at = 0;
+                let outputs = self
+                    .layout
+                    .iter()
+                    .map(|(name, width)| {
+                        let v = s.outputs.get(at..at + width).unwrap_or_default().to_vec();
+                        at += width;
+                        (name.to_string(), v)
+                    })
+                    .collect();
+                Held {
+                    ts_ms: s.ts_ms,
+                    source: s.source.clone().unwrap_or_else(|| std::sync::Arc::from("")),
+                    values: s.values.clone(),
+                    outputs,
+                }
+            })
+            .collect()
     }
 
     /// Take room for one sample this minute; false when the minute's allowance is spent.
@@ -185,7 +283,7 @@ mod tests {
         let mut s = Sampler::new(cfg());
         let b = baseline();
         let sure = Outputs::single("label", vec![1.0]);
-        let pick = |s: &mut Sampler, v: f32, o: &Outputs| s.pick(&[v], o, 0, Some(&b));
+        let pick = |s: &mut Sampler, v: f32, o: &Outputs| s.pick(&[v], o, 0, Some(&b), None);
         assert_eq!(pick(&mut s, 1.0, &sure), None);
         assert_eq!(pick(&mut s, 1.0, &sure), None);
         assert_eq!(pick(&mut s, 1.0, &sure), Some(Reason::Every));
@@ -208,25 +306,57 @@ mod tests {
     #[test]
     fn the_reservoir_is_bounded_and_kept_only_for_alerts() {
         let mut s = Sampler::new(cfg());
-        let row = |k: f32| Held {
-            ts_ms: 0,
-            source: "t".into(),
-            values: vec![k],
-            outputs: vec![],
-        };
+        let source: std::sync::Arc<str> = "t".into();
+        let out = |k: f64| Outputs::of(vec![("label", 1, vec![k]), ("p", 2, vec![0.25, 0.75])]);
         for k in 0..1000 {
-            s.hold(|| row(k as f32));
+            s.hold(k, &source, &[k as f32], &out(k as f64), 0);
         }
-        assert_eq!(s.reservoir.len(), 4);
+        assert_eq!((s.held, s.reservoir.len()), (4, 4));
         assert!(
             s.reservoir.iter().any(|h| h.values[0] >= 4.0),
             "later rows replace earlier ones"
         );
         assert_eq!(s.window_closed(false).len(), 0);
         for k in 0..3 {
-            s.hold(|| row(k as f32));
+            s.hold(k, &source, &[k as f32], &out(k as f64), 0);
         }
-        assert_eq!(s.window_closed(true).len(), 3);
+        let held = s.window_closed(true);
+        assert_eq!(held.len(), 3);
+        assert_eq!(
+            held[2],
+            Held {
+                ts_ms: 2,
+                source: source.clone(),
+                values: vec![2.0],
+                outputs: vec![("label".into(), vec![2.0]), ("p".into(), vec![0.25, 0.75])],
+            }
+        );
+        assert_eq!(s.reservoir.len(), 4, "the buffers are kept for the next window");
+    }
+
+    /// Every row of a window is as likely to be held: over 2,000 windows of 100 rows, the
+    /// first and the second half of a window each give about half the held rows, and so do
+    /// the first 10 rows (the reservoir's initial fill) a tenth.
+    #[test]
+    fn the_reservoir_is_a_uniform_sample() {
+        let mut s = Sampler::new(cfg());
+        let source: std::sync::Arc<str> = "t".into();
+        let out = Outputs::single("y", vec![0.0]);
+        let (mut first_half, mut first_tenth, mut all) = (0, 0, 0);
+        for _ in 0..2000 {
+            for k in 0..100 {
+                s.hold(k, &source, &[k as f32], &out, 0);
+            }
+            for h in s.window_closed(true) {
+                all += 1;
+                first_half += usize::from(h.ts_ms < 50);
+                first_tenth += usize::from(h.ts_ms < 10);
+            }
+        }
+        assert_eq!(all, 8000);
+        let share = |n: usize| n as f64 / all as f64;
+        assert!((0.45..0.55).contains(&share(first_half)), "{}", share(first_half));
+        assert!((0.07..0.13).contains(&share(first_tenth)), "{}", share(first_tenth));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! label PSI. Feature measures agree within 1e-9; the label PSI within 1e-6 (the labels are
 //! tract's and onnxruntime's, which agree on every row here).
 
-use lathe::drift::{Policy, Thresholds, Tracker, Verdict, Window};
+use lathe::drift::{Tracker, Verdict, Window};
 use lathe::engine::Engine;
 use protocol::baseline::{self, Baseline, OutputValues};
 use protocol::messages::ModelRef;
@@ -63,12 +63,8 @@ fn close(what: &str, got: f64, want: f64, tol: f64) {
 }
 
 fn window(engine: &Engine, b: &Arc<Baseline>, rows: &[Vec<f32>]) -> Window {
-    let policy = Policy {
-        window_rows: 1000,
-        window_ms: 600_000,
-        min_rows: 500,
-        thresholds: Thresholds::default(),
-    };
+    // The defaults: windows of 1,000 rows, judged from 500.
+    let policy = lathe::config::DriftConfig::default().policy();
     let model = ModelRef {
         name: "vibration".into(),
         version: 1,

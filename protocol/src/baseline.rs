@@ -299,47 +299,40 @@ pub fn build(
     })
 }
 
-/// Proportions of counts; all zero when the total is.
-pub fn proportions(counts: &[u64]) -> Vec<f64> {
-    let total: u64 = counts.iter().sum();
-    counts
-        .iter()
-        .map(|c| if total == 0 { 0.0 } else { *c as f64 / total as f64 })
-        .collect()
-}
-
 /// Population Stability Index of `window` against `reference` (same bins):
 /// `Σ (w - r) · ln(w / r)` over the bins' proportions, each floored at [`EPSILON`].
 /// `None` when the window is empty.
 pub fn psi(reference: &[u64], window: &[u64]) -> Option<f64> {
-    if window.iter().sum::<u64>() == 0 || reference.len() != window.len() {
-        return None;
-    }
-    let (r, w) = (proportions(reference), proportions(window));
+    let (rt, wt) = totals(reference, window)?;
     Some(
-        r.iter()
-            .zip(&w)
+        reference
+            .iter()
+            .zip(window)
             .map(|(r, w)| {
-                let (r, w) = (r.max(EPSILON), w.max(EPSILON));
+                let (r, w) = ((*r as f64 / rt).max(EPSILON), (*w as f64 / wt).max(EPSILON));
                 (w - r) * (w / r).ln()
             })
             .sum(),
     )
 }
 
+/// The totals of two histograms of the same bins, as floats; `None` when the window is empty
+/// or the bins differ.
+fn totals(reference: &[u64], window: &[u64]) -> Option<(f64, f64)> {
+    let (rt, wt) = (reference.iter().sum::<u64>(), window.iter().sum::<u64>());
+    (wt > 0 && rt > 0 && reference.len() == window.len()).then_some((rt as f64, wt as f64))
+}
+
 /// Kolmogorov–Smirnov distance of `window` against `reference` (same bins): the largest
 /// difference between their cumulative proportions at the bin edges. `None` when the window
 /// is empty.
 pub fn ks(reference: &[u64], window: &[u64]) -> Option<f64> {
-    if window.iter().sum::<u64>() == 0 || reference.len() != window.len() {
-        return None;
-    }
-    let (r, w) = (proportions(reference), proportions(window));
-    let (mut cr, mut cw, mut d) = (0.0f64, 0.0f64, 0.0f64);
-    for (r, w) in r.iter().zip(&w) {
+    let (rt, wt) = totals(reference, window)?;
+    let (mut cr, mut cw, mut d) = (0u64, 0u64, 0.0f64);
+    for (r, w) in reference.iter().zip(window) {
         cr += r;
         cw += w;
-        d = d.max((cr - cw).abs());
+        d = d.max((cr as f64 / rt - cw as f64 / wt).abs());
     }
     Some(d)
 }

@@ -216,7 +216,8 @@ pub struct Response {
     /// The active model after the command.
     pub model: Option<ModelRef>,
     /// A stable code for a refusal: a bundle verdict (`signature_threshold`, …),
-    /// `bad_command`, `load_failed`, `busy`, `no_previous` or `io`.
+    /// `bad_command`, `load_failed`, `selftest_failed`, `baseline_invalid`, `busy`,
+    /// `no_previous` or `io`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
 }

@@ -64,5 +64,36 @@ proptest! {
         let _ = protocol::sync::decode(&bytes, 1 << 16);
         let _ = serde_json::from_slice::<SyncBatch>(&bytes);
         let _ = serde_json::from_slice::<Ack>(&bytes);
+        let _ = serde_json::from_slice::<protocol::messages::Health>(&bytes);
     }
+
+    /// A baseline parses and checks without panicking whatever its bytes, and one that passes
+    /// its rules can be measured against any window.
+    #[test]
+    fn baselines_never_panic(s in r#"\{"format":1,"rows":[0-9]{1,3},"features":\[\{"name":"(a|b)","missing_rate":[0-9.]{1,4},"dist":\{"edges":\[[0-9.,-]{0,12}\],"counts":\[[0-9,]{0,12}\],"mean":[0-9.-]{1,4},"std":[0-9.-]{1,4},"min":[0-9.-]{1,4},"max":[0-9.-]{1,4}\}\}[],]{0,2}.{0,8}"#) {
+        let (b, _) = valid();
+        let (m, _) = bundle::inspect(&b).expect("inspect");
+        if let Ok(base) = protocol::baseline::Baseline::parse(s.as_bytes(), &m) {
+            for f in &base.features {
+                let window = vec![1u64; f.dist.counts.len()];
+                let psi = protocol::baseline::psi(&f.dist.counts, &window).expect("a value");
+                prop_assert!(psi.is_finite() && psi >= 0.0);
+                let ks = protocol::baseline::ks(&f.dist.counts, &window).expect("a value");
+                prop_assert!((0.0..=1.0 + 1e-12).contains(&ks));
+                let _ = f.dist.bin(f64::NAN);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_baseline_round_trips_exactly() {
+    let values: Vec<f64> = (0..1000).map(|i| (i as f64 * 0.7919).sin() * 1e3 + 1.0 / 3.0).collect();
+    let d = protocol::baseline::Dist::from_values(&values, 10).expect("dist");
+    let json = serde_json::to_vec(&d).expect("json");
+    let back: protocol::baseline::Dist = serde_json::from_slice(&json).expect("parse");
+    assert_eq!(
+        back, d,
+        "edges must come back bit for bit: values on an edge stay in its bin"
+    );
 }

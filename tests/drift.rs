@@ -418,3 +418,70 @@ fn windows_close_on_schedule_and_on_age() {
     );
     assert_ne!(w["status"], "few_rows", "{w}");
 }
+
+/// A backlog drains events and drift windows before the bulk of predictions: through an
+/// uplink capped at 20 kB/s, a device makes 1,000 predictions much faster than it can send
+/// them, and four drift windows among them; every window reaches the hub before half of the
+/// predictions have. (Were predictions served first, the windows would wait for the whole
+/// backlog.)
+#[test]
+fn a_backlog_serves_drift_before_predictions() {
+    let s = Fleet::new();
+    let features = cases().features.join(",");
+    let train = drift_csv("train");
+    let (code, out, bundle) = s.pack_model(
+        &fixture("vibration_logreg.onnx"),
+        "vibration",
+        1,
+        &features,
+        &["--baseline", train.to_str().expect("utf8")],
+    );
+    assert_eq!(code, 0, "{out}");
+    let d = s.device(
+        "line-6",
+        s.hub_broker.port,
+        &[
+            ("drift", "window_rows = 250"),
+            ("drift", "min_rows = 200"),
+            ("predictions", "publish = false"),
+            ("sync", "max_bytes_per_sec = 20000"),
+            ("sync", "compression = \"none\""),
+            ("sync", "ack_timeout_ms = 60000"),
+        ],
+    );
+    let _hub = s.hub();
+    let _agent = s.agent(&d);
+    wait_online(s.hub_broker.port, "line-6");
+    let (code, out) = s.deploy(&d, &bundle);
+    assert_eq!(code, 0, "{out}");
+    let sensor = Sensor::new(s.sensor_broker.port, "line-6");
+    let sent = send_window(&sensor, "control", 1);
+    sensor.wait_acked(sent);
+    let arrived = |stream: &str| -> Vec<i64> {
+        let Ok(db) = rusqlite::Connection::open_with_flags(&s.hub_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return vec![];
+        };
+        let Ok(mut st) = db.prepare(
+            "SELECT received_ms FROM records WHERE device = 'line-6' AND stream = ?1 AND data IS NOT NULL ORDER BY received_ms",
+        ) else {
+            return vec![];
+        };
+        st.query_map([stream], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .unwrap_or_default()
+    };
+    let done = eventually(Duration::from_secs(120), || {
+        let (p, w) = (arrived("predictions"), arrived("drift"));
+        (p.len() >= 1000 && w.len() >= 4).then_some((p, w))
+    });
+    let (predictions, windows) = done.expect("the backlog drained");
+    let (first, last) = (predictions[0], *predictions.last().expect("predictions"));
+    assert!(last - first > 3000, "the cap made a backlog: {first}..{last}");
+    let last_window = windows[3];
+    let median_prediction = predictions[predictions.len() / 2];
+    assert!(
+        last_window <= median_prediction,
+        "the fourth drift window arrived at {last_window}, after half the predictions ({median_prediction})"
+    );
+}

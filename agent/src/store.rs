@@ -55,8 +55,9 @@ pub const STREAMS: [&str; 5] = [
     protocol::streams::PREDICTIONS,
 ];
 
-/// Which streams' records make room for another stream's when the outbox is full: bulk data
-/// first. Loss reports are never dropped for room.
+/// Which records make room when the outbox is full, least important first: a new record drops
+/// the oldest of the first of these streams that holds any and is no more important than
+/// itself, else it is dropped itself. Loss reports are never dropped for room.
 const EVICTION_ORDER: [&str; 4] = [
     protocol::streams::SAMPLES,
     protocol::streams::PREDICTIONS,
@@ -615,10 +616,16 @@ impl Store {
                         out.lose(r.stream, why);
                         break false;
                     }
-                    // The oldest record of the same stream, else of another, bulk streams first;
-                    // never a loss report.
+                    // The oldest record of the least important stream that holds any, if it is
+                    // no more important than the new record's; never a loss report.
+                    let rank = |s: &str| {
+                        EVICTION_ORDER
+                            .iter()
+                            .position(|e| *e == s)
+                            .unwrap_or(EVICTION_ORDER.len())
+                    };
                     let mut victim: Option<(String, i64, i64)> = None;
-                    for s in std::iter::once(r.stream).chain(EVICTION_ORDER.into_iter().filter(|s| *s != r.stream)) {
+                    for s in EVICTION_ORDER.into_iter().filter(|s| rank(s) <= rank(r.stream)) {
                         victim = oldest_same
                             .query_row([s], |row| Ok((s.to_string(), row.get(0)?, row.get(1)?)))
                             .optional()
@@ -1098,6 +1105,39 @@ mod tests {
         assert_eq!(s.stream(P).expect("p").lost_through, 1);
         assert_eq!(seqs(&s, P, 0), vec![2, 3]);
         assert_eq!(lost(&s), vec![(P.into(), cause::OUTBOX_FULL.into(), 1)]);
+    }
+
+    /// A full outbox makes room with the least important records first: samples, predictions,
+    /// drift windows, events; a record never pushes out a more important one.
+    #[test]
+    fn room_is_made_from_bulk_streams_first() {
+        let (_d, mut s) = open();
+        let at = |stream: &'static str, ts: u64| NewRecord {
+            stream,
+            ts_ms: ts,
+            data: "{}".into(),
+        };
+        let (d, sm) = (protocol::streams::DRIFT, protocol::streams::SAMPLES);
+        s.append(&[at(E, 1), at(d, 2), at(P, 3), at(sm, 4)], &[], ROOMY, None)
+            .expect("append");
+        let full = limits(4, WhenFull::DropOldest);
+        let left = |s: &Store| -> Vec<(String, u64)> { s.depth_by_stream().into_iter().filter(|x| x.1 > 0).collect() };
+        let lost_of = |s: &Store, stream: &str| lost(s).into_iter().find(|l| l.0 == stream).map_or(0, |l| l.2);
+        s.append(&[at(E, 5)], &[], full, None).expect("append");
+        assert_eq!(lost_of(&s, sm), 1, "a sample makes room for an event first");
+        s.append(&[at(d, 6)], &[], full, None).expect("append");
+        assert_eq!(lost_of(&s, P), 1, "then a prediction");
+        s.append(&[at(d, 7), at(E, 8)], &[], full, None).expect("append");
+        assert_eq!(
+            (lost_of(&s, d), lost_of(&s, E)),
+            (2, 0),
+            "then drift windows, oldest first"
+        );
+        assert_eq!(left(&s), vec![("drift".into(), 1), (E.into(), 3)]);
+        // A sample cannot push out anything more important: it is dropped itself.
+        s.append(&[at(sm, 9)], &[], full, None).expect("append");
+        assert_eq!(lost_of(&s, sm), 2);
+        assert_eq!(left(&s), vec![("drift".into(), 1), (E.into(), 3)]);
     }
 
     #[test]

@@ -857,8 +857,10 @@ mod tests {
     #[test]
     fn thresholds_must_be_ordered() {
         assert_eq!(Thresholds::default().invalid(), None);
-        let mut t = Thresholds::default();
-        t.ks = Levels { warn: 0.3, alert: 0.2 };
+        let t = Thresholds {
+            ks: Levels { warn: 0.3, alert: 0.2 },
+            ..Thresholds::default()
+        };
         assert_eq!(t.invalid(), Some("ks"));
     }
 }

@@ -835,7 +835,7 @@ impl InferenceTask {
                 let pred = Prediction {
                     ts_ms,
                     model: &model_ref,
-                    source: &source,
+                    source,
                     reading_id: id.as_deref(),
                     outputs: outputs
                         .columns()

@@ -464,7 +464,12 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
                     l.cause,
                     human_secs(now.saturating_sub(l.last_ms) / 1000)
                 ),
-                "free disk space, raise outbox.max_records or outbox.max_bytes, or restore the link to the hub",
+                if l.cause == crate::store::cause::RATE_LIMITED {
+                    "more rows were to be sampled than samples.max_per_minute allows; raise it, or sample less \
+                     (samples.every, samples.low_confidence)"
+                } else {
+                    "free disk space, raise outbox.max_records or outbox.max_bytes, or restore the link to the hub"
+                },
             ));
         }
     }
@@ -841,6 +846,94 @@ mod tests {
         );
         // The same, with thresholds that do not call them problems.
         check(t(0, 86_400, 0), &["no model deployed"]);
+    }
+
+    /// A drift alert and samples over their cap are problems, each with its own fix; the
+    /// drift lines name the worst feature first.
+    #[test]
+    fn drift_and_sample_problems_say_what_to_do() {
+        use crate::drift::{DriftState, Measures, Verdict, Window};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&crate::config::db_path(dir.path())).expect("open");
+        let lim = Limits {
+            max_records: 10,
+            max_bytes: 1 << 20,
+            max_record_bytes: 1 << 10,
+            min_free_bytes: 0,
+            when_full: crate::config::WhenFull::DropOldest,
+        };
+        let capped = Loss {
+            stream: protocol::streams::SAMPLES,
+            cause: crate::store::cause::RATE_LIMITED,
+            count: 5,
+        };
+        s.append(&[], &[capped], lim, None).expect("append");
+        let m = |name: &str, status, psi: f64, reasons: &[&str]| Measures {
+            name: name.into(),
+            column: None,
+            status,
+            values: 1000,
+            missing: 0,
+            below: 0,
+            above: 0,
+            psi: Some(psi),
+            ks: None,
+            mean_shift: None,
+            mean: None,
+            reasons: reasons.iter().map(|r| r.to_string()).collect(),
+        };
+        let model = protocol::messages::ModelRef {
+            name: "m".into(),
+            version: 1,
+        };
+        let state = DriftState {
+            model: model.clone(),
+            baseline: true,
+            enabled: true,
+            window_start_ms: now_ms(),
+            last: Some(Window {
+                ts_ms: now_ms(),
+                model,
+                start_ms: now_ms() - 60_000,
+                end_ms: now_ms(),
+                rows: 1000,
+                closed_by: "count".into(),
+                status: Verdict::Alert,
+                features: vec![
+                    m("rms", Verdict::Ok, 0.01, &[]),
+                    m("peak_hz", Verdict::Alert, 2.2, &["PSI 2.200 >= 0.25"]),
+                ],
+                outputs: vec![m("label", Verdict::Warn, 0.12, &["PSI 0.120 >= 0.1 (label mix)"])],
+            }),
+        };
+        s.set_meta("drift", &serde_json::to_string(&state).expect("json"))
+            .expect("meta");
+        s.set_meta("heartbeat_ms", &now_ms().to_string()).expect("heartbeat");
+        let r = report(dir.path(), &Thresholds::default()).expect("report");
+        let hint = |what: &str| {
+            r.problems
+                .iter()
+                .find(|p| p.problem.contains(what))
+                .map(|p| p.hint.clone())
+                .unwrap_or_else(|| panic!("no problem with {what:?}: {:?}", r.problems))
+        };
+        assert!(hint("has drifted").contains("retrain"));
+        assert!(hint("samples record(s) lost: 5 rate_limited").contains("samples.max_per_minute"));
+        let text = render(&r);
+        let lines: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("drift")).take(4).collect();
+        assert!(
+            lines[0].starts_with("drift       m v1: ALERT in the last window (1000 rows, closed by count"),
+            "{text}"
+        );
+        assert!(
+            lines[1].trim_start().starts_with("peak_hz") && lines[1].contains("PSI 2.200 >= 0.25"),
+            "{text}"
+        );
+        assert!(
+            lines[2].trim_start().starts_with("rms") && lines[2].contains("PSI 0.010"),
+            "{text}"
+        );
+        assert!(lines[3].contains("output label") && lines[3].contains("WARN"), "{text}");
     }
 
     #[test]

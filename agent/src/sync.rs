@@ -14,6 +14,10 @@
 //! has sent is cut down to that. A batch not acked in time, or outstanding when the link comes
 //! back, is sent again; the hub drops the duplicates.
 //!
+//! Streams are served in the order of [`crate::store::STREAMS`]: events, loss reports and drift
+//! windows before samples and predictions, so that under an uplink cap or a backlog what
+//! matters most goes first. Live copies of events are published before those of predictions.
+//!
 //! The decisions are made by [`StreamSync`], [`judge_ack`] and [`TokenBucket`], which do no
 //! I/O.
 

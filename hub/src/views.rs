@@ -24,6 +24,8 @@ pub enum ViewError {
     NoSamples { model: String, filter: String },
     #[error("{0:?} is not a time: give unix seconds, a date (2026-11-29) or a UTC time (2026-11-29T06:00:00Z)")]
     Time(String),
+    #[error("the samples of model {model:?} name more than {MAX_COLUMNS} feature and output columns; narrow the export with --device or --since")]
+    TooManyColumns { model: String },
 }
 
 /// The alerts of one device and model, and its worst features in the last window.
@@ -185,6 +187,9 @@ pub enum Format {
 
 /// Rows per Parquet row group: what export holds in memory at once.
 const ROW_GROUP: usize = 65_536;
+/// The most feature and output columns an export writes: samples come from devices, and a
+/// device that names a new feature in every sample must not make the export unbounded.
+pub const MAX_COLUMNS: usize = 4096;
 
 /// The export's columns: fixed ones, then features, then outputs (`output_<name>`, with
 /// `_<i>` for each value of an output with several).
@@ -268,7 +273,7 @@ pub fn export(
 ) -> Result<Exported, ViewError> {
     // First pass: the columns, in the order they first appear.
     let mut cols = Columns::default();
-    let (mut rows, mut unreadable) = (0u64, 0u64);
+    let (mut rows, mut unreadable, mut too_many) = (0u64, 0u64, false);
     store.each_record(
         protocol::streams::SAMPLES,
         device,
@@ -280,6 +285,9 @@ pub fn export(
                 return;
             };
             rows += 1;
+            if too_many {
+                return;
+            }
             for f in s.features.keys() {
                 if !cols.features.contains(f) {
                     cols.features.push(f.clone());
@@ -291,8 +299,12 @@ pub fn export(
                     None => cols.outputs.push((o.clone(), v.len())),
                 }
             }
+            too_many = cols.features.len() + cols.outputs.iter().map(|o| o.1).sum::<usize>() > MAX_COLUMNS;
         },
     )?;
+    if too_many {
+        return Err(ViewError::TooManyColumns { model: model.into() });
+    }
     if rows == 0 {
         return Err(ViewError::NoSamples {
             model: model.into(),
@@ -557,6 +569,55 @@ pub fn render_health(rows: &[(String, String, u64, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Samples are read as devices wrote them: one that does not parse is skipped and counted,
+    /// and a device naming ever more features cannot make the export unbounded.
+    #[test]
+    fn exports_count_what_they_skip_and_bound_their_columns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = HubStore::open(&dir.path().join("hub.db")).expect("store");
+        let sample = |seq: u64, features: &str| {
+            format!(
+                r#"{{"seq":{seq},"ts_ms":{seq},"data":{{"ts_ms":{seq},"model":{{"name":"m","version":2}},"reason":"every","source":"t","features":{features},"outputs":{{"y":[0.5]}}}}}}"#
+            )
+        };
+        let mut records = vec![
+            sample(1, r#"{"a":1.5,"b":null}"#),
+            sample(2, r#"{"a":2.5,"b":3.0}"#),
+            r#"{"seq":3,"ts_ms":3,"data":{"model":{"name":"m","version":2},"nonsense":true}}"#.to_string(),
+        ];
+        let batch = |records: &[String]| {
+            format!(
+                r#"{{"device":"d1","stream":"samples","epoch":"00000000000000aa","records":[{}]}}"#,
+                records.join(",")
+            )
+        };
+        let text = batch(&records);
+        let b: protocol::messages::SyncBatch = serde_json::from_str(&text).expect("batch");
+        store.store_batch("f", "d1", &b, 10).expect("stored");
+        let out = dir.path().join("s.csv");
+        let e = export(&store, "m", None, 0, Format::Csv, &out).expect("export");
+        assert_eq!((e.rows, e.columns, e.unreadable), (2, 9, 1));
+        let text = std::fs::read_to_string(&out).expect("csv");
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "time,fleet,device,model_version,reason,source,a,b,output_y",
+                "1970-01-01T00:00:00.001Z,f,d1,2,every,t,1.5,,0.5",
+                "1970-01-01T00:00:00.002Z,f,d1,2,every,t,2.5,3,0.5",
+            ]
+        );
+        let many: String = (0..=MAX_COLUMNS)
+            .map(|i| format!(r#""f{i}":1"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        records = vec![sample(4, &format!("{{{many}}}"))];
+        let text = batch(&records);
+        let b: protocol::messages::SyncBatch = serde_json::from_str(&text).expect("batch");
+        store.store_batch("f", "d1", &b, 10).expect("stored");
+        let e = export(&store, "m", None, 0, Format::Parquet, &dir.path().join("s.parquet")).expect_err("bounded");
+        assert!(e.to_string().contains("more than 4096"), "{e}");
+    }
 
     #[test]
     fn times() {

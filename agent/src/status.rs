@@ -360,6 +360,14 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
     let drift: Option<crate::drift::DriftState> = meta("drift")?.and_then(|d| serde_json::from_str(&d).ok());
 
     let mut problems = vec![];
+    // The drift state is of the model that last ran; after a deploy, until the new model's
+    // first reading, it speaks of the old one, and is shown as such, not as a problem.
+    let drift = drift.filter(|d| {
+        deploy
+            .active
+            .as_ref()
+            .is_some_and(|a| a.name == d.model.name && a.version == d.model.version)
+    });
     if let Some(w) = drift.as_ref().and_then(|d| d.last.as_ref()) {
         if w.status == crate::drift::Verdict::Alert {
             problems.push(problem(
@@ -699,7 +707,11 @@ pub fn render(r: &Report) -> String {
     if r.acks_refused > 0 {
         s += &format!("acks        {} refused\n", r.acks_refused);
     }
-    s += &render_drift(r.drift.as_ref());
+    if r.drift.is_none() && r.model.is_some() {
+        s += &format!("drift       {}: no reading since it became active\n", model(&r.model));
+    } else {
+        s += &render_drift(r.drift.as_ref());
+    }
     for p in &r.problems {
         s += &format!("problem     {}\n            hint: {}\n", p.problem, p.hint);
     }
@@ -909,6 +921,17 @@ mod tests {
         s.set_meta("drift", &serde_json::to_string(&state).expect("json"))
             .expect("meta");
         s.set_meta("heartbeat_ms", &now_ms().to_string()).expect("heartbeat");
+        let active = |s: &mut Store, version: u64| {
+            let mut d = DeployState::default();
+            d.activate(crate::deploy::Installed {
+                name: "m".into(),
+                version,
+                file: format!("m-{version}.lbundle"),
+            });
+            s.set_meta("deploy_state", &serde_json::to_string(&d).expect("json"))
+                .expect("meta");
+        };
+        active(&mut s, 1);
         let r = report(dir.path(), &Thresholds::default()).expect("report");
         let hint = |what: &str| {
             r.problems
@@ -934,6 +957,20 @@ mod tests {
             "{text}"
         );
         assert!(lines[3].contains("output label") && lines[3].contains("WARN"), "{text}");
+
+        // A newer model is active and has had no reading: the old model's alert is not its own.
+        active(&mut s, 2);
+        let r = report(dir.path(), &Thresholds::default()).expect("report");
+        assert!(
+            r.problems.iter().all(|p| !p.problem.contains("drifted")),
+            "{:?}",
+            r.problems
+        );
+        let text = render(&r);
+        assert!(
+            text.contains("drift       m v2: no reading since it became active"),
+            "{text}"
+        );
     }
 
     #[test]

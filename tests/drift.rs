@@ -39,6 +39,37 @@ fn send_window(sensor: &Sensor, name: &str, first: i64) -> u64 {
     messages
 }
 
+/// The vibration model packed as `vibration` v1 with `fixtures/drift/train.csv` as its
+/// baseline.
+fn pack_with_baseline(s: &Fleet) -> std::path::PathBuf {
+    let train = drift_csv("train");
+    let (code, out, bundle) = s.pack_model(
+        &fixture("vibration_logreg.onnx"),
+        "vibration",
+        1,
+        &cases().features.join(","),
+        &["--baseline", train.to_str().expect("utf8")],
+    );
+    assert_eq!(code, 0, "{out}");
+    bundle
+}
+
+/// Rows of `stream` the hub stored for `device`, oldest first, as (received_ms, data).
+fn hub_rows(db: &Path, device: &str, stream: &str) -> Vec<(i64, String)> {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return vec![];
+    };
+    let Ok(mut st) = conn.prepare(
+        "SELECT received_ms, data FROM records WHERE device = ?1 AND stream = ?2 AND data IS NOT NULL
+         ORDER BY received_ms, epoch, seq",
+    ) else {
+        return vec![];
+    };
+    st.query_map([device, stream], |r| Ok((r.get(0)?, r.get(1)?)))
+        .and_then(|rows| rows.collect())
+        .unwrap_or_default()
+}
+
 fn hub_json(args: &[&str]) -> (i32, Value) {
     let (code, out, err) = run(&mut hub_cmd(args));
     let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}{err}"));
@@ -53,16 +84,7 @@ fn status_text(d: &Device) -> (i32, String) {
 #[test]
 fn drift_is_measured_on_the_device_alerted_synced_shown_and_listed_at_the_hub() {
     let s = Fleet::new();
-    let features = cases().features.join(",");
-    let train = drift_csv("train");
-    let (code, out, with_baseline) = s.pack_model(
-        &fixture("vibration_logreg.onnx"),
-        "vibration",
-        1,
-        &features,
-        &["--baseline", train.to_str().expect("utf8")],
-    );
-    assert_eq!(code, 0, "{out}");
+    let with_baseline = pack_with_baseline(&s);
     let (_, inspect, _) = run(&mut hub_cmd(&[
         "bundle",
         "inspect",
@@ -339,16 +361,7 @@ print(json.dumps({
 #[test]
 fn windows_close_on_schedule_and_on_age() {
     let s = Fleet::new();
-    let features = cases().features.join(",");
-    let train = drift_csv("train");
-    let (code, out, bundle) = s.pack_model(
-        &fixture("vibration_logreg.onnx"),
-        "vibration",
-        1,
-        &features,
-        &["--baseline", train.to_str().expect("utf8")],
-    );
-    assert_eq!(code, 0, "{out}");
+    let bundle = pack_with_baseline(&s);
     let scheduled = s.device(
         "line-4",
         s.hub_broker.port,
@@ -390,15 +403,8 @@ fn windows_close_on_schedule_and_on_age() {
     let ten: Vec<Value> = (0..10).map(row).collect();
     one.send(serde_json::to_vec(&ten).expect("json"));
     let window = |device: &str| -> Option<Value> {
-        let db = rusqlite::Connection::open_with_flags(&s.hub_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-        let data: String = db
-            .query_row(
-                "SELECT data FROM records WHERE stream = 'drift' AND device = ?1 ORDER BY seq LIMIT 1",
-                [device],
-                |r| r.get(0),
-            )
-            .ok()?;
-        serde_json::from_str(&data).ok()
+        let rows = hub_rows(&s.hub_db, device, "drift");
+        serde_json::from_str(&rows.first()?.1).ok()
     };
     let w = eventually(Duration::from_secs(30), || window("line-4")).expect("a scheduled window at the hub");
     assert_eq!(
@@ -427,16 +433,7 @@ fn windows_close_on_schedule_and_on_age() {
 #[test]
 fn a_backlog_serves_drift_before_predictions() {
     let s = Fleet::new();
-    let features = cases().features.join(",");
-    let train = drift_csv("train");
-    let (code, out, bundle) = s.pack_model(
-        &fixture("vibration_logreg.onnx"),
-        "vibration",
-        1,
-        &features,
-        &["--baseline", train.to_str().expect("utf8")],
-    );
-    assert_eq!(code, 0, "{out}");
+    let bundle = pack_with_baseline(&s);
     let d = s.device(
         "line-6",
         s.hub_broker.port,
@@ -457,20 +454,8 @@ fn a_backlog_serves_drift_before_predictions() {
     let sensor = Sensor::new(s.sensor_broker.port, "line-6");
     let sent = send_window(&sensor, "control", 1);
     sensor.wait_acked(sent);
-    let arrived = |stream: &str| -> Vec<i64> {
-        let Ok(db) = rusqlite::Connection::open_with_flags(&s.hub_db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        else {
-            return vec![];
-        };
-        let Ok(mut st) = db.prepare(
-            "SELECT received_ms FROM records WHERE device = 'line-6' AND stream = ?1 AND data IS NOT NULL ORDER BY received_ms",
-        ) else {
-            return vec![];
-        };
-        st.query_map([stream], |r| r.get(0))
-            .and_then(|rows| rows.collect())
-            .unwrap_or_default()
-    };
+    let arrived =
+        |stream: &str| -> Vec<i64> { hub_rows(&s.hub_db, "line-6", stream).into_iter().map(|r| r.0).collect() };
     let done = eventually(Duration::from_secs(120), || {
         let (p, w) = (arrived("predictions"), arrived("drift"));
         (p.len() >= 1000 && w.len() >= 4).then_some((p, w))

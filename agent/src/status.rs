@@ -804,17 +804,19 @@ mod tests {
     use super::*;
     use crate::store::{Limits, Loss, NewRecord};
 
+    const LIMITS: Limits = Limits {
+        max_records: 10,
+        max_bytes: 1 << 20,
+        max_record_bytes: 1 << 10,
+        min_free_bytes: 0,
+        when_full: crate::config::WhenFull::DropOldest,
+    };
+
     fn check(t: Thresholds, expected: &[&str]) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(&crate::config::db_path(dir.path())).expect("open");
         let old = now_ms() - 7_200_000;
-        let lim = Limits {
-            max_records: 10,
-            max_bytes: 1 << 20,
-            max_record_bytes: 1 << 10,
-            min_free_bytes: 0,
-            when_full: crate::config::WhenFull::DropOldest,
-        };
+        let lim = LIMITS;
         let rec = NewRecord {
             stream: protocol::streams::PREDICTIONS,
             ts_ms: old,
@@ -867,13 +869,7 @@ mod tests {
         use crate::drift::{DriftState, Measures, Verdict, Window};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(&crate::config::db_path(dir.path())).expect("open");
-        let lim = Limits {
-            max_records: 10,
-            max_bytes: 1 << 20,
-            max_record_bytes: 1 << 10,
-            min_free_bytes: 0,
-            when_full: crate::config::WhenFull::DropOldest,
-        };
+        let lim = LIMITS;
         let capped = Loss {
             stream: protocol::streams::SAMPLES,
             cause: crate::store::cause::RATE_LIMITED,

@@ -465,18 +465,6 @@ impl Tracker {
         self.rows
     }
 
-    pub fn baseline(&self) -> Arc<Baseline> {
-        self.baseline.clone()
-    }
-
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
-    pub fn start_ms(&self) -> u64 {
-        self.start_ms
-    }
-
     /// Count rows: `values` holds them back to back in feature order, `outputs` the model's
     /// outputs for a batch in which they are rows `first..`.
     #[inline]
@@ -579,8 +567,8 @@ impl Tracker {
         w
     }
 
-    /// Start the next window empty, keeping the counters' memory.
-    fn reset(&mut self, now_ms: u64) {
+    /// Start the next window empty from `now_ms`, keeping the counters' memory.
+    pub fn reset(&mut self, now_ms: u64) {
         for n in self.features.iter_mut() {
             n.clear();
         }

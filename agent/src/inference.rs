@@ -490,7 +490,8 @@ impl Watch {
         let Some(t) = self.tracker.as_mut() else { return };
         if t.rows() == 0 {
             if why == "schedule" {
-                *t = drift::Tracker::new(t.model.clone(), t.baseline(), t.policy(), now);
+                // An empty scheduled window still ends: the next one starts at the schedule.
+                t.reset(now);
             }
             return;
         }

@@ -181,8 +181,20 @@ fn the_hub_cli_and_the_command_channel_say_what_happened() {
     let _agent = f.agent(&d);
     wait_online(f.hub_broker.port, &d.id);
     let broker = format!("127.0.0.1:{}", f.hub_broker.port);
+    let key = f.path().join("k1.key");
+    let key = key.to_str().expect("utf8");
     let from_env = |args: &[&str]| {
-        let mut all = vec![args[0], "--fleet", FLEET, "--device", &d.id, "--timeout-secs", "30"];
+        let mut all = vec![
+            args[0],
+            "--fleet",
+            FLEET,
+            "--device",
+            &d.id,
+            "--timeout-secs",
+            "30",
+            "--key",
+            key,
+        ];
         all.extend_from_slice(&args[1..]);
         let (code, out, err) = run(hub_cmd(&all).env("LATHE_HUB_BROKER", &broker));
         (code, format!("{out}{err}"))
@@ -190,7 +202,8 @@ fn the_hub_cli_and_the_command_channel_say_what_happened() {
     let (code, out) = from_env(&["deploy", "--bundle", f.bundle.to_str().expect("utf8")]);
     assert_eq!(code, 0, "{out}");
 
-    // The retained state naming the new model is out before the answer.
+    // The retained state naming the new model is out before the reported state says it is
+    // done.
     let seen = watch(
         f.hub_broker.port,
         &format!("lathe/v1/{FLEET}/{}/#", d.id),
@@ -201,38 +214,40 @@ fn the_hub_cli_and_the_command_channel_say_what_happened() {
     assert_eq!(code, 0, "{out}");
     let mut order = vec![];
     while let Ok((topic, payload)) = seen.recv_timeout(Duration::from_secs(5)) {
-        let text = String::from_utf8_lossy(&payload).to_string();
-        if topic.ends_with("/state") && text.contains("\"version\":2") {
+        let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
+        if topic.ends_with("/state") && v["model"]["version"] == 2 {
             order.push("state");
-        } else if topic.contains("/res/") && text.contains("\"version\":2") {
-            order.push("response");
+        } else if topic.ends_with("/reported") && v["active"]["version"] == 2 && v["phase"] == "idle" {
+            order.push("reported");
             break;
         }
     }
-    assert_eq!(order, ["state", "response"], "the state goes out before the answer");
+    assert_eq!(order, ["state", "reported"], "the state goes out before the report");
 
-    let (code, out) = from_env(&["rollback"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("swapped bearing v2 (now previous) for bearing v1 (now active)"),
-        "{out}"
-    );
-    let (code, out) = from_env(&["rollback"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("swapped bearing v1 (now previous) for bearing v2 (now active)"),
-        "a second rollback goes back, and says so: {out}"
-    );
+    // A rollback is a signed desired state naming the version to run: run twice, it stays
+    // there (regression: a rollback was a swap, and a second one rolled forward).
+    let v1 = f.bundle.to_str().expect("utf8");
+    for _ in 0..2 {
+        let (code, out) = from_env(&["rollback", "--bundle", v1]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("rolled back to bearing v1 (active: bearing v1)"), "{out}");
+    }
+    let (_, v) = status(&d);
+    assert_eq!(v["model"]["version"], 1, "{v}");
 
     let nobody = format!("127.0.0.1:{}", free_port());
     let (code, out, err) = run(&mut hub_cmd(&[
-        "rollback",
+        "deploy",
         "--broker",
         &nobody,
         "--fleet",
         FLEET,
         "--device",
         &d.id,
+        "--key",
+        key,
+        "--bundle",
+        v1,
         "--timeout-secs",
         "10",
     ]));
@@ -291,6 +306,31 @@ fn the_hub_cli_and_the_command_channel_say_what_happened() {
             .contains("a command is a JSON object"),
         "{v}"
     );
+    // Unsigned commands change nothing: a rollback or a deploy by command is refused.
+    for (id, cmd) in [
+        ("unsigned1", r#"{"op":"rollback"}"#),
+        ("unsigned2", r#"{"op":"deploy","bundle":"AAAA"}"#),
+    ] {
+        forge
+            .publish(
+                format!("lathe/v1/{FLEET}/{}/cmd/{id}", d.id),
+                QoS::AtLeastOnce,
+                false,
+                cmd,
+            )
+            .expect("publish");
+        let (_, payload) = answers.recv_timeout(Duration::from_secs(20)).expect("an answer");
+        let v: Value = serde_json::from_slice(&payload).expect("json");
+        assert_eq!(v["code"], "bad_command", "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .expect("message")
+                .contains("signed desired states"),
+            "{v}"
+        );
+        assert_eq!(v["model"]["version"], 1, "{v}");
+    }
 }
 
 /// A model that passed every check before activation but fails on some readings at run time

@@ -136,16 +136,19 @@ fn device_a_cannot_write_records_or_acks_as_device_b() {
         )
         .expect("publish");
     rogue
-        .publish(topic("cmd/rogue"), QoS::AtLeastOnce, false, r#"{"op":"rollback"}"#)
+        .publish(topic("cmd/rogue"), QoS::AtLeastOnce, false, r#"{"op":"ping"}"#)
+        .expect("publish");
+    // A's copy of B's retained desired state, published back under B's topic: the ACL drops it.
+    rogue
+        .publish(topic("desired"), QoS::AtLeastOnce, true, r#"{"forged":true}"#)
         .expect("publish");
     std::thread::sleep(Duration::from_secs(2));
-    // A real command to B is not seen by A's subscription.
-    let (code, out) = f.command(&b, &["rollback"]);
+    // A real rollback to B is not seen by A's subscription.
+    let (code, out) = f.rollout(&b, "rollback", &f.bundle);
     assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("now active") && out.contains("for bearing v1 (now active)"),
-        "only the hub's rollback ran: {out}"
-    );
+    assert!(out.contains("rolled back to bearing v1 (active: bearing v1)"), "{out}");
+    let (_, vb) = status(&b);
+    assert_eq!(vb["model"]["version"], 1, "{vb}");
 
     sb.send_range(&c, 120, 140, Duration::ZERO);
     wait_hub_has(&f.hub_db, 100..140, Duration::from_secs(60));

@@ -402,12 +402,28 @@ impl Fleet {
         )
     }
 
-    /// Deploy a bundle through the hub broker; (exit code, output).
+    /// Deploy a bundle through the hub broker, signed with k1; (exit code, output).
     pub fn deploy(&self, d: &Device, bundle: &Path) -> (i32, String) {
-        self.command(d, &["deploy", "--bundle", bundle.to_str().expect("utf8")])
+        self.rollout(d, "deploy", bundle)
     }
 
-    /// A `lathe-hub` command to one device (`deploy …`, `rollback`); (exit code, output).
+    /// `lathe-hub deploy` or `rollback` of `bundle` to one device, the desired state signed with
+    /// k1; (exit code, output).
+    pub fn rollout(&self, d: &Device, op: &str, bundle: &Path) -> (i32, String) {
+        let key = self.path().join("k1.key");
+        self.command(
+            d,
+            &[
+                op,
+                "--bundle",
+                bundle.to_str().expect("utf8"),
+                "--key",
+                key.to_str().expect("utf8"),
+            ],
+        )
+    }
+
+    /// A `lathe-hub` command to one device (`deploy …`, `rollback …`); (exit code, output).
     pub fn command(&self, d: &Device, args: &[&str]) -> (i32, String) {
         let port = format!("127.0.0.1:{}", self.hub_broker.port);
         let mut all = vec![
@@ -579,7 +595,9 @@ impl Sensor {
     pub fn new(port: u16, device: &str) -> Sensor {
         use rumqttc::{Client, Event, MqttOptions, Packet};
         let mut opts = MqttOptions::new(format!("sensor-{device}-{}", free_port()), "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
+        // Long enough that a busy machine does not drop the connection (and send again what
+        // the broker had not acked) in the middle of a flood.
+        opts.set_keep_alive(Duration::from_secs(30));
         opts.set_max_packet_size(256 << 20, 256 << 20);
         let (client, mut conn) = Client::new(opts, 10_000);
         let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -120,7 +120,7 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
         ),
     );
     assert!(wait_for_port(tls_port, Duration::from_secs(10)));
-    // Any valid key will do: this test deploys nothing.
+    // Any valid key will do: the agent trusts it.
     let (code, out, err) = run(Command::new(&bins().1)
         .args(["keygen", "--out-dir"])
         .arg(d)
@@ -159,15 +159,9 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
         run(Command::new(&bins().1)
             .args(["deploy", "--broker", &format!("localhost:{tls_port}"), "--ca-file"])
             .arg(d.join(format!("{ca}.pem")))
-            .args([
-                "--fleet",
-                "plant1",
-                "--device",
-                "good",
-                "--timeout-secs",
-                "20",
-                "--bundle",
-            ])
+            .args(["--fleet", "plant1", "--device", "good", "--timeout-secs", "20", "--key"])
+            .arg(d.join("k.key"))
+            .arg("--bundle")
             .arg(&bundle))
     };
     let (code, out, err) = deploy("ca");

@@ -156,6 +156,10 @@ struct Wires {
         queue::Sender<link::IncomingCommand>,
         mpsc::Receiver<queue::Held<link::IncomingCommand>>,
     ),
+    rollouts: (
+        queue::Sender<crate::rollout::RolloutMessage>,
+        mpsc::Receiver<queue::Held<crate::rollout::RolloutMessage>>,
+    ),
     acks: (
         mpsc::Sender<protocol::messages::Ack>,
         mpsc::Receiver<protocol::messages::Ack>,
@@ -186,6 +190,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let w = Wires {
         readings: queue::channel(cfg.inputs.queue, cfg.inputs.queue_bytes),
         commands: queue::channel(4, cfg.max_command_bytes()),
+        rollouts: {
+            // The chunks asked for at once, and a few desired states.
+            let n = cfg.rollout.window + 4;
+            queue::channel(n, n * (cfg.max_chunk_bytes() as usize + 4096))
+        },
         acks: mpsc::channel(64),
         outbox: queue::channel(OUTBOX_QUEUE, OUTBOX_QUEUE_BYTES),
         hub_state: watch::channel(ConnState::Connecting),
@@ -244,6 +253,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         deployer,
         client.clone(),
         w.commands.1,
+        w.rollouts.1,
         w.readings.1,
         schedule,
         events,
@@ -348,6 +358,7 @@ fn sensor_link(
         manual_acks,
         accepting,
         metrics,
+        awaiting_suback: false,
     })
 }
 
@@ -379,6 +390,7 @@ fn hub_link(
     let opts = link::options(&cfg.broker, client_id, Some(will))?;
     let (client, eventloop) = link::connect(opts, 256);
     let birth_model = active.clone();
+    let desired = crate::rollout::Driver::desired_topics(fleet.as_str(), device.as_str(), &cfg.rollout.groups);
     let hub = Link {
         name: "hub",
         eventloop,
@@ -387,10 +399,13 @@ fn hub_link(
             Duration::from_millis(cfg.broker.backoff_initial_ms),
             Duration::from_millis(cfg.broker.backoff_max_ms),
         ),
-        subscriptions: vec![
+        subscriptions: [
             (filter::commands(fleet, device), QoS::AtLeastOnce),
             (filter::acks(fleet, device), QoS::AtLeastOnce),
-        ],
+        ]
+        .into_iter()
+        .chain(desired.iter().map(|t| (t.clone(), QoS::AtLeastOnce)))
+        .collect(),
         birth: Some((
             state_topic,
             Arc::new(move || birth(birth_model.load().as_ref().map(|m| m.model_ref()))),
@@ -399,6 +414,7 @@ fn hub_link(
             readings: None,
             commands: Some(w.commands.0.clone()),
             acks: Some(w.acks.0.clone()),
+            rollout: Some((w.rollouts.0.clone(), desired)),
         },
         identity: Some((fleet.clone(), device.clone())),
         state: w.hub_state.0.clone(),
@@ -410,6 +426,7 @@ fn hub_link(
         manual_acks: false,
         accepting: CancellationToken::new(),
         metrics,
+        awaiting_suback: false,
     };
     Ok((hub, client))
 }
@@ -461,6 +478,36 @@ fn sync(
     })
 }
 
+/// The rollout side of the deploy task, with the state it kept.
+fn rollout_driver(
+    cfg: &Config,
+    fleet: &Name,
+    device: &Name,
+    deployer: &Deployer,
+    client: AsyncClient,
+) -> crate::rollout::Driver {
+    let state = match deployer.store.get_meta("rollout_state") {
+        Ok(Some(s)) => serde_json::from_str(&s).unwrap_or_else(|e| {
+            warn!(error = %e, "the rollout state is unreadable; starting afresh (desired states are accepted again)");
+            Default::default()
+        }),
+        Ok(None) => Default::default(),
+        Err(e) => {
+            warn!(error = %e, "cannot read the rollout state; starting afresh");
+            Default::default()
+        }
+    };
+    let settings = crate::rollout::Settings {
+        groups: cfg.rollout.groups.clone(),
+        window: cfg.rollout.window,
+        chunk_timeout: Duration::from_secs(cfg.rollout.chunk_timeout_secs),
+        retry: Duration::from_secs(cfg.rollout.retry_secs),
+        dir: cfg.downloads_dir(),
+        max_chunk_bytes: cfg.max_chunk_bytes(),
+    };
+    crate::rollout::Driver::new(settings, fleet.clone(), device.clone(), client, state)
+}
+
 /// The tasks that make records: deploy (commands), inference (readings), health. They stop
 /// when the token fires; the returned future ends when all have.
 #[allow(clippy::too_many_arguments)]
@@ -471,6 +518,7 @@ fn producers(
     deployer: Deployer,
     client: AsyncClient,
     commands: mpsc::Receiver<queue::Held<link::IncomingCommand>>,
+    rollouts: mpsc::Receiver<queue::Held<crate::rollout::RolloutMessage>>,
     readings: mpsc::Receiver<queue::Held<link::Reading>>,
     schedule: Option<mpsc::Receiver<()>>,
     events: Events,
@@ -480,9 +528,13 @@ fn producers(
     shutdown: &CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let active = deployer.active.clone();
+    let driver = rollout_driver(cfg, fleet, device, &deployer, client.clone());
     let deploy = DeployTask {
         deployer,
         rx: commands,
+        rollouts,
+        driver,
+        hub_state: conn.clone(),
         client: client.clone(),
         fleet: fleet.clone(),
         device: device.clone(),

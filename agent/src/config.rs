@@ -46,7 +46,51 @@ pub struct Config {
     pub drift: DriftConfig,
     #[serde(default)]
     pub samples: SamplesConfig,
+    #[serde(default)]
+    pub rollout: RolloutConfig,
 }
+
+/// `[rollout]`: how signed desired states are followed and bundles fetched (SPEC §8).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Groups this device belongs to: it follows their desired states too.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Chunks asked for at once.
+    #[serde(default = "default_rollout_window")]
+    pub window: usize,
+    /// A chunk asked for and not received within this is asked for again (3 tries).
+    #[serde(default = "default_chunk_timeout")]
+    pub chunk_timeout_secs: u64,
+    /// A failed transfer is tried again after this.
+    #[serde(default = "default_rollout_retry")]
+    pub retry_secs: u64,
+}
+
+impl Default for RolloutConfig {
+    fn default() -> Self {
+        RolloutConfig {
+            groups: vec![],
+            window: default_rollout_window(),
+            chunk_timeout_secs: default_chunk_timeout(),
+            retry_secs: default_rollout_retry(),
+        }
+    }
+}
+
+fn default_rollout_window() -> usize {
+    16
+}
+fn default_chunk_timeout() -> u64 {
+    30
+}
+fn default_rollout_retry() -> u64 {
+    60
+}
+
+/// The most groups a device belongs to.
+pub const MAX_GROUPS: usize = 16;
 
 /// `[drift]`: drift of the active model against the baseline signed into its bundle (SPEC §6).
 #[derive(Debug, Clone, Deserialize)]
@@ -199,11 +243,11 @@ pub struct BrokerConfig {
     pub password_file: Option<PathBuf>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
-    /// The largest MQTT packet sent or received. Deploy commands carry whole bundles.
+    /// The largest MQTT packet sent or received: a bundle chunk (at most 1 MiB) or a sync
+    /// batch on the hub connection, a reading on the readings connection.
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
-    /// The largest command accepted, checked before it is parsed. Default: enough for a deploy
-    /// of a bundle of `trust.max_bundle_bytes`.
+    /// The largest command accepted, checked before it is parsed (commands are `ping` only).
     pub max_command_bytes: Option<usize>,
     #[serde(default = "default_backoff_initial")]
     pub backoff_initial_ms: u64,
@@ -239,7 +283,7 @@ fn default_keep_alive() -> u64 {
     30
 }
 fn default_max_packet() -> usize {
-    96 << 20
+    2 << 20
 }
 fn default_backoff_initial() -> u64 {
     500
@@ -333,7 +377,7 @@ fn default_threshold() -> usize {
     1
 }
 fn default_max_bundle() -> usize {
-    64 << 20
+    256 << 20
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -658,14 +702,27 @@ impl Config {
         range("samples.alert_rows", self.samples.alert_rows as u64, 0, 1024)?;
         range("samples.max_per_minute", self.samples.max_per_minute, 1, 1_000_000)?;
         let command = self.max_command_bytes();
-        if command + 65_536 > self.broker.max_packet_bytes {
+        if command + 4096 > self.broker.max_packet_bytes {
             return Err((
-                "broker.max_packet_bytes".to_string(),
-                format!(
-                    "must be at least 64 KiB above the largest command ({command} bytes, for a bundle of trust.max_bundle_bytes)"
-                ),
+                "broker.max_command_bytes".to_string(),
+                format!("must be at least 4 KiB below broker.max_packet_bytes ({command} given)"),
             ));
         }
+        if self.broker.max_packet_bytes < (64 << 10) + 4096 {
+            return Err((
+                "broker.max_packet_bytes".to_string(),
+                "must take a bundle chunk of 64 KiB and its topic: at least 69632".into(),
+            ));
+        }
+        if self.rollout.groups.len() > MAX_GROUPS {
+            return Err(("rollout.groups".into(), format!("at most {MAX_GROUPS} groups")));
+        }
+        for g in &self.rollout.groups {
+            Name::new(g.clone()).map_err(|e| ("rollout.groups".to_string(), e.to_string()))?;
+        }
+        range("rollout.window", self.rollout.window as u64, 1, 256)?;
+        range("rollout.chunk_timeout_secs", self.rollout.chunk_timeout_secs, 1, 3600)?;
+        range("rollout.retry_secs", self.rollout.retry_secs, 1, 86_400)?;
         if self.sync.batch_bytes + 4096 > self.broker.max_packet_bytes {
             return Err((
                 "sync.batch_bytes".to_string(),
@@ -693,9 +750,16 @@ impl Config {
 
     /// The largest command the hub link accepts.
     pub fn max_command_bytes(&self) -> usize {
-        self.broker
-            .max_command_bytes
-            .unwrap_or_else(|| crate::deploy::base64_len(self.trust.max_bundle_bytes) + 4096)
+        self.broker.max_command_bytes.unwrap_or(64 << 10)
+    }
+
+    /// The largest bundle chunk the hub link takes: its packet limit less room for the topic.
+    pub fn max_chunk_bytes(&self) -> u64 {
+        (self.broker.max_packet_bytes as u64 - 4096).min(protocol::rollout::MAX_CHUNK_BYTES as u64)
+    }
+
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.device.state_dir.join("downloads")
     }
 }
 
@@ -813,12 +877,20 @@ keys_file = "/etc/lathe/trust.keys"
         );
         check("[samples]\nlow_confidence = 1.5\n", Err("samples.low_confidence"));
         check("[samples]\nmax_per_minute = 0\n", Err("samples.max_per_minute"));
+        check("[rollout]\ngroups = [\"line 2\"]\n", Err("rollout.groups"));
+        check("[rollout]\nwindow = 0\n", Err("rollout.window"));
+        check(
+            "[rollout]\ngroups = [\"line-2\", \"north\"]\nwindow = 4\nretry_secs = 5\n",
+            Ok(()),
+        );
+        // Bundles travel in chunks: a large one needs no large packets.
         let big = MINIMAL.replace(
             "keys_file = \"/etc/lathe/trust.keys\"",
-            "keys_file = \"k\"\nmax_bundle_bytes = 100000000",
+            "keys_file = \"k\"\nmax_bundle_bytes = 1000000000",
         );
-        let e = Config::parse(&big, Path::new("t.toml")).expect_err("a bundle that could never arrive");
-        assert!(e.to_string().contains("broker.max_packet_bytes"), "{e}");
+        let c = Config::parse(&big, Path::new("t.toml")).expect("a large bundle cap");
+        assert_eq!(c.broker.max_packet_bytes, 2 << 20);
+        assert_eq!(c.max_chunk_bytes(), 1 << 20);
     }
 
     /// The README's configuration block, every field with its default, is a valid config and

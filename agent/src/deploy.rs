@@ -1,4 +1,5 @@
-//! Deploys and rollbacks.
+//! Deploys and rollbacks: the deploy task, which applies signed desired states (SPEC.md §8,
+//! through [`crate::rollout`]) and answers `ping`.
 //!
 //! Guarantees:
 //! - an unverified bundle never runs: a bundle is verified (signatures, digests, expiry,
@@ -15,13 +16,12 @@
 
 use crate::engine::{Engine, EngineError};
 use crate::inference::Features;
-use crate::link::IncomingCommand;
+use crate::link::{ConnState, IncomingCommand};
 use crate::metrics::Metrics;
 use crate::queue::Held;
 use crate::store::{NewRecord, Store};
 use crate::sync::{now_ms, Append, Outbox, Outgoing};
 use arc_swap::ArcSwapOption;
-use base64::Engine as _;
 use protocol::baseline::Baseline;
 use protocol::bundle::{self, Manifest, Policy, Verified};
 use protocol::keys::TrustStore;
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 /// The model the agent runs now.
@@ -137,6 +137,8 @@ pub enum DeployError {
     },
     #[error("{0}")]
     NoPrevious(&'static str),
+    #[error("the fetched bundle is {got}, the desired state names {want}")]
+    Mismatch { got: String, want: String },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error(transparent)]
@@ -153,6 +155,7 @@ impl DeployError {
             DeployError::Selftest { .. } => "selftest_failed".into(),
             DeployError::Baseline { .. } => "baseline_invalid".into(),
             DeployError::NoPrevious(_) => "no_previous".into(),
+            DeployError::Mismatch { .. } => "bundle_mismatch".into(),
             DeployError::Io { .. } | DeployError::Store(_) => "io".into(),
         }
     }
@@ -259,14 +262,22 @@ impl Deployer {
         Ok(())
     }
 
-    /// Verify, load, store and activate a bundle.
-    pub fn deploy(&mut self, bytes: &[u8], now: u64) -> Result<String, DeployError> {
-        if bytes.len() > self.max_bundle_bytes {
+    /// Verify, load, store and activate a fetched bundle file that a desired state names (SPEC
+    /// §8.4). A rollback may name a version at or below the high-water mark, which stays.
+    pub fn deploy_file(
+        &mut self,
+        path: &Path,
+        now: u64,
+        want: &protocol::rollout::DesiredModel,
+    ) -> Result<String, DeployError> {
+        let size = std::fs::metadata(path).map_err(io_err(path))?.len() as usize;
+        if size > self.max_bundle_bytes {
             return Err(DeployError::TooLarge {
-                size: bytes.len(),
+                size,
                 limit: self.max_bundle_bytes,
             });
         }
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
         // Nothing of the manifest is read before its signatures are checked: the version
         // high-water mark is looked up inside `verify`, with the verified name (SPEC §4.6).
         let state = &self.state;
@@ -275,15 +286,27 @@ impl Deployer {
             trust: &self.trust,
             threshold: self.threshold,
             now,
-            installed_version: &installed,
+            installed_version: if want.rollback {
+                &bundle::none_installed
+            } else {
+                &installed
+            },
         };
-        let verified = bundle::verify(bytes, &policy)?;
+        let verified = bundle::verify(&bytes, &policy)?;
+        drop(bytes);
         let (name, version) = (verified.manifest.name.clone(), verified.manifest.version);
+        if name != want.name || version != want.version {
+            return Err(DeployError::Mismatch {
+                got: format!("{name} v{version}"),
+                want: format!("{} v{}", want.name, want.version),
+            });
+        }
         let model = load_model(verified)?;
 
         let file = format!("{name}-{version}.lbundle");
-        let path = self.bundles_dir.join(&file);
-        write_synced(&path, bytes)?;
+        let dest = self.bundles_dir.join(&file);
+        std::fs::rename(path, &dest).map_err(io_err(&dest))?;
+        sync_dir(&self.bundles_dir)?;
         let mut next = self.state.clone();
         let unused = next.activate(Installed {
             name: name.clone(),
@@ -297,7 +320,11 @@ impl Deployer {
         for f in unused {
             let _ = std::fs::remove_file(self.bundles_dir.join(f));
         }
-        Ok(format!("activated {name} v{version}"))
+        Ok(if want.rollback {
+            format!("rolled back to {name} v{version}")
+        } else {
+            format!("activated {name} v{version}")
+        })
     }
 
     pub fn rollback(&mut self) -> Result<String, DeployError> {
@@ -326,7 +353,7 @@ impl Deployer {
         ))
     }
 
-    fn current(&self) -> Option<ModelRef> {
+    pub fn current(&self) -> Option<ModelRef> {
         self.active.load().as_ref().map(|m| m.model_ref())
     }
 }
@@ -418,19 +445,8 @@ fn declared_dtype(d: &str) -> &str {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), DeployError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))?;
-    }
-    Ok(())
+fn sync_dir(dir: &Path) -> Result<(), DeployError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// The longest event message; longer ones are cut.
@@ -453,6 +469,10 @@ pub fn event(level: Level, kind: &str, message: String) -> Event {
 pub struct DeployTask {
     pub deployer: Deployer,
     pub rx: mpsc::Receiver<Held<IncomingCommand>>,
+    /// Desired states and chunks from the hub link.
+    pub rollouts: mpsc::Receiver<Held<crate::rollout::RolloutMessage>>,
+    pub driver: crate::rollout::Driver,
+    pub hub_state: watch::Receiver<ConnState>,
     pub client: AsyncClient,
     pub fleet: Name,
     pub device: Name,
@@ -488,39 +508,46 @@ impl Events {
 impl DeployTask {
     /// Runs until shutdown; a command already taken is always answered.
     pub async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let cmd = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 c = self.rx.recv() => match c { Some(c) => c.into_inner(), None => break },
+                m = self.rollouts.recv() => {
+                    if let Some(m) = m {
+                        self.driver.on_message(&mut self.deployer, &self.events, m.into_inner()).await;
+                    }
+                    continue;
+                }
+                changed = self.hub_state.changed() => {
+                    if changed.is_ok() && *self.hub_state.borrow_and_update() == ConnState::Connected {
+                        self.driver.on_connected(&mut self.deployer).await;
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {
+                    self.driver.tick(&mut self.deployer, &self.events).await;
+                    continue;
+                }
             };
-            let (op, result) = self.handle(&cmd.payload).await;
+            let result = match ReceivedCommand::parse(&cmd.payload) {
+                Ok(ReceivedCommand::Ping) => Ok("pong".to_string()),
+                Err(e) => Err(DeployError::BadCommand(e)),
+            };
             let (ok, message, code) = match &result {
                 Ok(m) => (true, m.clone(), None),
                 Err(e) => (false, e.to_string(), Some(e.code())),
             };
             if ok {
-                info!(command = %cmd.id, op, %message, "command done");
+                info!(command = %cmd.id, %message, "command done");
             } else {
-                warn!(command = %cmd.id, op, %message, "command refused");
-            }
-            let model = self.deployer.current();
-            if ok && op != "ping" {
-                // The retained state carries the active model. It goes out before the answer
-                // (SPEC §3.4), so whoever reads the state on the answer sees the new model.
-                let state = birth(model.clone());
-                let topic = Topic::new(&self.fleet, &self.device, Channel::State);
-                if let Err(e) = self
-                    .client
-                    .publish(topic.to_string(), QoS::AtLeastOnce, true, state)
-                    .await
-                {
-                    warn!(error = %e, "could not queue the retained state");
-                }
+                warn!(command = %cmd.id, %message, "command refused");
             }
             let resp = Response {
                 ok,
-                message: message.clone(),
-                model: model.clone(),
+                message,
+                model: self.deployer.current(),
                 code,
             };
             let topic = Topic::new(&self.fleet, &self.device, Channel::Response(cmd.id.clone()));
@@ -532,58 +559,9 @@ impl DeployTask {
             {
                 warn!(error = %e, "could not queue command response");
             }
-            if op != "ping" {
-                let (level, kind) = match (ok, op) {
-                    (true, "rollback") => (Level::Warn, "rolled_back"),
-                    (true, _) => (Level::Info, "model_activated"),
-                    (false, _) => (Level::Error, "deploy_refused"),
-                };
-                self.events.emit(event(level, kind, message)).await;
-            }
         }
+        self.driver.shutdown().await;
     }
-
-    async fn handle(&mut self, payload: &[u8]) -> (&'static str, Result<String, DeployError>) {
-        let cmd = match ReceivedCommand::parse(payload) {
-            Ok(c) => c,
-            Err(e) => return ("unknown", Err(DeployError::BadCommand(e))),
-        };
-        match cmd {
-            ReceivedCommand::Ping => ("ping", Ok("pong".into())),
-            ReceivedCommand::Rollback => ("rollback", tokio::task::block_in_place(|| self.deployer.rollback())),
-            ReceivedCommand::Deploy { bundle } => {
-                let limit = base64_len(self.deployer.max_bundle_bytes);
-                if bundle.len() > limit {
-                    return (
-                        "deploy",
-                        Err(DeployError::TooLarge {
-                            size: bundle.len() / 4 * 3,
-                            limit: self.deployer.max_bundle_bytes,
-                        }),
-                    );
-                }
-                let bytes = match base64::engine::general_purpose::STANDARD.decode(bundle.as_bytes()) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        return (
-                            "deploy",
-                            Err(DeployError::BadCommand(format!("bundle is not base64: {e}"))),
-                        )
-                    }
-                };
-                let now = now_ms() / 1000;
-                (
-                    "deploy",
-                    tokio::task::block_in_place(|| self.deployer.deploy(&bytes, now)),
-                )
-            }
-        }
-    }
-}
-
-/// The length of the standard base64 (padded) of `n` bytes.
-pub fn base64_len(n: usize) -> usize {
-    n.div_ceil(3) * 4
 }
 
 /// The retained birth message for a device running `model`.

@@ -11,6 +11,7 @@ pub mod logs;
 pub mod metrics;
 pub mod ml;
 pub mod queue;
+pub mod rollout;
 pub mod samples;
 pub mod schedule;
 pub mod status;

@@ -108,6 +108,8 @@ pub struct Routes {
     pub readings: Option<queue::Sender<Reading>>,
     pub commands: Option<queue::Sender<IncomingCommand>>,
     pub acks: Option<mpsc::Sender<protocol::messages::Ack>>,
+    /// Desired states (on these topics) and bundle chunks, for the deploy task.
+    pub rollout: Option<(queue::Sender<crate::rollout::RolloutMessage>, Vec<String>)>,
 }
 
 /// The largest message accepted on each route, checked before parsing.
@@ -190,6 +192,9 @@ pub struct Link {
     /// token, so the PUBACKs of what was made durable still go out.
     pub accepting: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// The SUBACK of this connection's own SUBSCRIBE is still to come: others (of bundle
+    /// chunks, sent by the deploy task) say nothing about these filters.
+    pub awaiting_suback: bool,
 }
 
 /// The password of a broker section: given inline, or read from a file (first line).
@@ -288,7 +293,10 @@ impl Link {
                     }
                     self.on_connected();
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => self.on_suback(&ack.return_codes),
+                Ok(Event::Incoming(Packet::SubAck(ack))) if self.awaiting_suback => {
+                    self.awaiting_suback = false;
+                    self.on_suback(&ack.return_codes)
+                }
                 Ok(Event::Incoming(Packet::Publish(p))) => self.route(p),
                 // An orderly disconnect was sent: this link is done.
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
@@ -339,6 +347,7 @@ impl Link {
             self.eventloop
                 .pending
                 .push_front(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
+            self.awaiting_suback = true;
         }
         self.state.send_replace(ConnState::Connected);
     }
@@ -359,6 +368,32 @@ impl Link {
     }
 
     fn route(&self, p: rumqttc::Publish) {
+        if let Some((tx, desired)) = &self.routes.rollout {
+            let fleet = self.identity.as_ref().map(|(f, _)| f.as_str()).unwrap_or("");
+            let chunk = protocol::rollout::parse_chunk_topic(fleet, &p.topic).is_some();
+            if chunk || desired.contains(&p.topic) {
+                let limit = if chunk {
+                    protocol::rollout::MAX_CHUNK_BYTES as usize
+                } else {
+                    protocol::rollout::MAX_DESIRED_BYTES
+                };
+                if p.payload.len() > limit {
+                    warn!(topic = %p.topic, bytes = p.payload.len(), limit, "oversized rollout message ignored");
+                    return;
+                }
+                let bytes = p.payload.len() + p.topic.len() + 64;
+                let m = crate::rollout::RolloutMessage {
+                    payload: bytes::Bytes::copy_from_slice(&p.payload),
+                    topic: p.topic,
+                };
+                if tx.try_send(m, bytes).is_err() {
+                    // A chunk is asked for again when it does not come; a desired state comes
+                    // again at the next connection.
+                    warn!("rollout queue full; message dropped");
+                }
+                return;
+            }
+        }
         let topic = p.topic.clone();
         let parsed = topic.parse::<Topic>();
         let ours = parsed.as_ref().ok().filter(|t| {

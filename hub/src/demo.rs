@@ -7,7 +7,7 @@
 //! hub.
 
 use crate::ingest::{Ingest, IngestStats};
-use crate::{broker, ops, proxy::Proxy};
+use crate::{broker, ops, proxy::Proxy, rollout};
 use clap::Args;
 use protocol::keys::SigningKey;
 use protocol::{Channel, Name, Topic};
@@ -214,20 +214,30 @@ min_rows = 200
         }
     });
 
-    step("deploying the signed bundle to the device");
-    let target = ops::Target {
-        broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
-        fleet: fleet.clone(),
-        device: device.clone(),
+    step("deploying: the bundle in retained chunks, then the device's signed desired state");
+    let deploy = |bundle: Vec<u8>| {
+        let (fleet, device, key) = (fleet.clone(), device.clone(), &key);
+        async move {
+            let plan = rollout::Plan {
+                fleet,
+                devices: vec![device.clone()],
+                group: None,
+                bundle: &bundle,
+                keys: vec![key],
+                chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
+                expires_in_secs: 86_400,
+                rollback: false,
+            };
+            rollout::run(rollout::Run {
+                broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
+                plan,
+                wait_for: vec![device],
+                timeout: Duration::from_secs(30),
+            })
+            .await
+        }
     };
-    let resp = ops::deploy(&target, &bundle, Duration::from_secs(30)).await?;
-    println!("    device answered: ok={} {}", resp.ok, resp.message);
-    anyhow::ensure!(resp.ok, "deploy refused");
-    let mut tampered = bundle.clone();
-    let last = tampered.len() - 1;
-    tampered[last] ^= 0x01;
-    let resp = ops::deploy(&target, &tampered, Duration::from_secs(30)).await?;
-    println!("    a tampered copy is refused: ok={} {}", resp.ok, resp.message);
+    anyhow::ensure!(deploy(bundle.clone()).await? == 0, "deploy refused");
 
     step("simulated sensors publish readings; predictions flow");
     let rows = csv_rows(LIVE);
@@ -307,8 +317,8 @@ min_rows = 200
 
     step("a technician recalibrates the peak-frequency sensor (x1.3): the model's inputs drift");
     recalibrated.store(true, Ordering::Relaxed);
-    let windows = 2 * 200 * 1_000_000 / period.as_micros().max(1) as u64;
-    tokio::time::sleep(Duration::from_micros(windows) + Duration::from_secs(2)).await;
+    // Two windows of 200 rows at the sensors' rate: the second holds recalibrated rows only.
+    tokio::time::sleep(period * 2 * 200 + Duration::from_secs(2)).await;
     let status = tokio::process::Command::new(&agent_bin)
         .args(["status", "--state-dir"])
         .arg(&state_dir)

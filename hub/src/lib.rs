@@ -5,5 +5,6 @@ pub mod demo;
 pub mod ingest;
 pub mod ops;
 pub mod proxy;
+pub mod rollout;
 pub mod store;
 pub mod views;

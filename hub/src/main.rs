@@ -1,10 +1,9 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use lathe::config::{BrokerConfig, TlsConfig};
-use lathe_hub::{broker, demo, ingest, ops, views};
+use lathe_hub::{broker, demo, ingest, ops, rollout, views};
 use protocol::bundle::{self, Policy};
 use protocol::keys::{SigningKey, TrustStore};
-use protocol::messages::Command;
 use protocol::Name;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,18 +30,15 @@ enum Cmd {
     /// Pack, verify and inspect bundles.
     #[command(subcommand)]
     Bundle(BundleCmd),
-    /// Deploy a bundle to one device and wait for its answer.
-    Deploy {
-        #[command(flatten)]
-        target: TargetArgs,
-        #[arg(long)]
-        bundle: PathBuf,
-    },
-    /// Ask one device to re-activate its previous bundle.
-    Rollback {
-        #[command(flatten)]
-        target: TargetArgs,
-    },
+    /// Deploy a bundle to devices or a group: publish it in retained chunks, sign and publish
+    /// their desired state, and wait for the devices to report.
+    Deploy(RolloutArgs),
+    /// Roll devices or a group back to the version of this (older) bundle: a signed desired
+    /// state that runs it below the version high-water mark, which stays.
+    Rollback(RolloutArgs),
+    /// What the devices report about their rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
     /// Receive synced records, store them in SQLite and acknowledge them.
     Serve {
         /// Broker to connect to (host:port).
@@ -113,6 +109,100 @@ enum Cmd {
     },
     /// Run the whole loop on this machine: embedded broker, hub, a real agent, simulated sensors.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum RolloutCmd {
+    /// Each device's rollout state: active, previous and staged models, progress, last error.
+    Status {
+        #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
+        broker: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only this fleet.
+        #[arg(long)]
+        fleet: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    /// The broker the devices use (host:port). The default is where `serve --embedded-broker`
+    /// listens.
+    #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
+    broker: String,
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[arg(long)]
+    fleet: String,
+    /// A target device; repeat for several. Or give --group.
+    #[arg(long = "device", required_unless_present = "group", conflicts_with = "group")]
+    devices: Vec<String>,
+    /// A target group: devices with it in rollout.groups.
+    #[arg(long)]
+    group: Option<String>,
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Signing key file for the desired state; repeat to meet the devices' trust.threshold.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = protocol::rollout::DEFAULT_CHUNK_BYTES)]
+    chunk_bytes: u32,
+    /// The desired state expires after this; a device that comes back later refuses it.
+    #[arg(long, default_value_t = 30)]
+    expires_in_days: u64,
+    /// Devices to wait for with --group (by default: the --device targets).
+    #[arg(long = "wait-for")]
+    wait_for: Vec<String>,
+    /// How long to wait for the devices to report; 0 does not wait.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+impl RolloutArgs {
+    async fn run(self, rollback: bool) -> anyhow::Result<u8> {
+        let bundle = std::fs::read(&self.bundle).with_context(|| format!("{}", self.bundle.display()))?;
+        let keys = read_keys(&self.keys)?;
+        let names = |v: &[String]| v.iter().map(|d| Name::new(d.clone())).collect::<Result<Vec<_>, _>>();
+        let devices = names(&self.devices)?;
+        let wait_for = if self.timeout_secs == 0 {
+            vec![]
+        } else if self.wait_for.is_empty() {
+            devices.clone()
+        } else {
+            names(&self.wait_for)?
+        };
+        let plan = rollout::Plan {
+            fleet: Name::new(self.fleet.clone())?,
+            devices,
+            group: self.group.clone().map(Name::new).transpose()?,
+            bundle: &bundle,
+            keys: keys.iter().collect(),
+            chunk_bytes: self.chunk_bytes,
+            expires_in_secs: self.expires_in_days * 86_400,
+            rollback,
+        };
+        let size = (self.chunk_bytes as usize + 4096).max(1 << 20);
+        rollout::run(rollout::Run {
+            broker: self.conn.broker(&self.broker, size)?,
+            plan,
+            wait_for,
+            timeout: Duration::from_secs(self.timeout_secs),
+        })
+        .await
+    }
+}
+
+fn read_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SigningKey>> {
+    paths
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).with_context(|| format!("key {}", p.display()))?;
+            SigningKey::from_text(&text).with_context(|| format!("key {}", p.display()))
+        })
+        .collect()
 }
 
 #[derive(Subcommand)]
@@ -215,32 +305,6 @@ impl ConnArgs {
     }
 }
 
-#[derive(Args)]
-struct TargetArgs {
-    /// The broker the devices use (host:port). The default is where `serve --embedded-broker`
-    /// listens.
-    #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
-    broker: String,
-    #[command(flatten)]
-    conn: ConnArgs,
-    #[arg(long)]
-    fleet: String,
-    #[arg(long)]
-    device: String,
-    #[arg(long, default_value_t = 60)]
-    timeout_secs: u64,
-}
-
-impl TargetArgs {
-    fn target(&self) -> anyhow::Result<ops::Target> {
-        Ok(ops::Target {
-            broker: self.conn.broker(&self.broker, 1 << 20)?,
-            fleet: Name::new(self.fleet.clone())?,
-            device: Name::new(self.device.clone())?,
-        })
-    }
-}
-
 fn split_addr(s: &str) -> anyhow::Result<(String, u16)> {
     let (h, p) = s
         .rsplit_once(':')
@@ -319,13 +383,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                     .with_context(|| format!("{}: expected a JSON array of names", f.display()))?,
                 None => features,
             };
-            let keys = keys
-                .iter()
-                .map(|p| {
-                    let text = std::fs::read_to_string(p).with_context(|| format!("key {}", p.display()))?;
-                    SigningKey::from_text(&text).with_context(|| format!("key {}", p.display()))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let keys = read_keys(&keys)?;
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
             let selftest = match selftest {
                 Some(path) => {
@@ -441,19 +499,32 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Cmd::Deploy { target, bundle } => {
-            let bytes = std::fs::read(&bundle).with_context(|| format!("{}", bundle.display()))?;
-            let resp = ops::deploy(&target.target()?, &bytes, Duration::from_secs(target.timeout_secs)).await?;
-            print_response(&resp)
-        }
-        Cmd::Rollback { target } => {
-            let resp = ops::command(
-                &target.target()?,
-                &Command::Rollback,
-                Duration::from_secs(target.timeout_secs),
+        Cmd::Deploy(args) => args.run(false).await,
+        Cmd::Rollback(args) => args.run(true).await,
+        Cmd::Rollout(RolloutCmd::Status {
+            broker,
+            conn,
+            fleet,
+            json,
+        }) => {
+            let fleet = fleet.map(Name::new).transpose()?;
+            let states = rollout::reported(
+                &conn.broker(&broker, 1 << 20)?,
+                fleet.as_ref(),
+                Duration::from_millis(500),
+                Duration::from_secs(10),
             )
             .await?;
-            print_response(&resp)
+            if json {
+                let v: Vec<serde_json::Value> = states
+                    .iter()
+                    .map(|((f, d), r)| serde_json::json!({"fleet": f, "device": d, "reported": r}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", rollout::render(&states));
+            }
+            Ok(0)
         }
         Cmd::Serve {
             broker,
@@ -569,25 +640,6 @@ fn open_store(db: &std::path::Path) -> anyhow::Result<lathe_hub::store::HubStore
         db.display()
     );
     Ok(lathe_hub::store::HubStore::open(db)?)
-}
-
-fn print_response(resp: &protocol::messages::Response) -> anyhow::Result<u8> {
-    let model = resp
-        .model
-        .as_ref()
-        .map(|m| format!("{} v{}", m.name, m.version))
-        .unwrap_or_else(|| "none".into());
-    if resp.ok {
-        println!("ok: {} (active: {model})", resp.message);
-        Ok(0)
-    } else {
-        println!(
-            "refused ({}): {} (active: {model})",
-            resp.code.as_deref().unwrap_or("?"),
-            resp.message
-        );
-        Ok(1)
-    }
 }
 
 fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {

@@ -1,6 +1,5 @@
 //! Operator actions: pack a bundle, send a command to a device and wait for its answer.
 
-use base64::Engine as _;
 use lathe::engine::Engine;
 use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Role};
 use protocol::keys::SigningKey;
@@ -259,14 +258,6 @@ pub async fn command(target: &Target, cmd: &Command, timeout: Duration) -> anyho
             ),
         }
     }
-}
-
-/// Deploy a bundle file's bytes.
-pub async fn deploy(target: &Target, bundle: &[u8], timeout: Duration) -> anyhow::Result<Response> {
-    let cmd = Command::Deploy {
-        bundle: base64::engine::general_purpose::STANDARD.encode(bundle),
-    };
-    command(target, &cmd, timeout).await
 }
 
 fn rand_u64() -> u64 {

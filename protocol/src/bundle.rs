@@ -352,13 +352,18 @@ pub fn inspect(bytes: &[u8]) -> Result<(Manifest, Envelope), VerifyError> {
     Ok((m, env))
 }
 
-/// Verify a bundle file against a policy.
-pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError> {
-    let c = split(bytes)?;
-    let env: Envelope =
-        serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
-    if env.payload_type != PAYLOAD_TYPE {
-        return Err(VerifyError::WrongPayloadType(env.payload_type));
+/// Steps 1 to 3 of verification for any DSSE envelope of Lathe (a bundle's, a desired
+/// state's): the payload type, the base64 payload, at most [`MAX_SIGNATURES`] signatures, and
+/// at least `threshold` distinct trusted keys whose signature verifies over the PAE. Returns
+/// the payload bytes and the key ids counted; nothing in the payload is read.
+pub fn check_signatures(
+    env: &Envelope,
+    payload_type: &str,
+    trust: &TrustStore,
+    threshold: usize,
+) -> Result<(Vec<u8>, Vec<String>), VerifyError> {
+    if env.payload_type != payload_type {
+        return Err(VerifyError::WrongPayloadType(env.payload_type.clone()));
     }
     let body = B64
         .decode(&env.payload)
@@ -369,12 +374,10 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
             env.signatures.len()
         )));
     }
-
-    // Signatures first: nothing in the manifest is looked at before this passes.
-    let signed = pae(PAYLOAD_TYPE, &body);
+    let signed = pae(payload_type, &body);
     let (mut valid, mut unknown, mut invalid) = (Vec::<String>::new(), Vec::new(), Vec::new());
     for s in &env.signatures {
-        match policy.trust.get(&KeyId(s.keyid.clone())) {
+        match trust.get(&KeyId(s.keyid.clone())) {
             None => unknown.push(s.keyid.clone()),
             Some(pk) => {
                 let ok = B64.decode(&s.sig).map(|sig| pk.verify(&signed, &sig)).unwrap_or(false);
@@ -386,16 +389,41 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
             }
         }
     }
-    let required = policy.threshold.max(1);
+    let required = threshold.max(1);
     if valid.len() < required {
         return Err(VerifyError::SignatureThreshold {
             valid: valid.len(),
             required,
             unknown,
             invalid,
-            trusted: policy.trust.ids().into_iter().map(|k| k.0).collect(),
+            trusted: trust.ids().into_iter().map(|k| k.0).collect(),
         });
     }
+    Ok((body, valid))
+}
+
+/// A DSSE envelope over `body`, one signature per key, in the order given.
+pub fn sign_envelope(payload_type: &str, body: &[u8], keys: &[&SigningKey]) -> Envelope {
+    let signed = pae(payload_type, body);
+    Envelope {
+        payload_type: payload_type.into(),
+        payload: B64.encode(body),
+        signatures: keys
+            .iter()
+            .map(|k| Signature {
+                keyid: k.key_id().0,
+                sig: B64.encode(k.sign(&signed)),
+            })
+            .collect(),
+    }
+}
+
+/// Verify a bundle file against a policy.
+pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError> {
+    let c = split(bytes)?;
+    let env: Envelope =
+        serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
+    let (body, valid) = check_signatures(&env, PAYLOAD_TYPE, policy.trust, policy.threshold)?;
 
     let value: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
@@ -475,18 +503,7 @@ pub fn pack(
         return Err("at least one signing key is needed".into());
     }
     let body = manifest.canonical_bytes();
-    let signed = pae(PAYLOAD_TYPE, &body);
-    let env = Envelope {
-        payload_type: PAYLOAD_TYPE.into(),
-        payload: B64.encode(&body),
-        signatures: keys
-            .iter()
-            .map(|k| Signature {
-                keyid: k.key_id().0,
-                sig: B64.encode(k.sign(&signed)),
-            })
-            .collect(),
-    };
+    let env = sign_envelope(PAYLOAD_TYPE, &body, keys);
     Ok(assemble(&env, payloads.iter().map(|(_, d)| d.as_slice())))
 }
 

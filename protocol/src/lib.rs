@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod canonical;
 pub mod keys;
 pub mod messages;
+pub mod rollout;
 pub mod selftest;
 pub mod sync;
 pub mod topic;

@@ -134,11 +134,8 @@ pub struct LossTotal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Command {
-    /// Install and activate a bundle; `bundle` is the standard base64 of the bundle file.
-    Deploy { bundle: String },
-    /// Re-activate the previously active bundle.
-    Rollback,
-    /// Answer with the active model; changes nothing.
+    /// Answer with the active model; changes nothing. Since 1.4 the only command: deploys and
+    /// rollbacks are signed desired states (SPEC.md §8).
     Ping,
 }
 
@@ -159,51 +156,35 @@ pub fn echo(s: &str, max: usize) -> Cow<'_, str> {
 
 /// A command as received: borrowed from the payload, unknown members skipped unbuffered.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReceivedCommand<'a> {
-    /// `bundle` is still base64, borrowed from the payload.
-    Deploy {
-        bundle: Cow<'a, str>,
-    },
-    Rollback,
+pub enum ReceivedCommand {
     Ping,
 }
 
-impl<'a> ReceivedCommand<'a> {
+impl ReceivedCommand {
     /// Parse a command payload. The caller has checked its size. Errors quote at most
     /// [`MAX_ECHO`] bytes of what was received.
-    pub fn parse(payload: &'a [u8]) -> Result<ReceivedCommand<'a>, String> {
+    pub fn parse(payload: &[u8]) -> Result<ReceivedCommand, String> {
         #[derive(Deserialize)]
         struct Wire<'a> {
             #[serde(borrow)]
             op: Cow<'a, str>,
-            #[serde(borrow, default)]
-            bundle: Option<Cow<'a, str>>,
         }
         // serde would take a struct from an array too (`["ping"]`); a command is an object.
         if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err("not a command: a command is a JSON object".into());
         }
-        let w: Wire<'a> = serde_json::from_slice(payload).map_err(|e| format!("not a command: {e}"))?;
+        let w: Wire<'_> = serde_json::from_slice(payload).map_err(|e| format!("not a command: {e}"))?;
         match w.op.as_ref() {
-            "deploy" => match w.bundle {
-                Some(bundle) => Ok(ReceivedCommand::Deploy { bundle }),
-                None => Err("deploy needs a \"bundle\" member".into()),
-            },
-            "rollback" => Ok(ReceivedCommand::Rollback),
             "ping" => Ok(ReceivedCommand::Ping),
-            other => Err(format!(
-                "unknown op {:?} (known: deploy, rollback, ping)",
-                echo(other, MAX_ECHO)
+            op @ ("deploy" | "rollback") => Err(format!(
+                "{op} is not a command since protocol 1.4: deploys and rollbacks are signed desired states (lathe-hub deploy, lathe-hub rollback)"
             )),
+            other => Err(format!("unknown op {:?} (known: ping)", echo(other, MAX_ECHO))),
         }
     }
 
     pub fn op(&self) -> &'static str {
-        match self {
-            ReceivedCommand::Deploy { .. } => "deploy",
-            ReceivedCommand::Rollback => "rollback",
-            ReceivedCommand::Ping => "ping",
-        }
+        "ping"
     }
 }
 
@@ -364,10 +345,14 @@ mod tests {
     #[test]
     fn commands_parse_by_op_and_skip_the_rest() {
         cmd(r#"{"op":"ping"}"#, Ok("ping"));
-        cmd(r#"{"op":"rollback","extra":[1,2,{"a":"b"}]}"#, Ok("rollback"));
+        cmd(r#"{"op":"ping","extra":[1,2,{"a":"b"}]}"#, Ok("ping"));
         cmd(r#"{"padding":[[[0,0,0]]],"op":"ping"}"#, Ok("ping"));
-        cmd(r#"{"op":"deploy","bundle":"AAAA"}"#, Ok("deploy"));
-        cmd(r#"{"op":"deploy"}"#, Err("needs a \"bundle\""));
+        // Unsigned, they could flip a device between models: signed desired states only.
+        cmd(
+            r#"{"op":"rollback"}"#,
+            Err("rollback is not a command since protocol 1.4"),
+        );
+        cmd(r#"{"op":"deploy","bundle":"AAAA"}"#, Err("deploy is not a command"));
         cmd(r#"{"op":"format_disk"}"#, Err("unknown op \"format_disk\""));
         cmd(r#"{"bundle":"AAAA"}"#, Err("missing field `op`"));
         cmd("[1]", Err("not a command"));
@@ -383,19 +368,8 @@ mod tests {
 
     #[test]
     fn hub_commands_round_trip_through_the_parser() {
-        for c in [
-            Command::Ping,
-            Command::Rollback,
-            Command::Deploy { bundle: "QUJD".into() },
-        ] {
-            let bytes = serde_json::to_vec(&c).expect("ser");
-            let r = ReceivedCommand::parse(&bytes).expect("parses");
-            match (&c, r) {
-                (Command::Deploy { bundle }, ReceivedCommand::Deploy { bundle: b }) => assert_eq!(bundle, &b),
-                (Command::Ping, ReceivedCommand::Ping) | (Command::Rollback, ReceivedCommand::Rollback) => {}
-                (c, r) => panic!("{c:?} came back as {r:?}"),
-            }
-        }
+        let bytes = serde_json::to_vec(&Command::Ping).expect("ser");
+        assert_eq!(ReceivedCommand::parse(&bytes), Ok(ReceivedCommand::Ping));
     }
 
     #[test]

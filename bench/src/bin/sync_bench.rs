@@ -9,8 +9,15 @@
 //! them) is drained by a real agent through Mosquitto to the hub, acks included; it prints the
 //! records per second and the agent's peak RSS while draining.
 //!
+//! `rollout`: a bundle of `--mib` MiB (the fixture model padded with an unused initializer) is
+//! deployed to a real agent through Mosquitto: retained chunks and a signed desired state, then
+//! the agent's fetch, check and activation. In the same run, `mosquitto_pub` sends the same
+//! bytes as one message to a `mosquitto_sub`. It prints both times, their ratio, the agent's
+//! peak RSS and the time from the fetched bundle to the new model running.
+//!
 //! Usage: lathe-sync-bench --bin-dir DIR write [--secs S] [--rate ROWS_PER_SEC ...]
 //!        lathe-sync-bench --bin-dir DIR drain [--records N ...]
+//!        lathe-sync-bench --bin-dir DIR rollout [--mib M]
 //! `bench/sync.sh` builds the binaries and runs both.
 
 use anyhow::{bail, Context, Result};
@@ -261,13 +268,23 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
         &[&key],
     )?;
     let rt = tokio::runtime::Runtime::new()?;
-    let target = lathe_hub::ops::Target {
+    let device = protocol::Name::new("d1")?;
+    let code = rt.block_on(lathe_hub::rollout::run(lathe_hub::rollout::Run {
         broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
-        fleet: protocol::Name::new("bench")?,
-        device: protocol::Name::new("d1")?,
-    };
-    let resp = rt.block_on(lathe_hub::ops::deploy(&target, &bundle, Duration::from_secs(30)))?;
-    anyhow::ensure!(resp.ok, "deploy refused: {}", resp.message);
+        plan: lathe_hub::rollout::Plan {
+            fleet: protocol::Name::new("bench")?,
+            devices: vec![device.clone()],
+            group: None,
+            bundle: &bundle,
+            keys: vec![&key],
+            chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
+            expires_in_secs: 3600,
+            rollback: false,
+        },
+        wait_for: vec![device],
+        timeout: Duration::from_secs(30),
+    }))?;
+    anyhow::ensure!(code == 0, "deploy refused");
     // Readings of 256 rows each, at QoS 1, as fast as the broker takes them.
     let message: Vec<u8> = {
         let arr: Vec<serde_json::Value> = (0..256)
@@ -370,6 +387,191 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
     Ok(())
 }
 
+/// Protobuf: a varint.
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Protobuf: a length-delimited field.
+fn field(num: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint(num << 3 | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// The fixture model with one more, unused, float initializer of `bytes` bytes: a second
+/// `graph` field (7), which protobuf merges into the first.
+fn padded_model(bytes: usize) -> Vec<u8> {
+    let mut tensor = vec![];
+    varint(1 << 3, &mut tensor); // dims
+    varint((bytes / 4) as u64, &mut tensor);
+    varint(2 << 3, &mut tensor); // data_type: FLOAT
+    varint(1, &mut tensor);
+    field(8, b"padding", &mut tensor);
+    let data: Vec<u8> = (0..bytes / 4).flat_map(|i| ((i % 1000) as f32).to_le_bytes()).collect();
+    field(9, &data, &mut tensor);
+    let mut graph = vec![];
+    field(5, &tensor, &mut graph);
+    let mut model = MODEL.to_vec();
+    field(7, &graph, &mut model);
+    model
+}
+
+/// Deploy a bundle of about `mib` MiB to an agent through Mosquitto, against mosquitto_pub of
+/// the same bytes to mosquitto_sub, in the same run.
+fn rollout(bins: &Path, mib: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_broker, port) = mosquitto(dir.path())?;
+    let key = SigningKey::from_seed(&[7; 32]);
+    let cases: serde_json::Value = serde_json::from_str(CASES)?;
+    let features: Vec<String> = serde_json::from_value(cases["features"].clone())?;
+    let now = lathe_hub::ops::now_secs();
+    let (bundle, _) = lathe_hub::ops::pack(
+        lathe_hub::ops::PackInput {
+            name: "bearing".into(),
+            version: 1,
+            model: padded_model(mib << 20),
+            features,
+            selftest: None,
+            baseline: None,
+            baseline_bins: protocol::baseline::DEFAULT_BINS,
+            created: now,
+            expires: now + 3600,
+        },
+        &[&key],
+    )?;
+    let path = dir.path().join("bundle.lbundle");
+    std::fs::write(&path, &bundle)?;
+    println!("bundle: {} bytes", bundle.len());
+
+    // The peer: one message of the same bytes, QoS 1, mosquitto_pub to mosquitto_sub.
+    let mut raw = vec![];
+    for _ in 0..3 {
+        let out = dir.path().join("received");
+        let mut sub = Command::new("mosquitto_sub")
+            .args(["-p", &port.to_string(), "-t", "raw/bundle", "-q", "1", "-C", "1", "-N"])
+            .stdout(std::fs::File::create(&out)?)
+            .spawn()
+            .context("mosquitto_sub")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let status = Command::new("mosquitto_pub")
+            .args(["-p", &port.to_string(), "-t", "raw/bundle", "-q", "1", "-f"])
+            .arg(&path)
+            .status()
+            .context("mosquitto_pub")?;
+        anyhow::ensure!(status.success(), "mosquitto_pub failed");
+        sub.wait()?;
+        raw.push(t.elapsed());
+        anyhow::ensure!(
+            std::fs::metadata(&out)?.len() == bundle.len() as u64,
+            "mosquitto_sub got another size"
+        );
+    }
+    raw.sort();
+    let raw = raw[1];
+
+    let config = agent_config(dir.path(), port, "")?;
+    let agent = agent(bins, &config)?;
+    let pid = agent.0.id();
+    // Timestamps of the reported states.
+    let seen: Arc<std::sync::Mutex<Vec<(Instant, serde_json::Value)>>> = Arc::default();
+    // The agent's RSS while it fetches, sampled every 10 ms until the activation begins.
+    let fetch_peak = Arc::new(AtomicU64::new(0));
+    let fetching = Arc::new(AtomicBool::new(true));
+    {
+        let (peak, on) = (fetch_peak.clone(), fetching.clone());
+        std::thread::spawn(move || {
+            while on.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid).0, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
+    {
+        let fetching = fetching.clone();
+        let mut opts = MqttOptions::new("bench-reported", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (c, mut conn) = Client::new(opts, 100);
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c.subscribe("lathe/v1/bench/d1/reported", QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap_or_default();
+                        if v["phase"] == "activating" {
+                            fetching.store(false, Ordering::Relaxed);
+                        }
+                        seen.lock().expect("lock").push((Instant::now(), v));
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rt = tokio::runtime::Runtime::new()?;
+    let device = protocol::Name::new("d1")?;
+    let t = Instant::now();
+    let code = rt.block_on(lathe_hub::rollout::run(lathe_hub::rollout::Run {
+        broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
+        plan: lathe_hub::rollout::Plan {
+            fleet: protocol::Name::new("bench")?,
+            devices: vec![device.clone()],
+            group: None,
+            bundle: &bundle,
+            keys: vec![&key],
+            chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
+            expires_in_secs: 3600,
+            rollback: false,
+        },
+        wait_for: vec![device],
+        timeout: Duration::from_secs(600),
+    }))?;
+    let total = t.elapsed();
+    anyhow::ensure!(code == 0, "the deploy failed");
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = seen.lock().expect("lock");
+    let at = |phase: &str| seen.iter().find(|(_, v)| v["phase"] == phase).map(|(i, _)| *i);
+    let activating = at("activating").context("no report of the activation")?;
+    let done = seen
+        .iter()
+        .find(|(_, v)| v["phase"] == "idle" && v["active"]["version"] == 1)
+        .map(|(i, _)| *i)
+        .context("no report of the new model")?;
+    let fetched = activating.duration_since(t);
+    let (_, peak) = rss_kib(pid);
+    println!(
+        "mosquitto_pub -> mosquitto_sub, one message: {:.3} s (median of 3)",
+        raw.as_secs_f64()
+    );
+    println!(
+        "lathe-hub deploy -> agent, chunks of 64 KiB, upload and fetch: {:.3} s ({:.2}x the raw transfer)",
+        fetched.as_secs_f64(),
+        fetched.as_secs_f64() / raw.as_secs_f64()
+    );
+    println!(
+        "activation (verify, load, self-check, switch): {:.3} s; deploy to running in all: {:.3} s",
+        done.duration_since(activating).as_secs_f64(),
+        total.as_secs_f64()
+    );
+    println!(
+        "agent RSS while fetching: at most {} MiB; peak over the whole run (activation included): {} MiB",
+        fetch_peak.load(Ordering::Relaxed) / 1024,
+        peak / 1024
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut bins = None;
@@ -377,6 +579,7 @@ fn main() -> Result<()> {
     let mut secs = 10;
     let mut records = vec![];
     let mut rates = vec![];
+    let mut mib = 50;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -396,7 +599,11 @@ fn main() -> Result<()> {
                 records.push(args.get(i + 1).context("--records takes a count")?.parse()?);
                 i += 1;
             }
-            c @ ("write" | "drain") => cmd = Some(c.to_string()),
+            "--mib" => {
+                mib = args.get(i + 1).context("--mib takes a size")?.parse()?;
+                i += 1;
+            }
+            c @ ("write" | "drain" | "rollout") => cmd = Some(c.to_string()),
             other => bail!("unknown argument {other:?}; usage: lathe-sync-bench --bin-dir DIR write|drain [--secs S] [--records N ...]"),
         }
         i += 1;
@@ -418,6 +625,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        _ => bail!("give write or drain"),
+        Some("rollout") => rollout(&bins, mib),
+        _ => bail!("give write, drain or rollout"),
     }
 }

@@ -244,6 +244,136 @@ fn desired_states_are_checked_and_offline_devices_converge() {
     );
 }
 
+/// A group gets one upload: the hub publishes each chunk once, however many devices take it;
+/// a member that was offline converges when it starts, and a device outside the group is
+/// not touched.
+#[test]
+fn a_group_gets_one_upload_and_its_offline_member_converges() {
+    let f = Fleet::new();
+    let member = |id: &str| f.device(id, f.hub_broker.port, &[("rollout", "groups = [\"line-2\"]")]);
+    let (a, b) = (member("press-30"), member("press-31"));
+    let outsider = f.device("press-32", f.hub_broker.port, &[("rollout", "groups = [\"line-3\"]")]);
+    let _a = f.agent(&a);
+    let _outsider = f.agent(&outsider);
+    wait_online(f.hub_broker.port, &a.id);
+    wait_online(f.hub_broker.port, &outsider.id);
+    let chunks = watch(f.hub_broker.port, &format!("lathe/v1/{FLEET}/@blob/#"), "blob-watch");
+    std::thread::sleep(Duration::from_millis(500));
+    let bundle = big_bundle(&f, 1);
+    let size = std::fs::metadata(&bundle).expect("bundle").len();
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let key = f.path().join("k1.key");
+    let (code, out, err) = run(&mut hub_cmd(&[
+        "deploy",
+        "--broker",
+        &port,
+        "--fleet",
+        FLEET,
+        "--group",
+        "line-2",
+        "--wait-for",
+        &a.id,
+        "--key",
+        key.to_str().expect("utf8"),
+        "--bundle",
+        bundle.to_str().expect("utf8"),
+        "--chunk-bytes",
+        "1024",
+        "--timeout-secs",
+        "60",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("ok: {}: activated bearing v1", a.id)), "{out}");
+    // The member that was offline comes up and takes the same chunks from the broker.
+    let _b = f.agent(&b);
+    reported(&f, &b, "v1 runs", |r| {
+        r["active"]["version"] == 1 && r["phase"] == "idle"
+    });
+    // Each chunk (and each chunk of the index) was published once, for both devices.
+    let data = size.div_ceil(1024);
+    let index = (data * 32).div_ceil(1024);
+    let published = chunks.try_iter().count() as u64;
+    assert_eq!(published, data + index, "one upload for the group");
+    let r = reported(&f, &outsider, "its report", |_| true);
+    assert!(
+        r["active"].is_null() && r["counter"] == 0,
+        "another group's device is untouched: {r}"
+    );
+}
+
+/// Raising the trust threshold never leaves a device without its model: the installed bundle,
+/// verified when it was installed, keeps running and the device says so, until a bundle and a
+/// desired state signed by enough keys replace it.
+#[test]
+fn a_stricter_trust_policy_keeps_the_model_until_a_bundle_that_meets_it() {
+    let f = Fleet::new();
+    let dir = f.path().to_str().expect("utf8").to_string();
+    let (code, out, err) = run(&mut hub_cmd(&["keygen", "--out-dir", &dir, "--name", "k2"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let d = f.device("press-40", f.hub_broker.port, &[]);
+    let mut agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let (code, out) = f.deploy(&d, &f.bundle);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(agent.terminate(Duration::from_secs(15)), Some(0));
+
+    // Two keys are trusted now, and both must sign.
+    let both = f.path().join("both.keys");
+    let text = std::fs::read_to_string(f.path().join("k1.pub")).expect("k1")
+        + &std::fs::read_to_string(f.path().join("k2.pub")).expect("k2");
+    std::fs::write(&both, text).expect("trust");
+    let keys_line = format!("keys_file = \"{}\"", both.display());
+    let d = f.device(
+        "press-40",
+        f.hub_broker.port,
+        &[("trust", &keys_line), ("trust", "threshold = 2")],
+    );
+    let _agent = f.agent(&d);
+    let r = reported(&f, &d, "a policy warning", |r| {
+        r["warnings"].as_array().is_some_and(|w| !w.is_empty())
+    });
+    assert_eq!(r["active"]["version"], 1, "the model still runs: {r}");
+    assert!(
+        r["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("no longer meets the trust policy"),
+        "{r}"
+    );
+    let (code, v) = status(&d);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["model"]["version"], 1, "{v}");
+    assert!(
+        v["problems"].to_string().contains("no longer meets the trust policy"),
+        "{v}"
+    );
+
+    // One signature is no longer enough, for the desired state as for the bundle.
+    let (k1, k2) = (f.path().join("k1.key"), f.path().join("k2.key"));
+    let (k1, k2) = (k1.to_str().expect("utf8"), k2.to_str().expect("utf8"));
+    let c = cases();
+    let (code, out, v2) = f.pack_model(
+        &fixture("vibration_logreg.onnx"),
+        "bearing",
+        2,
+        &c.features.join(","),
+        &["--key", k2],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v2 = v2.to_str().expect("utf8");
+    let (code, out) = f.command(&d, &["deploy", "--bundle", v2, "--key", k1]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused (signature_threshold)"), "{out}");
+    let (code, out) = f.command(&d, &["deploy", "--bundle", v2, "--key", k1, "--key", k2]);
+    assert_eq!(code, 0, "{out}");
+    let r = reported(&f, &d, "v2 without a warning", |r| {
+        r["active"]["version"] == 2 && r["warnings"].is_null()
+    });
+    assert!(r["error"].is_null(), "{r}");
+    let (code, v) = status(&d);
+    assert!(!v["problems"].to_string().contains("trust policy"), "{code} {v}");
+}
+
 fn client(port: u16, name: &str) -> rumqttc::Client {
     let mut opts = rumqttc::MqttOptions::new(name, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));

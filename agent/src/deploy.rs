@@ -67,6 +67,11 @@ pub struct Installed {
     pub version: u64,
     /// File name inside the bundles directory.
     pub file: String,
+    /// SHA-256 of the file, recorded when it was verified and activated: a bundle that later
+    /// fails the trust policy (a key revoked, the threshold raised) keeps running while its file
+    /// is unchanged (SPEC §4.6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 /// Which bundles are active and kept, and the version high-water marks. No I/O.
@@ -169,6 +174,8 @@ pub struct Deployer {
     pub threshold: usize,
     pub max_bundle_bytes: usize,
     pub active: SharedModel,
+    /// Why the active bundle runs although it no longer meets the trust policy, if it does.
+    pub policy_warning: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DeployError + '_ {
@@ -204,6 +211,7 @@ impl Deployer {
             threshold,
             max_bundle_bytes,
             active: Arc::default(),
+            policy_warning: None,
         };
         let mut events = vec![];
         for (which, inst) in [
@@ -212,8 +220,13 @@ impl Deployer {
         ] {
             let Some(inst) = inst else { continue };
             match d.load_installed(&inst) {
-                Ok(m) => {
+                Ok((m, warning)) => {
                     info!(bundle = %inst.file, "loaded {which} bundle");
+                    if let Some(w) = &warning {
+                        warn!(bundle = %inst.file, "{w}");
+                        events.push(event(Level::Warn, "bundle_policy", w.clone()));
+                    }
+                    d.set_policy_warning(warning);
                     if which == "previous" {
                         d.state.rollback().expect("previous exists");
                         d.persist()?;
@@ -243,7 +256,10 @@ impl Deployer {
     }
 
     /// Re-verify an installed bundle (signatures and digests; not expiry or version) and load it.
-    fn load_installed(&self, inst: &Installed) -> Result<ActiveModel, DeployError> {
+    /// One that fails only the signature threshold, whose file is the one recorded when it was
+    /// verified, still loads, with a warning: a change of trust policy never leaves the device
+    /// without its model; a bundle that meets the new policy replaces it.
+    fn load_installed(&self, inst: &Installed) -> Result<(ActiveModel, Option<String>), DeployError> {
         let path = self.bundles_dir.join(&inst.file);
         let bytes = std::fs::read(&path).map_err(io_err(&path))?;
         let policy = Policy {
@@ -252,8 +268,30 @@ impl Deployer {
             now: 0,
             installed_version: &bundle::none_installed,
         };
-        let v = bundle::verify(&bytes, &policy)?;
-        load_model(v)
+        match bundle::verify(&bytes, &policy) {
+            Ok(v) => Ok((load_model(v)?, None)),
+            Err(e @ bundle::VerifyError::SignatureThreshold { .. }) => {
+                let Some(sha) = &inst.sha256 else {
+                    return Err(e.into());
+                };
+                let v = bundle::reopen(&bytes, sha)?;
+                let warning = format!(
+                    "{} v{} was verified when it was installed but no longer meets the trust policy ({e}); it keeps running until a bundle that does is deployed",
+                    inst.name, inst.version
+                );
+                Ok((load_model(v)?, Some(warning)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Record (or clear) the policy warning of the active bundle, for the reported state and
+    /// `lathe status`.
+    fn set_policy_warning(&mut self, w: Option<String>) {
+        if let Err(e) = self.store.set_meta("policy_warning", w.as_deref().unwrap_or("")) {
+            warn!(error = %e, "cannot record the trust policy warning");
+        }
+        self.policy_warning = w;
     }
 
     fn persist(&mut self) -> Result<(), DeployError> {
@@ -312,11 +350,13 @@ impl Deployer {
             name: name.clone(),
             version,
             file,
+            sha256: Some(want.bundle.sha256.clone()),
         });
         let s = serde_json::to_string(&next).expect("deploy state serializes");
         self.store.set_meta("deploy_state", &s)?;
         self.state = next;
         self.active.store(Some(Arc::new(model)));
+        self.set_policy_warning(None);
         for f in unused {
             let _ = std::fs::remove_file(self.bundles_dir.join(f));
         }
@@ -333,13 +373,14 @@ impl Deployer {
             .previous
             .clone()
             .ok_or(DeployError::NoPrevious("no previous bundle to roll back to"))?;
-        let model = self.load_installed(&prev)?;
+        let (model, warning) = self.load_installed(&prev)?;
         let mut next = self.state.clone();
         next.rollback().map_err(DeployError::NoPrevious)?;
         let s = serde_json::to_string(&next).expect("deploy state serializes");
         self.store.set_meta("deploy_state", &s)?;
         self.state = next;
         self.active.store(Some(Arc::new(model)));
+        self.set_policy_warning(warning);
         let was = self
             .state
             .previous
@@ -585,6 +626,7 @@ mod tests {
             name: name.into(),
             version: v,
             file: format!("{name}-{v}.lbundle"),
+            sha256: None,
         }
     }
 

@@ -1108,6 +1108,7 @@ impl Driver {
             staged,
             high_water: d.state.high_water.clone(),
             error: self.state.error.clone(),
+            warnings: d.policy_warning.iter().cloned().collect(),
         }
     }
 

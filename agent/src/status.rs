@@ -509,6 +509,12 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
             ));
         }
     }
+    if let Some(w) = meta("policy_warning")?.filter(|w| !w.is_empty()) {
+        problems.push(problem(
+            w,
+            "deploy a bundle (and a desired state) signed to the current trust.keys_file and trust.threshold",
+        ));
+    }
     if let Some(last) = meta("acks_refused_ms")?.and_then(|v| v.parse::<u64>().ok()) {
         if now.saturating_sub(last) < window_ms {
             problems.push(problem(
@@ -923,6 +929,7 @@ mod tests {
                 name: "m".into(),
                 version,
                 file: format!("m-{version}.lbundle"),
+                sha256: None,
             });
             s.set_meta("deploy_state", &serde_json::to_string(&d).expect("json"))
                 .expect("meta");

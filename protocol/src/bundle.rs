@@ -424,37 +424,7 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
     let env: Envelope =
         serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
     let (body, valid) = check_signatures(&env, PAYLOAD_TYPE, policy.trust, policy.threshold)?;
-
-    let value: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
-    if canonical::encode(&value).ok().as_deref() != Some(body.as_slice()) {
-        return Err(VerifyError::NonCanonicalManifest);
-    }
-    let manifest: Manifest = serde_json::from_value(value).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
-    manifest.check().map_err(VerifyError::InvalidManifest)?;
-
-    let mut payloads = Vec::with_capacity(manifest.payloads.len());
-    let mut rest = c.rest;
-    for p in &manifest.payloads {
-        let size = usize::try_from(p.size).unwrap_or(usize::MAX);
-        if rest.len() < size {
-            return Err(VerifyError::Truncated(format!(
-                "payload {:?} needs {} bytes, {} present",
-                p.name,
-                p.size,
-                rest.len()
-            )));
-        }
-        let (data, tail) = rest.split_at(size);
-        if crate::sha256_hex(data) != p.sha256 {
-            return Err(VerifyError::DigestMismatch { name: p.name.clone() });
-        }
-        payloads.push(data.to_vec());
-        rest = tail;
-    }
-    if !rest.is_empty() {
-        return Err(VerifyError::TrailingData(rest.len() as u64));
-    }
+    let (manifest, payloads) = contents(&body, c.rest)?;
 
     if policy.now >= manifest.expires {
         return Err(VerifyError::Expired {
@@ -478,6 +448,68 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
         signed_by: valid,
         payloads,
     })
+}
+
+/// Open a bundle file that was verified in full before and whose SHA-256 the caller recorded
+/// then: the file must still have that digest, and steps 1, 2 and 4 to 6 of verification pass
+/// (layout, canonical and valid manifest, payload digests). Signatures are not counted: a
+/// device keeps running a bundle it verified when its trust policy changes later (SPEC §4.6).
+pub fn reopen(bytes: &[u8], recorded_sha256: &str) -> Result<Verified, VerifyError> {
+    if crate::sha256_hex(bytes) != recorded_sha256 {
+        return Err(VerifyError::DigestMismatch {
+            name: "the bundle file".into(),
+        });
+    }
+    let c = split(bytes)?;
+    let env: Envelope =
+        serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
+    if env.payload_type != PAYLOAD_TYPE {
+        return Err(VerifyError::WrongPayloadType(env.payload_type));
+    }
+    let body = B64
+        .decode(&env.payload)
+        .map_err(|e| VerifyError::MalformedEnvelope(format!("payload: {e}")))?;
+    let (manifest, payloads) = contents(&body, c.rest)?;
+    Ok(Verified {
+        manifest,
+        signed_by: vec![],
+        payloads,
+    })
+}
+
+/// Steps 4 to 6: the manifest is canonical and valid, and the payloads are exactly its own.
+fn contents(body: &[u8], rest: &[u8]) -> Result<(Manifest, Vec<Vec<u8>>), VerifyError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
+    if canonical::encode(&value).ok().as_deref() != Some(body) {
+        return Err(VerifyError::NonCanonicalManifest);
+    }
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
+    manifest.check().map_err(VerifyError::InvalidManifest)?;
+
+    let mut payloads = Vec::with_capacity(manifest.payloads.len());
+    let mut rest = rest;
+    for p in &manifest.payloads {
+        let size = usize::try_from(p.size).unwrap_or(usize::MAX);
+        if rest.len() < size {
+            return Err(VerifyError::Truncated(format!(
+                "payload {:?} needs {} bytes, {} present",
+                p.name,
+                p.size,
+                rest.len()
+            )));
+        }
+        let (data, tail) = rest.split_at(size);
+        if crate::sha256_hex(data) != p.sha256 {
+            return Err(VerifyError::DigestMismatch { name: p.name.clone() });
+        }
+        payloads.push(data.to_vec());
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(VerifyError::TrailingData(rest.len() as u64));
+    }
+    Ok((manifest, payloads))
 }
 
 /// Build a bundle file: fill in payload digests and sizes, sign, and lay out the bytes.
@@ -577,6 +609,26 @@ mod tests {
         assert!(msg.contains(&k3.key_id().0) && msg.contains("unknown"), "{msg}");
         let b2 = pack(manifest(1), &[(model_ref(), b"onnx".to_vec())], &[&k1, &k2]).expect("packs");
         assert_eq!(verify(&b2, &policy(2)).expect("two keys").signed_by.len(), 2);
+    }
+
+    #[test]
+    fn a_recorded_bundle_reopens_without_its_signatures_only_while_unchanged() {
+        let b = pack(manifest(1), &[(model_ref(), b"onnx".to_vec())], &[&key(3)]).expect("packs");
+        let sha = crate::sha256_hex(&b);
+        let v = reopen(&b, &sha).expect("the recorded file reopens");
+        assert_eq!((v.manifest.version, v.model()), (1, &b"onnx"[..]));
+        let mut flipped = b.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert_eq!(reopen(&flipped, &sha).expect_err("changed").code(), "digest_mismatch");
+        // Recorded after the change (a store written by someone else): the payload's own digest.
+        let err = reopen(&flipped, &crate::sha256_hex(&flipped)).expect_err("payload");
+        assert_eq!(
+            err,
+            VerifyError::DigestMismatch {
+                name: "model.onnx".into()
+            }
+        );
     }
 
     #[test]

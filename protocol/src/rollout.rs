@@ -433,6 +433,10 @@ pub struct Reported {
     #[serde(default)]
     pub high_water: std::collections::BTreeMap<String, u64>,
     pub error: Option<ReportedError>,
+    /// Why the active bundle runs although it no longer meets the device's trust policy (1.4):
+    /// verified when installed, it keeps running until a bundle that meets it is deployed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]

@@ -374,6 +374,49 @@ fn a_stricter_trust_policy_keeps_the_model_until_a_bundle_that_meets_it() {
     assert!(!v["problems"].to_string().contains("trust policy"), "{code} {v}");
 }
 
+/// A model switch under load drops and fails no reading: every reading sent while v2 is
+/// fetched, checked and switched to is predicted, by v1 before the switch and by v2 after.
+#[test]
+fn a_switch_under_load_drops_and_fails_no_reading() {
+    let f = Fleet::new();
+    let d = f.device("press-50", f.hub_broker.port, &[]);
+    let _hub = f.hub();
+    let _agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let (code, out) = f.deploy(&d, &f.bundle);
+    assert_eq!(code, 0, "{out}");
+    let v2 = big_bundle(&f, 2);
+    let c = cases();
+    let sensor = Sensor::new(f.sensor_broker.port, &d.id);
+    let n = 1500i64;
+    let (code, out) = std::thread::scope(|s| {
+        s.spawn(|| sensor.send_range(&c, 0, n, Duration::from_millis(2)));
+        std::thread::sleep(Duration::from_millis(500));
+        f.deploy(&d, &v2)
+    });
+    assert_eq!(code, 0, "{out}");
+    sensor.wait_acked(n as u64);
+    let got = wait_hub_has(&f.hub_db, 0..n, Duration::from_secs(60));
+    // In the order of the readings, v1 and then v2, each reading once.
+    let mut by_id: Vec<(i64, u64)> = got
+        .iter()
+        .map(|(i, p)| (*i, p["model"]["version"].as_u64().expect("version")))
+        .collect();
+    by_id.sort();
+    by_id.dedup();
+    assert_eq!(by_id.len() as i64, n, "each reading predicted once");
+    let first_v2 = by_id.iter().position(|(_, v)| *v == 2).expect("v2 took over");
+    assert!(first_v2 > 0, "v1 answered before the switch");
+    assert!(
+        by_id[first_v2..].iter().all(|(_, v)| *v == 2),
+        "no v1 answer after the switch"
+    );
+    let (_, v) = status(&d);
+    assert!(v["losses"].as_array().is_none_or(|l| l.is_empty()), "nothing lost: {v}");
+    assert_eq!(v["activity"]["inference_failed_rows"], 0, "{v}");
+    assert_eq!(v["model"]["version"], 2, "{v}");
+}
+
 fn client(port: u16, name: &str) -> rumqttc::Client {
     let mut opts = rumqttc::MqttOptions::new(name, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));

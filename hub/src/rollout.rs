@@ -295,11 +295,7 @@ pub fn render(states: &BTreeMap<(String, String), Reported>) -> String {
             model(&r.previous)
         );
         if let Some(st) = &r.staged {
-            let pct = if st.size == 0 {
-                100
-            } else {
-                st.received_bytes * 100 / st.size
-            };
+            let pct = (st.received_bytes * 100).checked_div(st.size).unwrap_or(100);
             s += &format!("  staged {} v{} {pct}%", st.name, st.version);
         }
         let below: Vec<String> = r
@@ -325,43 +321,6 @@ fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system random source works");
     u64::from_le_bytes(b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use protocol::rollout::{ReportedError, ReportedModel};
-
-    #[test]
-    fn a_report_settles_a_rollout_only_for_its_counter() {
-        let (blob, _) = rollout::describe(b"bundle", 1024);
-        let model = DesiredModel {
-            name: "m".into(),
-            version: 2,
-            rollback: false,
-            bundle: blob,
-        };
-        let mut r = Reported {
-            counter: 10,
-            phase: Phase::Idle,
-            active: Some(ReportedModel {
-                name: "m".into(),
-                version: 2,
-            }),
-            ..Default::default()
-        };
-        assert!(matches!(outcome(&r, 10, &model), Some(Outcome::Done(_))));
-        assert_eq!(outcome(&r, 11, &model), None, "an older counter");
-        r.phase = Phase::Downloading;
-        assert_eq!(outcome(&r, 10, &model), None, "still fetching");
-        r.error = Some(ReportedError {
-            code: "chunk_corrupt".into(),
-            message: "…".into(),
-            counter: Some(10),
-        });
-        assert!(matches!(outcome(&r, 10, &model), Some(Outcome::Failed(_))));
-        assert_eq!(outcome(&r, 12, &model), None, "another desired state's error");
-    }
 }
 
 /// A deploy or rollback from the command line: sign, publish, and wait for `wait_for` devices
@@ -390,7 +349,7 @@ pub async fn run(r: Run<'_>) -> anyhow::Result<u8> {
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_pct = u64::MAX;
     let mut bar = |done: u64, total: u64| {
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         if tty {
             eprint!(
                 "\ruploading [{:<30}] {pct:>3}% {:.1}/{:.1} MiB",
@@ -487,4 +446,41 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::rollout::{ReportedError, ReportedModel};
+
+    #[test]
+    fn a_report_settles_a_rollout_only_for_its_counter() {
+        let (blob, _) = rollout::describe(b"bundle", 1024);
+        let model = DesiredModel {
+            name: "m".into(),
+            version: 2,
+            rollback: false,
+            bundle: blob,
+        };
+        let mut r = Reported {
+            counter: 10,
+            phase: Phase::Idle,
+            active: Some(ReportedModel {
+                name: "m".into(),
+                version: 2,
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(outcome(&r, 10, &model), Some(Outcome::Done(_))));
+        assert_eq!(outcome(&r, 11, &model), None, "an older counter");
+        r.phase = Phase::Downloading;
+        assert_eq!(outcome(&r, 10, &model), None, "still fetching");
+        r.error = Some(ReportedError {
+            code: "chunk_corrupt".into(),
+            message: "…".into(),
+            counter: Some(10),
+        });
+        assert!(matches!(outcome(&r, 10, &model), Some(Outcome::Failed(_))));
+        assert_eq!(outcome(&r, 12, &model), None, "another desired state's error");
+    }
 }

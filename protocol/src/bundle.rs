@@ -480,7 +480,7 @@ pub fn reopen(bytes: &[u8], recorded_sha256: &str) -> Result<Verified, VerifyErr
 /// Steps 4 to 6: the manifest is canonical and valid, and the payloads are exactly its own.
 fn contents(body: &[u8], rest: &[u8]) -> Result<(Manifest, Vec<Vec<u8>>), VerifyError> {
     let value: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
+        serde_json::from_slice(body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
     if canonical::encode(&value).ok().as_deref() != Some(body) {
         return Err(VerifyError::NonCanonicalManifest);
     }

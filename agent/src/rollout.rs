@@ -586,6 +586,17 @@ struct Failure {
     retry: bool,
 }
 
+/// A transfer problem: tried again after `Settings::retry`.
+impl From<DownloadError> for Failure {
+    fn from(e: DownloadError) -> Failure {
+        Failure {
+            code: e.code().into(),
+            message: e.to_string(),
+            retry: true,
+        }
+    }
+}
+
 /// The rollout side of the deploy task.
 pub struct Driver {
     pub settings: Settings,
@@ -773,12 +784,7 @@ impl Driver {
                     Fetch::Bundle(dl)
                 }
                 Err(e) => {
-                    let fail = Failure {
-                        code: e.code().into(),
-                        message: e.to_string(),
-                        retry: true,
-                    };
-                    self.fail(d, events, fail).await;
+                    self.fail(d, events, e.into()).await;
                     return;
                 }
             },
@@ -851,12 +857,7 @@ impl Driver {
                 Ok(_) => Ok(()),
                 Err(DownloadError::Chunk(c)) => Err(c),
                 Err(e) => {
-                    let fail = Failure {
-                        code: e.code().into(),
-                        message: e.to_string(),
-                        retry: true,
-                    };
-                    self.fail(d, events, fail).await;
+                    self.fail(d, events, e.into()).await;
                     return;
                 }
             },
@@ -922,12 +923,7 @@ impl Driver {
                         }
                     }
                     Err(e) => {
-                        let fail = Failure {
-                            code: e.code().into(),
-                            message: e.to_string(),
-                            retry: true,
-                        };
-                        self.fail(d, events, fail).await;
+                        self.fail(d, events, e.into()).await;
                     }
                 }
             }
@@ -937,12 +933,7 @@ impl Driver {
                 let path = match tokio::task::block_in_place(|| dl.finish()) {
                     Ok(p) => p,
                     Err(e) => {
-                        let fail = Failure {
-                            code: e.code().into(),
-                            message: e.to_string(),
-                            retry: true,
-                        };
-                        self.fail(d, events, fail).await;
+                        self.fail(d, events, e.into()).await;
                         return;
                     }
                 };

@@ -335,7 +335,7 @@ pub struct Run<'a> {
 /// Do a [`Run`], printing progress on stderr and one line per device on stdout. Returns the
 /// exit code: 0 when every device waited for runs the desired model.
 pub async fn run(r: Run<'_>) -> anyhow::Result<u8> {
-    let signed = sign(&r.plan, now_ms())?;
+    let signed = sign(&r.plan, lathe::sync::now_ms())?;
     let m = &signed.desired.model;
     let what = if m.rollback { "rollback to" } else { "deploy of" };
     eprintln!(
@@ -439,13 +439,6 @@ pub async fn run(r: Run<'_>) -> anyhow::Result<u8> {
         }
     }
     Ok(code)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -354,6 +354,8 @@ impl Fleet {
             ("trust", format!("keys_file = \"{}/trust.keys\"", self.path().display())),
             ("sync", "interval_ms = 100\nack_timeout_ms = 2000\nbatch_records = 50".to_string()),
             ("health", "interval_secs = 1".to_string()),
+            // Models are committed at activation unless a test watches them.
+            ("rollout.watch", "secs = 0".to_string()),
         ];
         std::fs::write(&config, agent_toml(&sections, overrides)).expect("write config");
         Device {
@@ -736,4 +738,38 @@ impl Nats {
         );
         Nats { mqtt_port, _proc: p }
     }
+}
+
+/// Protobuf: a varint.
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Protobuf: a length-delimited field.
+fn field(num: u64, bytes: &[u8], out: &mut Vec<u8>) {
+    varint(num << 3 | 2, out);
+    varint(bytes.len() as u64, out);
+    out.extend_from_slice(bytes);
+}
+
+/// An ONNX `model` with one more, unused, float initializer of `bytes` bytes: a second `graph`
+/// field (7), which protobuf merges into the first. A large model that computes as `model` does.
+pub fn padded_model(model: &[u8], bytes: usize) -> Vec<u8> {
+    let mut tensor = vec![];
+    varint(1 << 3, &mut tensor); // dims
+    varint((bytes / 4) as u64, &mut tensor);
+    varint(2 << 3, &mut tensor); // data_type: FLOAT
+    varint(1, &mut tensor);
+    field(8, b"padding", &mut tensor);
+    let data: Vec<u8> = (0..bytes / 4).flat_map(|i| ((i % 1000) as f32).to_le_bytes()).collect();
+    field(9, &data, &mut tensor);
+    let mut graph = vec![];
+    field(5, &tensor, &mut graph);
+    let mut out = model.to_vec();
+    field(7, &graph, &mut out);
+    out
 }

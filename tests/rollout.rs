@@ -349,26 +349,7 @@ fn a_stricter_trust_policy_keeps_the_model_until_a_bundle_that_meets_it() {
     );
 
     // One signature is no longer enough, for the desired state as for the bundle.
-    let (k1, k2) = (f.path().join("k1.key"), f.path().join("k2.key"));
-    let (k1, k2) = (k1.to_str().expect("utf8"), k2.to_str().expect("utf8"));
-    let c = cases();
-    let (code, out, v2) = f.pack_model(
-        &fixture("vibration_logreg.onnx"),
-        "bearing",
-        2,
-        &c.features.join(","),
-        &["--key", k2],
-    );
-    assert_eq!(code, 0, "{out}");
-    let v2 = v2.to_str().expect("utf8");
-    let (code, out) = f.command(&d, &["deploy", "--bundle", v2, "--key", k1]);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("refused (signature_threshold)"), "{out}");
-    let (code, out) = f.command(&d, &["deploy", "--bundle", v2, "--key", k1, "--key", k2]);
-    assert_eq!(code, 0, "{out}");
-    let r = reported(&f, &d, "v2 without a warning", |r| {
-        r["active"]["version"] == 2 && r["warnings"].is_null()
-    });
+    let r = v2_needs(&f, &d, &["k1"], &["k1", "k2"]);
     assert!(r["error"].is_null(), "{r}");
     let (code, v) = status(&d);
     assert!(!v["problems"].to_string().contains("trust policy"), "{code} {v}");
@@ -417,6 +398,60 @@ fn a_switch_under_load_drops_and_fails_no_reading() {
     assert_eq!(v["model"]["version"], 2, "{v}");
 }
 
+/// `bearing` v2, signed by k1 and k2: a deploy whose desired state the keys `weak` sign is
+/// refused (`signature_threshold`); one that `strong` sign activates it. The report that says
+/// so.
+fn v2_needs(f: &Fleet, d: &Device, weak: &[&str], strong: &[&str]) -> Value {
+    let key = |k: &str| f.path().join(format!("{k}.key")).to_str().expect("utf8").to_string();
+    let c = cases();
+    let (code, out, v2) = f.pack_model(
+        &fixture("vibration_logreg.onnx"),
+        "bearing",
+        2,
+        &c.features.join(","),
+        &["--key", &key("k2")],
+    );
+    assert_eq!(code, 0, "{out}");
+    let deploy = |keys: &[&str]| {
+        let keys: Vec<String> = keys.iter().flat_map(|k| ["--key".to_string(), key(k)]).collect();
+        let mut args = vec!["deploy", "--bundle", v2.to_str().expect("utf8")];
+        args.extend(keys.iter().map(String::as_str));
+        f.command(d, &args)
+    };
+    let (code, out) = deploy(weak);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused (signature_threshold)"), "{out}");
+    let (code, out) = deploy(strong);
+    assert_eq!(code, 0, "{out}");
+    reported(f, d, "v2 without a warning", |r| {
+        r["active"]["version"] == 2 && r["warnings"].is_null()
+    })
+}
+
+/// `bearing` v2 from a model that passes every check before activation and fails on large
+/// readings (`send_failing`).
+fn failing_v2(f: &Fleet) -> PathBuf {
+    let c = cases();
+    let (code, out, v2) = f.pack_model(
+        &fixture("fails_on_large.onnx"),
+        "bearing",
+        2,
+        &c.features.join(","),
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    v2
+}
+
+/// `n` readings that the model of `failing_v2` fails on.
+fn send_failing(sensor: &Sensor, n: i64) {
+    for id in 0..n {
+        let row =
+            serde_json::json!({"id": id, "rms": 30_000.0, "kurtosis": 3.0, "crest_factor": 3.2, "peak_hz": 120.0});
+        sensor.send(serde_json::to_vec(&row).expect("json"));
+    }
+}
+
 fn client(port: u16, name: &str) -> rumqttc::Client {
     let mut opts = rumqttc::MqttOptions::new(name, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -424,4 +459,457 @@ fn client(port: u16, name: &str) -> rumqttc::Client {
     let (client, mut conn) = rumqttc::Client::new(opts, 100);
     std::thread::spawn(move || for _ in conn.iter() {});
     client
+}
+
+/// The watch period (SPEC §8.4): a model that breaks a rule is rolled back from on its own; one
+/// killed in its watch period is not run again at start-up, the previous one is; one that keeps
+/// to the rules is committed when the period ends, and only then is a high-water mark.
+#[test]
+fn a_watched_model_is_rolled_back_undone_by_a_crash_or_committed() {
+    let f = Fleet::new();
+    let _hub = f.hub();
+    let d = f.device("press-60", f.hub_broker.port, &[]);
+    let mut agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let (code, out) = f.deploy(&d, &f.bundle);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(agent.terminate(Duration::from_secs(15)), Some(0));
+    let watched = |secs: &'static str| {
+        f.device(
+            "press-60",
+            f.hub_broker.port,
+            &[("rollout.watch", secs), ("rollout.watch", "early_rows = 20")],
+        )
+    };
+    let d = watched("secs = 600");
+    let mut agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let key = f.path().join("k1.key");
+    let key = key.to_str().expect("utf8");
+    let publish = |bundle: &Path| {
+        let mut args = deploy_args(&f, &d, &port, key, bundle);
+        args.extend(["--timeout-secs", "0"]);
+        let (code, out, err) = run(&mut hub_cmd(&args));
+        assert_eq!(code, 0, "{out}{err}");
+    };
+
+    // v2 passes every check before activation, then fails on the readings it gets.
+    let c = cases();
+    let v2 = failing_v2(&f);
+    publish(&v2);
+    let r = reported(&f, &d, "v2 watched", |r| {
+        r["phase"] == "watching" && r["watch"]["version"] == 2
+    });
+    assert_eq!(r["active"]["version"], 2, "{r}");
+    assert_eq!(r["high_water"]["bearing"], 1, "not committed yet: {r}");
+    let sensor = Sensor::new(f.sensor_broker.port, &d.id);
+    send_failing(&sensor, 25);
+    let r = reported(&f, &d, "v2 rolled back from", |r| r["error"]["code"] == "watch_failed");
+    assert_eq!(r["active"]["version"], 1, "{r}");
+    assert_eq!(r["previous"]["version"], 2, "{r}");
+    assert_eq!(r["phase"], "failed", "{r}");
+    assert_eq!(
+        r["high_water"]["bearing"], 1,
+        "a failed model is no high-water mark: {r}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rows whose inference failed: "),
+        "{r}"
+    );
+    let (_, v) = status(&d);
+    assert_eq!(v["model"]["version"], 1, "{v}");
+
+    // v3 is killed in its watch period: at start-up v1, which passed every step, runs.
+    let v3 = f.pack(3);
+    publish(&v3);
+    reported(&f, &d, "v3 watched", |r| {
+        r["phase"] == "watching" && r["watch"]["version"] == 3
+    });
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    let mut agent = f.agent(&d);
+    let r = reported(&f, &d, "v3 undone", |r| r["error"]["code"] == "watch_interrupted");
+    assert_eq!(r["active"]["version"], 1, "{r}");
+    assert_eq!(r["previous"]["version"], 3, "{r}");
+    // The retained desired state is not applied again.
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, v) = status(&d);
+    assert_eq!(v["model"]["version"], 1, "{v}");
+    assert_eq!(agent.terminate(Duration::from_secs(15)), Some(0));
+
+    // v4 keeps to the rules while it is watched: the deploy waits for its commit.
+    let d = watched("secs = 3");
+    let _agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let v4 = f.pack(4);
+    let sensor = Sensor::new(f.sensor_broker.port, &d.id);
+    let (code, out) = std::thread::scope(|s| {
+        s.spawn(|| sensor.send_range(&c, 100, 200, Duration::from_millis(10)));
+        f.deploy(&d, &v4)
+    });
+    assert_eq!(code, 0, "{out}");
+    let r = reported(&f, &d, "v4 committed", |r| {
+        r["phase"] == "idle" && r["active"]["version"] == 4
+    });
+    assert_eq!(r["high_water"]["bearing"], 4, "{r}");
+    assert!(r["error"].is_null() && r["watch"].is_null(), "{r}");
+    let committed = eventually(Duration::from_secs(30), || {
+        hub_records(&f.hub_db, "events")
+            .into_iter()
+            .find(|e| e.contains("model_committed") && e.contains("bearing v4 passed its watch period"))
+    });
+    assert!(committed.is_some(), "{:?}", hub_records(&f.hub_db, "events"));
+
+    // The chunks of v2, which no desired state names any more, are cleared at the broker; those
+    // of v4, which the device's desired state names, are kept.
+    let clear = |bundle: &Path| {
+        let (code, out, err) = run(&mut hub_cmd(&[
+            "rollout",
+            "clear",
+            "--broker",
+            &port,
+            "--fleet",
+            FLEET,
+            "--bundle",
+            bundle.to_str().expect("utf8"),
+        ]));
+        (code, format!("{out}{err}"))
+    };
+    let (code, out) = clear(&v4);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("names this bundle"), "{out}");
+    let (code, out) = clear(&v2);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("cleared 2 retained chunk(s)"),
+        "one chunk and one of its index: {out}"
+    );
+    let sha = protocol::sha256_hex(&std::fs::read(&v2).expect("v2"));
+    let left = watch(
+        f.hub_broker.port,
+        &format!("lathe/v1/{FLEET}/@blob/{sha}/#"),
+        "blob-left",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(left.try_iter().count(), 0, "nothing retained for v2");
+    let kept = watch(f.hub_broker.port, &format!("lathe/v1/{FLEET}/@blob/#"), "blob-kept");
+    assert!(kept.recv_timeout(Duration::from_secs(5)).is_ok(), "v4's chunks stay");
+}
+
+/// `deploy --group --canary`: the canary devices first, each watched; the group only once they
+/// have committed the model. A canary that fails its watch halts the rollout: the rest of the
+/// group never sees the bad model.
+#[test]
+fn a_canary_goes_first_and_a_failed_one_halts_the_rollout() {
+    let f = Fleet::new();
+    let _hub = f.hub();
+    let member = |id: &str| {
+        f.device(
+            id,
+            f.hub_broker.port,
+            &[
+                ("rollout", "groups = [\"line-4\"]"),
+                ("rollout.watch", "secs = 3"),
+                ("rollout.watch", "early_rows = 20"),
+            ],
+        )
+    };
+    let devices = [member("press-70"), member("press-71"), member("press-72")];
+    let _agents: Vec<_> = devices.iter().map(|d| f.agent(d)).collect();
+    for d in &devices {
+        reported(&f, d, "a first report", |r| r["groups"][0] == "line-4");
+    }
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let key = f.path().join("k1.key");
+    let canary = |bundle: &Path| {
+        run(&mut hub_cmd(&[
+            "deploy",
+            "--broker",
+            &port,
+            "--fleet",
+            FLEET,
+            "--group",
+            "line-4",
+            "--canary",
+            "10%",
+            "--key",
+            key.to_str().expect("utf8"),
+            "--bundle",
+            bundle.to_str().expect("utf8"),
+            "--timeout-secs",
+            "60",
+        ]))
+    };
+    let (code, out, err) = canary(&f.bundle);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("canary: 1 of the 3 members of line-4 first: press-70"),
+        "{err}"
+    );
+    for d in &devices {
+        assert!(out.contains(&format!("ok: {}: activated bearing v1", d.id)), "{out}");
+    }
+
+    // v2 fails on the canary's readings: the rollout halts there.
+    let v2 = failing_v2(&f);
+    let sensor = Sensor::new(f.sensor_broker.port, &devices[0].id);
+    let (code, out, err) = std::thread::scope(|s| {
+        s.spawn(|| {
+            reported(&f, &devices[0], "v2 watched", |r| r["phase"] == "watching");
+            send_failing(&sensor, 25);
+        });
+        canary(&v2)
+    });
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("refused (watch_failed): press-70"), "{out}");
+    assert!(out.contains("halted: the canary did not commit the model"), "{out}");
+    let r = reported(&f, &devices[0], "v1 again", |r| r["active"]["version"] == 1);
+    assert_eq!(r["error"]["code"], "watch_failed", "{r}");
+    for d in &devices[1..] {
+        let r = reported(&f, d, "its report", |_| true);
+        assert_eq!(r["active"]["version"], 1, "{}: never saw v2: {r}", d.id);
+        assert!(r["error"].is_null(), "{r}");
+    }
+}
+
+/// Key-set updates (SPEC §8.7): one signed by a key the devices do not trust is refused; k1
+/// signs the key set that rotates the fleet to k2 and so revokes itself; from then on what k1
+/// alone signs is refused, the model it signed keeps running with a warning, and the device
+/// keeps the key set across a restart.
+#[test]
+fn a_signed_key_set_rotates_and_revokes_keys() {
+    let f = Fleet::new();
+    let dir = f.path().to_str().expect("utf8").to_string();
+    for k in ["k2", "k3"] {
+        let (code, out, err) = run(&mut hub_cmd(&["keygen", "--out-dir", &dir, "--name", k]));
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let _hub = f.hub();
+    let d = f.device("press-80", f.hub_broker.port, &[]);
+    let mut agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let (code, out) = f.deploy(&d, &f.bundle);
+    assert_eq!(code, 0, "{out}");
+
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let k2_only = f.path().join("k2.pub");
+    let publish_keys = |signer: &str| {
+        let key = f.path().join(format!("{signer}.key"));
+        run(&mut hub_cmd(&[
+            "rollout",
+            "keys",
+            "--broker",
+            &port,
+            "--fleet",
+            FLEET,
+            "--keys-file",
+            k2_only.to_str().expect("utf8"),
+            "--key",
+            key.to_str().expect("utf8"),
+            "--wait-for",
+            &d.id,
+        ]))
+    };
+    let (code, out, err) = publish_keys("k3");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("refused (signature_threshold): press-80"), "{out}");
+    let (code, v) = status(&d);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        v["problems"]
+            .to_string()
+            .contains("a key set was refused (signature_threshold)"),
+        "{v}"
+    );
+    let (code, out, err) = publish_keys("k1");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: press-80: trusts key set #"), "{out}");
+    let r = reported(&f, &d, "the key set in force", |r| r["key_set"].is_u64());
+    assert_eq!(r["active"]["version"], 1, "the model k1 signed keeps running: {r}");
+    assert!(r["keys_error"].is_null(), "{r}");
+    let (_, v) = status(&d);
+    assert!(!v["problems"].to_string().contains("key set was refused"), "{v}");
+    assert!(
+        r["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("no longer meets the trust policy"),
+        "{r}"
+    );
+
+    // k1 is revoked: what it alone signs is refused; k2 signs the next deploy.
+    let r = v2_needs(&f, &d, &["k1"], &["k2"]);
+    let counter = r["key_set"].clone();
+
+    // The key set outlives a restart, and the configured trust.keys_file (k1) no longer counts.
+    assert_eq!(agent.terminate(Duration::from_secs(15)), Some(0));
+    let (_, v) = status(&d);
+    assert_eq!(v["key_set"]["keys"], 1, "{v}");
+    assert_eq!(v["key_set"]["counter"], counter, "{v}");
+    let _agent = f.agent(&d);
+    let r = reported(&f, &d, "a report after the restart", |r| r["active"]["version"] == 2);
+    assert_eq!(r["key_set"], counter, "{r}");
+    let k1 = f.path().join("k1.key");
+    let k1 = k1.to_str().expect("utf8");
+    let (code, out) = f.command(
+        &d,
+        &["rollback", "--bundle", f.bundle.to_str().expect("utf8"), "--key", k1],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("refused (signature_threshold)"), "{out}");
+}
+
+/// `lathe-hub apply -f fleet.toml` (GitOps): the difference first, then only what differs; a
+/// dry run publishes nothing; a desired state at the broker that the given keys do not sign
+/// counts for nothing and is replaced.
+#[test]
+fn a_fleet_file_is_applied_with_its_difference_first() {
+    let f = Fleet::new();
+    let dir = f.path().to_str().expect("utf8").to_string();
+    let (code, out, err) = run(&mut hub_cmd(&["keygen", "--out-dir", &dir, "--name", "k3"]));
+    assert_eq!(code, 0, "{out}{err}");
+    let _hub = f.hub();
+    let member = f.device("press-90", f.hub_broker.port, &[("rollout", "groups = [\"line-5\"]")]);
+    let single = f.device("press-91", f.hub_broker.port, &[]);
+    let _a = f.agent(&member);
+    let _b = f.agent(&single);
+    wait_online(f.hub_broker.port, &member.id);
+    wait_online(f.hub_broker.port, &single.id);
+    let v2 = f.pack(2);
+    let file = f.path().join("fleet.toml");
+    let declare = |device_bundle: &str| {
+        let text = format!(
+            "fleet = \"{FLEET}\"\n[[group]]\nname = \"line-5\"\nbundle = \"bearing-1.lbundle\"\n[[device]]\nid = \"press-91\"\nbundle = \"{device_bundle}\"\n"
+        );
+        std::fs::write(&file, text).expect("fleet file");
+    };
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let apply = |key: &str, extra: &[&str]| {
+        let key = f.path().join(format!("{key}.key"));
+        let mut args = vec![
+            "apply",
+            "-f",
+            file.to_str().expect("utf8"),
+            "--broker",
+            &port,
+            "--key",
+            key.to_str().expect("utf8"),
+            "--timeout-secs",
+            "60",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = run(&mut hub_cmd(&args));
+        (code, format!("{out}{err}"))
+    };
+    // Someone left a desired state for the group signed by a key the devices do not trust.
+    let k3 = f.path().join("k3.key");
+    let (code, out, err) = run(&mut hub_cmd(&[
+        "deploy",
+        "--broker",
+        &port,
+        "--fleet",
+        FLEET,
+        "--group",
+        "line-5",
+        "--key",
+        k3.to_str().expect("utf8"),
+        "--bundle",
+        v2.to_str().expect("utf8"),
+        "--timeout-secs",
+        "0",
+    ]));
+    assert_eq!(code, 0, "{out}{err}");
+
+    declare("bearing-1.lbundle");
+    let (code, out) = apply("k1", &["--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 declared, 2 to publish"), "{out}");
+    assert!(
+        out.contains("~ group line-5: a desired state refused (signature_threshold) -> bearing v1"),
+        "{out}"
+    );
+    assert!(out.contains("+ device press-91: none -> bearing v1"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let r = reported(&f, &single, "its report", |_| true);
+    assert!(r["active"].is_null(), "a dry run publishes nothing: {r}");
+
+    let (code, out) = apply("k1", &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: press-91: activated bearing v1"), "{out}");
+    reported(&f, &member, "v1 from the group", |r| {
+        r["active"]["version"] == 1 && r["phase"] == "idle"
+    });
+
+    let (code, out) = apply("k1", &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 declared, 0 to publish"), "{out}");
+    assert!(
+        out.contains("= group line-5: bearing v1") && out.contains("= device press-91: bearing v1"),
+        "{out}"
+    );
+
+    declare("bearing-2.lbundle");
+    let (code, out) = apply("k1", &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("1 to publish") && out.contains("~ device press-91: bearing v1 -> bearing v2"),
+        "{out}"
+    );
+    let r = reported(&f, &single, "v2", |r| r["active"]["version"] == 2);
+    assert!(r["error"].is_null(), "{r}");
+}
+
+/// `kill -9` while a large bundle is being activated (verified, loaded, switched to): at the
+/// restart the device runs a model that passed every step, v1 or v2, never neither or a mix,
+/// and converges to v2, which the retained desired state names.
+#[test]
+fn a_kill_during_activation_leaves_a_whole_model_and_converges() {
+    let f = Fleet::new();
+    let d = f.device("press-95", f.hub_broker.port, &[]);
+    let mut agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+    let (code, out) = f.deploy(&d, &f.bundle);
+    assert_eq!(code, 0, "{out}");
+    // A model of 24 MiB takes a second or so to verify and load.
+    let model = f.path().join("padded.onnx");
+    let fixture_model = std::fs::read(fixture("vibration_logreg.onnx")).expect("fixture");
+    std::fs::write(&model, padded_model(&fixture_model, 24 << 20)).expect("model");
+    let c = cases();
+    let (code, out, v2) = f.pack_model(&model, "bearing", 2, &c.features.join(","), &[]);
+    assert_eq!(code, 0, "{out}");
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let key = f.path().join("k1.key");
+    let mut args = deploy_args(&f, &d, &port, key.to_str().expect("utf8"), &v2);
+    args.extend(["--timeout-secs", "0"]);
+    let (code, out, err) = run(&mut hub_cmd(&args));
+    assert_eq!(code, 0, "{out}{err}");
+    reported(&f, &d, "activating", |r| r["phase"] == "activating");
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+
+    let _agent = f.agent(&d);
+    let (_, v) = status(&d);
+    let version = v["model"]["version"].as_u64().unwrap_or(0);
+    assert!(version == 1 || version == 2, "a whole model runs at once: {v}");
+    let r = reported(&f, &d, "v2 runs", |r| {
+        r["active"]["version"] == 2 && r["phase"] == "idle"
+    });
+    assert_eq!(r["previous"]["version"], 1, "{r}");
+    assert!(r["error"].is_null(), "{r}");
+    let files: Vec<String> = std::fs::read_dir(d.state_dir.join("bundles"))
+        .expect("bundles")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut files = files;
+    files.sort();
+    assert_eq!(
+        files,
+        ["bearing-1.lbundle", "bearing-2.lbundle"],
+        "no partial file is left"
+    );
 }

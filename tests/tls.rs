@@ -96,6 +96,8 @@ backoff_max_ms = 500
 ca_file = "{d}/{ca}.pem"
 [trust]
 keys_file = "{d}/trust.keys"
+[rollout.watch]
+secs = 0
 "#
         ),
     )

@@ -129,8 +129,40 @@ fn lock_state_dir(dir: &std::path::Path, db: &std::path::Path) -> Result<std::fs
     Ok(f)
 }
 
+/// The trust store and threshold in force: the last key set the device accepted (SPEC §8.7),
+/// kept in `state_dir/keyset.json`, or else the ones the config names.
+pub fn load_trust(cfg: &Config) -> anyhow::Result<crate::deploy::Trust> {
+    let kept = cfg.keyset_path();
+    match std::fs::read(&kept) {
+        Ok(body) => {
+            let keys = protocol::keyset::parse_body(&body).map_err(|e| ConfigError::File {
+                path: kept.clone(),
+                message: format!(
+                    "the key set this device accepted is unreadable: {e}; restore it, or remove it to trust trust.keys_file again"
+                ),
+            })?;
+            let store = keys.trust().expect("parse_body checked the rules");
+            Ok(crate::deploy::Trust {
+                store,
+                threshold: keys.threshold,
+                key_set: Some(keys),
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(crate::deploy::Trust {
+            store: configured_trust(cfg)?,
+            threshold: cfg.trust.threshold,
+            key_set: None,
+        }),
+        Err(e) => Err(ConfigError::File {
+            path: kept,
+            message: format!("the key set this device accepted cannot be read: {e}"),
+        }
+        .into()),
+    }
+}
+
 /// The trust store the config names, checked against its threshold.
-pub fn load_trust(cfg: &Config) -> anyhow::Result<TrustStore> {
+fn configured_trust(cfg: &Config) -> anyhow::Result<TrustStore> {
     let keys_file = &cfg.trust.keys_file;
     let config_err = |message: String| ConfigError::File {
         path: keys_file.clone(),
@@ -174,11 +206,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let lock = lock_state_dir(&cfg.device.state_dir, &cfg.db_path())?;
     let trust = load_trust(&cfg)?;
     let metrics = Arc::new(Metrics::default());
+    if let Some(k) = &trust.key_set {
+        info!(
+            counter = k.counter,
+            keys = k.keys.len(),
+            threshold = k.threshold,
+            "trusting the key set this device accepted (trust.keys_file is superseded)"
+        );
+    }
     let (deployer, startup_events) = Deployer::open(
         Store::open(&cfg.db_path())?,
         cfg.bundles_dir(),
         trust,
-        cfg.trust.threshold,
         cfg.trust.max_bundle_bytes,
     )?;
     let active = deployer.active.clone();
@@ -483,7 +522,7 @@ fn rollout_driver(
     cfg: &Config,
     fleet: &Name,
     device: &Name,
-    deployer: &Deployer,
+    deployer: &mut Deployer,
     client: AsyncClient,
 ) -> crate::rollout::Driver {
     let state = match deployer.store.get_meta("rollout_state") {
@@ -504,8 +543,12 @@ fn rollout_driver(
         retry: Duration::from_secs(cfg.rollout.retry_secs),
         dir: cfg.downloads_dir(),
         max_chunk_bytes: cfg.max_chunk_bytes(),
+        watch: cfg.rollout.watch.rules(),
+        keyset_path: cfg.keyset_path(),
     };
-    crate::rollout::Driver::new(settings, fleet.clone(), device.clone(), client, state)
+    let mut driver = crate::rollout::Driver::new(settings, fleet.clone(), device.clone(), client, state);
+    driver.resume(deployer);
+    driver
 }
 
 /// The tasks that make records: deploy (commands), inference (readings), health. They stop
@@ -515,7 +558,7 @@ fn producers(
     cfg: &Config,
     fleet: &Name,
     device: &Name,
-    deployer: Deployer,
+    mut deployer: Deployer,
     client: AsyncClient,
     commands: mpsc::Receiver<queue::Held<link::IncomingCommand>>,
     rollouts: mpsc::Receiver<queue::Held<crate::rollout::RolloutMessage>>,
@@ -528,7 +571,7 @@ fn producers(
     shutdown: &CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let active = deployer.active.clone();
-    let driver = rollout_driver(cfg, fleet, device, &deployer, client.clone());
+    let driver = rollout_driver(cfg, fleet, device, &mut deployer, client.clone());
     let deploy = DeployTask {
         deployer,
         rx: commands,

@@ -5,6 +5,7 @@
 use protocol::Name;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -66,6 +67,83 @@ pub struct RolloutConfig {
     /// A failed transfer is tried again after this.
     #[serde(default = "default_rollout_retry")]
     pub retry_secs: u64,
+    /// How a newly activated model is watched before it is committed.
+    #[serde(default)]
+    pub watch: WatchConfig,
+}
+
+/// `[rollout.watch]`: the watch period after an activation (SPEC §8.4). A model that breaks
+/// a rule during it is rolled back from; one that keeps to them is committed at its end.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchConfig {
+    /// How long a new model is watched; 0 commits it at activation.
+    #[serde(default = "default_watch_secs")]
+    pub secs: u64,
+    #[serde(default = "default_max_failed_ratio")]
+    pub max_failed_ratio: f64,
+    #[serde(default)]
+    pub max_non_finite_ratio: f64,
+    #[serde(default = "default_max_out_of_range_ratio")]
+    pub max_out_of_range_ratio: f64,
+    /// The share of an output's training span (from the bundle's baseline) it may stray past
+    /// it on each side before it counts as out of range.
+    #[serde(default = "default_range_margin")]
+    pub range_margin: f64,
+    /// The slowest an inference call may be at the 99th percentile.
+    #[serde(default = "default_max_latency_ms")]
+    pub max_latency_ms: u64,
+    /// Rows tried before the watch may roll back before the period ends.
+    #[serde(default = "default_early_rows")]
+    pub early_rows: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            secs: default_watch_secs(),
+            max_failed_ratio: default_max_failed_ratio(),
+            max_non_finite_ratio: 0.0,
+            max_out_of_range_ratio: default_max_out_of_range_ratio(),
+            range_margin: default_range_margin(),
+            max_latency_ms: default_max_latency_ms(),
+            early_rows: default_early_rows(),
+        }
+    }
+}
+
+impl WatchConfig {
+    /// The rules, or `None` when models are not watched.
+    pub fn rules(&self) -> Option<crate::trial::Rules> {
+        (self.secs > 0).then(|| crate::trial::Rules {
+            period: Duration::from_secs(self.secs),
+            max_failed_ratio: self.max_failed_ratio,
+            max_non_finite_ratio: self.max_non_finite_ratio,
+            max_out_of_range_ratio: self.max_out_of_range_ratio,
+            max_latency: Duration::from_millis(self.max_latency_ms),
+            early_rows: self.early_rows,
+            range_margin: self.range_margin,
+        })
+    }
+}
+
+fn default_watch_secs() -> u64 {
+    60
+}
+fn default_max_failed_ratio() -> f64 {
+    0.01
+}
+fn default_max_out_of_range_ratio() -> f64 {
+    0.1
+}
+fn default_range_margin() -> f64 {
+    crate::trial::DEFAULT_RANGE_MARGIN
+}
+fn default_max_latency_ms() -> u64 {
+    1000
+}
+fn default_early_rows() -> u64 {
+    100
 }
 
 impl Default for RolloutConfig {
@@ -75,6 +153,7 @@ impl Default for RolloutConfig {
             window: default_rollout_window(),
             chunk_timeout_secs: default_chunk_timeout(),
             retry_secs: default_rollout_retry(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -723,6 +802,20 @@ impl Config {
         range("rollout.window", self.rollout.window as u64, 1, 256)?;
         range("rollout.chunk_timeout_secs", self.rollout.chunk_timeout_secs, 1, 3600)?;
         range("rollout.retry_secs", self.rollout.retry_secs, 1, 86_400)?;
+        let w = &self.rollout.watch;
+        range("rollout.watch.secs", w.secs, 0, 7 * 86_400)?;
+        range("rollout.watch.max_latency_ms", w.max_latency_ms, 1, 3_600_000)?;
+        range("rollout.watch.early_rows", w.early_rows, 1, 1 << 40)?;
+        for (key, v, max) in [
+            ("rollout.watch.max_failed_ratio", w.max_failed_ratio, 1.0),
+            ("rollout.watch.max_non_finite_ratio", w.max_non_finite_ratio, 1.0),
+            ("rollout.watch.max_out_of_range_ratio", w.max_out_of_range_ratio, 1.0),
+            ("rollout.watch.range_margin", w.range_margin, 100.0),
+        ] {
+            if !(0.0..=max).contains(&v) {
+                return Err((key.into(), format!("must be between 0 and {max}")));
+            }
+        }
         if self.sync.batch_bytes + 4096 > self.broker.max_packet_bytes {
             return Err((
                 "sync.batch_bytes".to_string(),
@@ -742,6 +835,11 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         db_path(&self.device.state_dir)
+    }
+
+    /// Where the key set this device accepted is kept (SPEC §8.7).
+    pub fn keyset_path(&self) -> PathBuf {
+        keyset_path(&self.device.state_dir)
     }
 
     pub fn bundles_dir(&self) -> PathBuf {
@@ -764,6 +862,11 @@ impl Config {
 }
 
 /// The outbox database inside a state directory.
+/// Where the key set a device accepted is kept, in its state_dir (SPEC §8.7).
+pub fn keyset_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("keyset.json")
+}
+
 pub fn db_path(state_dir: &Path) -> PathBuf {
     state_dir.join("lathe.db")
 }
@@ -879,6 +982,15 @@ keys_file = "/etc/lathe/trust.keys"
         check("[samples]\nmax_per_minute = 0\n", Err("samples.max_per_minute"));
         check("[rollout]\ngroups = [\"line 2\"]\n", Err("rollout.groups"));
         check("[rollout]\nwindow = 0\n", Err("rollout.window"));
+        check(
+            "[rollout.watch]\nmax_failed_ratio = 1.5\n",
+            Err("rollout.watch.max_failed_ratio"),
+        );
+        check(
+            "[rollout.watch]\nrange_margin = nan\n",
+            Err("rollout.watch.range_margin"),
+        );
+        check("[rollout.watch]\nsecs = 0\nmax_latency_ms = 50\n", Ok(()));
         check(
             "[rollout]\ngroups = [\"line-2\", \"north\"]\nwindow = 4\nretry_secs = 5\n",
             Ok(()),

@@ -21,10 +21,12 @@ use crate::metrics::Metrics;
 use crate::queue::Held;
 use crate::store::{NewRecord, Store};
 use crate::sync::{now_ms, Append, Outbox, Outgoing};
+use crate::trial::Trial;
 use arc_swap::ArcSwapOption;
 use protocol::baseline::Baseline;
 use protocol::bundle::{self, Manifest, Policy, Verified};
 use protocol::keys::TrustStore;
+use protocol::keyset::KeySet;
 use protocol::messages::{Event, Level, ModelRef, ReceivedCommand, Response};
 use protocol::selftest::{Selftest, Tolerance};
 use protocol::{Channel, Name, Topic};
@@ -47,6 +49,8 @@ pub struct ActiveModel {
     /// The training baseline drift is measured against; `None` when the bundle has none, and
     /// drift is off for it.
     pub baseline: Option<Arc<Baseline>>,
+    /// What this model did since it was loaded, for its watch period (SPEC §8.4).
+    pub trial: Trial,
 }
 
 impl ActiveModel {
@@ -80,6 +84,11 @@ pub struct DeployState {
     pub active: Option<Installed>,
     pub previous: Option<Installed>,
     pub high_water: BTreeMap<String, u64>,
+    /// The active bundle is in its watch period (SPEC §8.4): not committed, so its version is
+    /// not yet a high-water mark, and the previous bundle is the last one that passed every
+    /// step.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub watching: bool,
 }
 
 impl DeployState {
@@ -88,22 +97,43 @@ impl DeployState {
         self.high_water.get(name).copied()
     }
 
-    /// Make `new` active; the old active becomes previous. Returns bundle files no longer kept.
-    pub fn activate(&mut self, new: Installed) -> Vec<String> {
-        let hw = self.high_water.entry(new.name.clone()).or_insert(0);
-        *hw = (*hw).max(new.version);
-        let dropped = self.previous.take();
-        self.previous = self.active.replace(new);
+    /// Make `new` active; the old active becomes previous, unless it was still watched: then
+    /// the previous one stays, the last that passed every step. A watched bundle is committed
+    /// by [`DeployState::commit`]; one that is not watched is committed at once. Returns bundle
+    /// files no longer kept.
+    pub fn activate(&mut self, new: Installed, watched: bool) -> Vec<String> {
+        let dropped = if self.watching {
+            self.active.replace(new)
+        } else {
+            let dropped = self.previous.take();
+            self.previous = self.active.replace(new);
+            dropped
+        };
+        self.watching = watched;
+        if !watched {
+            self.commit();
+        }
         dropped.into_iter().map(|d| d.file).filter(|f| !self.keeps(f)).collect()
     }
 
+    /// The active bundle passed its watch period: its version becomes the high-water mark.
+    pub fn commit(&mut self) {
+        self.watching = false;
+        if let Some(a) = &self.active {
+            let hw = self.high_water.entry(a.name.clone()).or_insert(0);
+            *hw = (*hw).max(a.version);
+        }
+    }
+
     /// Swap active and previous. The high-water marks stay: a rolled-back version cannot be
-    /// deployed again, only a newer one.
+    /// deployed again, only a newer one. A watched bundle rolled back from was never
+    /// committed, so its version is no high-water mark.
     pub fn rollback(&mut self) -> Result<(), &'static str> {
         if self.previous.is_none() {
             return Err("no previous bundle to roll back to");
         }
         std::mem::swap(&mut self.active, &mut self.previous);
+        self.watching = false;
         Ok(())
     }
 
@@ -166,16 +196,30 @@ impl DeployError {
     }
 }
 
+/// The keys documents must be signed by, and how many of them.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub store: TrustStore,
+    pub threshold: usize,
+    /// The signed key set these come from (SPEC §8.7), or `None`: from `trust.keys_file`.
+    pub key_set: Option<KeySet>,
+}
+
 pub struct Deployer {
     pub store: Store,
     pub state: DeployState,
     pub bundles_dir: PathBuf,
     pub trust: TrustStore,
     pub threshold: usize,
+    /// The key set in force, if the device accepted one.
+    pub key_set: Option<KeySet>,
     pub max_bundle_bytes: usize,
     pub active: SharedModel,
     /// Why the active bundle runs although it no longer meets the trust policy, if it does.
     pub policy_warning: Option<String>,
+    /// A bundle that was in its watch period when the agent stopped, and was rolled back from
+    /// at start-up (SPEC §8.4).
+    pub interrupted: Option<Installed>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DeployError + '_ {
@@ -191,8 +235,7 @@ impl Deployer {
     pub fn open(
         store: Store,
         bundles_dir: PathBuf,
-        trust: TrustStore,
-        threshold: usize,
+        trust: Trust,
         max_bundle_bytes: usize,
     ) -> Result<(Deployer, Vec<Event>), DeployError> {
         std::fs::create_dir_all(&bundles_dir).map_err(io_err(&bundles_dir))?;
@@ -207,17 +250,26 @@ impl Deployer {
             store,
             state,
             bundles_dir,
-            trust,
-            threshold,
+            trust: trust.store,
+            threshold: trust.threshold,
+            key_set: trust.key_set,
             max_bundle_bytes,
             active: Arc::default(),
             policy_warning: None,
+            interrupted: None,
         };
         let mut events = vec![];
-        for (which, inst) in [
+        let mut order = [
             ("active", d.state.active.clone()),
             ("previous", d.state.previous.clone()),
-        ] {
+        ];
+        // A bundle still in its watch period had not passed every step when the agent stopped:
+        // the previous one runs instead, if it can (SPEC §8.4).
+        let watched = d.state.watching.then(|| d.state.active.clone()).flatten();
+        if watched.is_some() && d.state.previous.is_some() {
+            order.reverse();
+        }
+        for (which, inst) in order {
             let Some(inst) = inst else { continue };
             match d.load_installed(&inst) {
                 Ok((m, warning)) => {
@@ -230,13 +282,21 @@ impl Deployer {
                     if which == "previous" {
                         d.state.rollback().expect("previous exists");
                         d.persist()?;
+                        let why = match &watched {
+                            Some(w) => {
+                                d.interrupted = Some(w.clone());
+                                format!(
+                                    "{} v{} had not finished its watch period when the agent stopped",
+                                    w.name, w.version
+                                )
+                            }
+                            None => "the active bundle failed to load".into(),
+                        };
+                        warn!("{why}; running the previous bundle {} v{}", inst.name, inst.version);
                         events.push(event(
                             Level::Warn,
                             "rolled_back",
-                            format!(
-                                "active bundle failed to load; running previous {} v{}",
-                                inst.name, inst.version
-                            ),
+                            format!("{why}; running the previous bundle {} v{}", inst.name, inst.version),
                         ));
                     }
                     d.active.store(Some(Arc::new(m)));
@@ -268,21 +328,78 @@ impl Deployer {
             now: 0,
             installed_version: &bundle::none_installed,
         };
-        match bundle::verify(&bytes, &policy) {
+        match bundle::verify_owned(bytes, &policy) {
             Ok(v) => Ok((load_model(v)?, None)),
             Err(e @ bundle::VerifyError::SignatureThreshold { .. }) => {
                 let Some(sha) = &inst.sha256 else {
                     return Err(e.into());
                 };
-                let v = bundle::reopen(&bytes, sha)?;
-                let warning = format!(
-                    "{} v{} was verified when it was installed but no longer meets the trust policy ({e}); it keeps running until a bundle that does is deployed",
-                    inst.name, inst.version
-                );
-                Ok((load_model(v)?, Some(warning)))
+                let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+                let v = bundle::reopen(bytes, sha)?;
+                Ok((load_model(v)?, Some(policy_warning(inst, &e))))
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Trust a verified key set from now on (SPEC §8.7): kept in `path` (written whole, then
+    /// renamed), then in force. The active bundle is checked against the new policy: one that
+    /// no longer meets it keeps running, with a warning. Returns what changed, in a sentence.
+    pub fn accept_key_set(&mut self, v: protocol::keyset::VerifiedKeySet, path: &Path) -> Result<String, DeployError> {
+        let tmp = path.with_extension("tmp");
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &v.body)?;
+                f.sync_all()
+            })
+            .map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        let before: Vec<String> = self.trust.ids().into_iter().map(|k| k.0).collect();
+        let after: Vec<String> = v.trust.ids().into_iter().map(|k| k.0).collect();
+        let removed: Vec<&String> = before.iter().filter(|k| !after.contains(k)).collect();
+        let added: Vec<&String> = after.iter().filter(|k| !before.contains(k)).collect();
+        let msg = format!(
+            "key set #{} accepted (signed by {}): {} key(s), threshold {}; added {:?}, removed {:?}",
+            v.keys.counter,
+            v.signed_by.join(", "),
+            after.len(),
+            v.keys.threshold,
+            added,
+            removed
+        );
+        self.trust = v.trust;
+        self.threshold = v.keys.threshold;
+        self.key_set = Some(v.keys);
+        self.recheck_policy();
+        Ok(msg)
+    }
+
+    /// Check the active bundle against the trust policy in force, and record whether it meets
+    /// it.
+    fn recheck_policy(&mut self) {
+        let Some(inst) = self.state.active.clone() else { return };
+        let path = self.bundles_dir.join(&inst.file);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, bundle = %inst.file, "cannot read the active bundle to check it against the new keys");
+                return;
+            }
+        };
+        let policy = Policy {
+            trust: &self.trust,
+            threshold: self.threshold,
+            now: 0,
+            installed_version: &bundle::none_installed,
+        };
+        let warning = bundle::verify(&bytes, &policy).err().map(|e| policy_warning(&inst, &e));
+        if let Some(w) = &warning {
+            warn!(bundle = %inst.file, "{w}");
+        }
+        self.set_policy_warning(warning);
     }
 
     /// Record (or clear) the policy warning of the active bundle, for the reported state and
@@ -307,6 +424,7 @@ impl Deployer {
         path: &Path,
         now: u64,
         want: &protocol::rollout::DesiredModel,
+        watch: Option<&crate::trial::Rules>,
     ) -> Result<String, DeployError> {
         let size = std::fs::metadata(path).map_err(io_err(path))?.len() as usize;
         if size > self.max_bundle_bytes {
@@ -330,8 +448,7 @@ impl Deployer {
                 &installed
             },
         };
-        let verified = bundle::verify(&bytes, &policy)?;
-        drop(bytes);
+        let verified = bundle::verify_owned(bytes, &policy)?;
         let (name, version) = (verified.manifest.name.clone(), verified.manifest.version);
         if name != want.name || version != want.version {
             return Err(DeployError::Mismatch {
@@ -339,19 +456,27 @@ impl Deployer {
                 want: format!("{} v{}", want.name, want.version),
             });
         }
-        let model = load_model(verified)?;
+        let mut model = load_model(verified)?;
+        if let Some(r) = watch {
+            model.trial = Trial::new(model.baseline.as_deref(), r.range_margin);
+        }
 
         let file = format!("{name}-{version}.lbundle");
         let dest = self.bundles_dir.join(&file);
         std::fs::rename(path, &dest).map_err(io_err(&dest))?;
         sync_dir(&self.bundles_dir)?;
         let mut next = self.state.clone();
-        let unused = next.activate(Installed {
-            name: name.clone(),
-            version,
-            file,
-            sha256: Some(want.bundle.sha256.clone()),
-        });
+        // A rollback names a version that ran before: it is not watched again.
+        let watched = watch.is_some() && !want.rollback;
+        let unused = next.activate(
+            Installed {
+                name: name.clone(),
+                version,
+                file,
+                sha256: Some(want.bundle.sha256.clone()),
+            },
+            watched,
+        );
         let s = serde_json::to_string(&next).expect("deploy state serializes");
         self.store.set_meta("deploy_state", &s)?;
         self.state = next;
@@ -394,9 +519,27 @@ impl Deployer {
         ))
     }
 
+    /// The active bundle passed its watch period: record it (SPEC §8.4).
+    pub fn commit(&mut self) -> Result<(), DeployError> {
+        let mut next = self.state.clone();
+        next.commit();
+        let s = serde_json::to_string(&next).expect("deploy state serializes");
+        self.store.set_meta("deploy_state", &s)?;
+        self.state = next;
+        Ok(())
+    }
+
     pub fn current(&self) -> Option<ModelRef> {
         self.active.load().as_ref().map(|m| m.model_ref())
     }
+}
+
+/// Why an installed bundle runs although it no longer verifies under the trust policy.
+fn policy_warning(inst: &Installed, e: &bundle::VerifyError) -> String {
+    format!(
+        "{} v{} was verified when it was installed but no longer meets the trust policy ({e}); it keeps running until a bundle that does is deployed",
+        inst.name, inst.version
+    )
 }
 
 /// Load the model of a verified bundle, check it against the manifest (SPEC §4.7) and run its
@@ -451,6 +594,7 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
         None => None,
     };
     Ok(ActiveModel {
+        trial: Trial::new(baseline.as_deref(), crate::trial::DEFAULT_RANGE_MARGIN),
         baseline,
         features: Features::new(&v.manifest.input.features).accepting_missing(v.manifest.input.accepts_missing),
         manifest: v.manifest,
@@ -633,26 +777,47 @@ mod tests {
     #[test]
     fn activation_keeps_one_previous_and_raises_high_water() {
         let mut s = DeployState::default();
-        assert_eq!(s.activate(inst("m", 1)), Vec::<String>::new());
-        assert_eq!(s.activate(inst("m", 2)), Vec::<String>::new());
-        assert_eq!(s.activate(inst("m", 3)), vec!["m-1.lbundle".to_string()]);
+        assert_eq!(s.activate(inst("m", 1), false), Vec::<String>::new());
+        assert_eq!(s.activate(inst("m", 2), false), Vec::<String>::new());
+        assert_eq!(s.activate(inst("m", 3), false), vec!["m-1.lbundle".to_string()]);
         assert_eq!(s.previous, Some(inst("m", 2)));
         assert_eq!(s.installed_version("m"), Some(3));
         s.rollback().expect("has previous");
         assert_eq!(s.active, Some(inst("m", 2)));
         assert_eq!(s.installed_version("m"), Some(3), "rollback keeps the high-water mark");
         // Deploying after a rollback drops the rolled-back-from bundle, not the active one.
-        assert_eq!(s.activate(inst("m", 4)), vec!["m-3.lbundle".to_string()]);
+        assert_eq!(s.activate(inst("m", 4), false), vec!["m-3.lbundle".to_string()]);
         assert_eq!(s.previous, Some(inst("m", 2)));
+    }
+
+    #[test]
+    fn a_watched_bundle_is_a_high_water_mark_only_once_committed() {
+        let mut s = DeployState::default();
+        s.activate(inst("m", 1), false);
+        s.activate(inst("m", 2), true);
+        assert!(s.watching);
+        assert_eq!(s.installed_version("m"), Some(1), "not committed yet");
+        // Another bundle while v2 is watched: v1, the last one that passed, stays previous.
+        assert_eq!(s.activate(inst("m", 3), true), vec!["m-2.lbundle".to_string()]);
+        assert_eq!(s.previous, Some(inst("m", 1)));
+        s.commit();
+        assert!(!s.watching);
+        assert_eq!(s.installed_version("m"), Some(3));
+        // A watched bundle that fails is rolled back from, and never raised the mark.
+        s.activate(inst("m", 4), true);
+        s.rollback().expect("has previous");
+        assert!(!s.watching);
+        assert_eq!(s.active, Some(inst("m", 3)));
+        assert_eq!(s.installed_version("m"), Some(3));
     }
 
     #[test]
     fn rollback_without_previous_is_refused() {
         let mut s = DeployState::default();
         assert!(s.rollback().is_err());
-        s.activate(inst("m", 1));
+        s.activate(inst("m", 1), false);
         assert!(s.rollback().is_err(), "the first bundle has nothing before it");
-        s.activate(inst("m", 2));
+        s.activate(inst("m", 2), false);
         assert!(s.rollback().is_ok());
         assert_eq!(s.active, Some(inst("m", 1)));
         assert_eq!(s.previous, Some(inst("m", 2)));

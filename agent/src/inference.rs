@@ -760,7 +760,12 @@ impl InferenceTask {
             let (a, b) = (row * n_features, end * n_features);
             let result = tokio::task::spawn_blocking(move || {
                 let t = Instant::now();
-                (m.engine.run_flat(&v[a..b]), t.elapsed())
+                let r = m.engine.run_flat(&v[a..b]);
+                let took = t.elapsed();
+                if let Ok(o) = &r {
+                    m.trial.ran(o, took);
+                }
+                (r, took)
             })
             .await
             .map(|(r, took)| {
@@ -785,6 +790,7 @@ impl InferenceTask {
                     };
                     let n = (end - row) as u64;
                     self.metrics.inference_failed.add(n);
+                    model.trial.failed(n);
                     self.metrics.set_last_failure(now_ms(), &message);
                     push_loss(
                         &mut batch.losses,

@@ -18,6 +18,7 @@ pub mod status;
 pub mod store;
 pub mod sync;
 pub mod system;
+pub mod trial;
 
 /// Exit codes of the `lathe` binary.
 pub mod exit {

@@ -375,7 +375,8 @@ impl Link {
                 let limit = if chunk {
                     protocol::rollout::MAX_CHUNK_BYTES as usize
                 } else {
-                    protocol::rollout::MAX_DESIRED_BYTES
+                    // A desired state or a key set: 64 KiB each.
+                    protocol::rollout::MAX_DESIRED_BYTES.max(protocol::keyset::MAX_KEYS_BYTES)
                 };
                 if p.payload.len() > limit {
                     warn!(topic = %p.topic, bytes = p.payload.len(), limit, "oversized rollout message ignored");

@@ -246,8 +246,8 @@ fn model_for_run(
         })?;
         let trust = lathe::agent::load_trust(&cfg).map_err(|e| at(&format_args!("{e:#}")))?;
         let policy = protocol::bundle::Policy {
-            trust: &trust,
-            threshold: cfg.trust.threshold,
+            trust: &trust.store,
+            threshold: trust.threshold,
             now: lathe::sync::now_ms() / 1000,
             installed_version: &protocol::bundle::none_installed,
         };

@@ -92,7 +92,16 @@ impl Latencies {
     /// were no calls.
     pub fn take(&self) -> Option<(u64, u64, u64, u64)> {
         let counts: Vec<u64> = self.buckets.iter().map(|b| b.swap(0, Ordering::Relaxed)).collect();
-        let rows = self.rows.swap(0, Ordering::Relaxed);
+        Self::summary(&counts, self.rows.swap(0, Ordering::Relaxed))
+    }
+
+    /// As [`Latencies::take`], without starting again.
+    pub fn peek(&self) -> Option<(u64, u64, u64, u64)> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        Self::summary(&counts, self.rows.load(Ordering::Relaxed))
+    }
+
+    fn summary(counts: &[u64], rows: u64) -> Option<(u64, u64, u64, u64)> {
         let calls: u64 = counts.iter().sum();
         if calls == 0 {
             return None;
@@ -199,5 +208,8 @@ mod latency_tests {
         assert!((100..=119).contains(&p50), "{p50}");
         assert!((5_000..=5_950).contains(&p99), "{p99}");
         assert_eq!(l.take(), None, "taken and reset");
+        l.record(Duration::from_micros(100), 1);
+        assert_eq!(l.peek(), l.peek(), "a peek does not reset");
+        assert_eq!(l.peek().map(|p| p.0), Some(1));
     }
 }

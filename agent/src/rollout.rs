@@ -39,6 +39,8 @@ pub struct Transfer {
     digests: Option<Vec<u8>>,
     have: Vec<u8>,
     present: u64,
+    /// Bytes of the chunks present.
+    received: u64,
 }
 
 impl Transfer {
@@ -56,6 +58,7 @@ impl Transfer {
             object,
             digests: index,
             present: 0,
+            received: 0,
         })
     }
 
@@ -78,10 +81,7 @@ impl Transfer {
 
     /// Bytes of the chunks present.
     pub fn received_bytes(&self) -> u64 {
-        (0..self.chunks())
-            .filter(|i| self.has(*i))
-            .map(|i| rollout::chunk_len(self.object.size, self.object.chunk_bytes, i))
-            .sum()
+        self.received
     }
 
     /// Check chunk `index`: its place, its length and, with an index, its digest. `Ok(false)`
@@ -109,9 +109,10 @@ impl Transfer {
     }
 
     pub fn mark(&mut self, i: u64) {
-        if !self.has(i) {
+        if i < self.chunks() && !self.has(i) {
             self.have[(i / 8) as usize] |= 1 << (i % 8);
             self.present += 1;
+            self.received += rollout::chunk_len(self.object.size, self.object.chunk_bytes, i);
         }
     }
 
@@ -431,6 +432,11 @@ mod tests {
         assert_eq!(Download::saved_index(dir.path(), &r), Some(index.clone()));
         let mut d = Download::open(dir.path(), &r, index).expect("reopen");
         assert_eq!(d.transfer.missing().collect::<Vec<_>>(), vec![1, 2, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            d.transfer.received_bytes(),
+            1024 + 1024 + 784,
+            "chunks 0, 3 and the short 9"
+        );
         let mut bad = chunk(1).to_vec();
         bad[0] ^= 0xff;
         assert_eq!(d.write(1, &bad).expect_err("corrupt").code(), "chunk_corrupt");
@@ -538,6 +544,10 @@ pub struct Settings {
     /// The largest chunk this device's hub connection takes (`broker.max_packet_bytes`, less
     /// room for the topic).
     pub max_chunk_bytes: u64,
+    /// How a newly activated model is watched; `None`: it is committed at activation.
+    pub watch: Option<crate::trial::Rules>,
+    /// Where an accepted key set is kept (SPEC §8.7).
+    pub keyset_path: PathBuf,
 }
 
 /// Tries of one chunk (a timeout or a corrupt copy) before the transfer fails.
@@ -597,6 +607,19 @@ impl From<DownloadError> for Failure {
     }
 }
 
+/// A model in its watch period.
+struct Watching {
+    model: std::sync::Arc<crate::deploy::ActiveModel>,
+    /// The desired state it was activated for.
+    counter: u64,
+    ends: Instant,
+    ends_ms: u64,
+    rules: crate::trial::Rules,
+}
+
+/// How often the reported state is refreshed while a model is watched.
+const WATCH_REPORT_EVERY: Duration = Duration::from_secs(10);
+
 /// The rollout side of the deploy task.
 pub struct Driver {
     pub settings: Settings,
@@ -609,6 +632,9 @@ pub struct Driver {
     retry_at: Option<Instant>,
     report_due: bool,
     last_report: Option<Instant>,
+    watching: Option<Watching>,
+    /// Why the last key set was refused, until one is accepted.
+    keys_error: Option<ReportedError>,
 }
 
 impl Driver {
@@ -635,13 +661,44 @@ impl Driver {
             retry_at: None,
             report_due: true,
             last_report: None,
+            watching: None,
+            keys_error: None,
         }
     }
 
-    /// The topics desired states come on: the device's own and its groups'.
+    /// At start-up: a model whose watch period a stop interrupted was rolled back from (the
+    /// error says so, and it is not tried again for the same desired state); one with nothing
+    /// to return to is watched again from the start.
+    pub fn resume(&mut self, d: &mut Deployer) {
+        if let Some(w) = d.interrupted.take() {
+            self.phase = Phase::Failed;
+            self.state.error = Some(ReportedError {
+                code: "watch_interrupted".into(),
+                message: format!(
+                    "{} v{} had not finished its watch period when the agent stopped; the previous model runs",
+                    w.name, w.version
+                ),
+                counter: self.state.following.as_ref().map(|f| f.counter),
+            });
+            self.persist(d);
+        } else if d.state.watching && self.settings.watch.is_none() {
+            // Watching was turned off (rollout.watch.secs = 0) while a model had nothing to
+            // return to: it is committed.
+            if let Err(e) = d.commit() {
+                warn!(error = %e, "cannot commit the active model");
+            }
+        } else if d.state.watching {
+            let counter = self.state.following.as_ref().map_or(0, |f| f.counter);
+            self.begin_watch(d, counter);
+        }
+    }
+
+    /// The topics signed documents come on: the device's own desired state, its groups', and
+    /// the fleet's key set.
     pub fn desired_topics(fleet: &str, device: &str, groups: &[String]) -> Vec<String> {
         let mut t = vec![rollout::device_desired_topic(fleet, device)];
         t.extend(groups.iter().map(|g| rollout::group_desired_topic(fleet, g)));
+        t.push(protocol::keyset::keys_topic(fleet));
         t
     }
 
@@ -649,9 +706,72 @@ impl Driver {
         if let Some((object, index)) = rollout::parse_chunk_topic(self.fleet.as_str(), &m.topic) {
             let object = object.to_string();
             self.on_chunk(d, events, &object, index, &m.payload).await;
+        } else if m.topic == protocol::keyset::keys_topic(self.fleet.as_str()) {
+            self.on_keys(d, events, &m.payload).await;
         } else {
             self.on_desired(d, events, &m.topic, &m.payload).await;
         }
+    }
+
+    /// A key set (SPEC §8.7): accepted only when the keys in force sign it to their threshold
+    /// and its counter is above the one in force; the same one again (a retained copy at
+    /// reconnect) is nothing new.
+    async fn on_keys(&mut self, d: &mut Deployer, events: &Events, payload: &[u8]) {
+        if payload.is_empty() {
+            return;
+        }
+        let last = d.key_set.as_ref().map(|k| k.counter);
+        let verdict = protocol::keyset::verify_key_set(payload, &d.trust, d.threshold, self.fleet.as_str(), last);
+        match verdict {
+            Ok(v) => {
+                let path = self.settings.keyset_path.clone();
+                match tokio::task::block_in_place(|| d.accept_key_set(v, &path)) {
+                    Ok(msg) => {
+                        info!(%msg, "trust store replaced");
+                        self.set_keys_error(d, None);
+                        events.emit(event(Level::Warn, "keys_updated", msg)).await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot keep the key set; the keys in force stay");
+                        self.keys_error = Some(ReportedError {
+                            code: e.code(),
+                            message: e.to_string(),
+                            counter: None,
+                        });
+                    }
+                }
+            }
+            Err(protocol::keyset::KeySetError::Replayed { counter, last }) if counter == last => {
+                debug!(counter, "the key set in force, again");
+                return;
+            }
+            Err(e) => {
+                warn!(code = e.code(), error = %e, "key set refused");
+                let refused = ReportedError {
+                    code: e.code().into(),
+                    message: e.to_string(),
+                    counter: counter_of(payload),
+                };
+                self.set_keys_error(d, Some(refused));
+                events
+                    .emit(event(Level::Error, "keys_refused", format!("key set refused: {e}")))
+                    .await;
+            }
+        }
+        self.report_due = true;
+    }
+
+    /// Record why the last key set was refused (or that none is), for the reported state and
+    /// `lathe status`.
+    fn set_keys_error(&mut self, d: &mut Deployer, e: Option<ReportedError>) {
+        let text = e
+            .as_ref()
+            .map(|e| format!("({}) {}", e.code, e.message))
+            .unwrap_or_default();
+        if let Err(err) = d.store.set_meta("keys_error", &text) {
+            warn!(error = %err, "cannot record the key set's refusal");
+        }
+        self.keys_error = e;
     }
 
     async fn on_desired(&mut self, d: &mut Deployer, events: &Events, topic: &str, payload: &[u8]) {
@@ -708,7 +828,11 @@ impl Driver {
             Decision::Same => {
                 // A retained copy at reconnect or start-up: resume, unless the bundle itself
                 // failed (fetching it again would fail again).
-                let failed_for_good = self.state.error.as_ref().is_some_and(|e| !retryable(&e.code));
+                let failed_for_good = self
+                    .state
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| !retryable(&e.code) && e.counter == Some(v.desired.counter));
                 if self.job.is_none() && self.retry_at.is_none() && !failed_for_good {
                     self.apply(d, events).await;
                 }
@@ -745,6 +869,13 @@ impl Driver {
         };
         self.retry_at = None;
         if runs(&d.state.active) && d.current().is_some() {
+            if d.state.watching {
+                // Still in its watch period: the watch decides.
+                if self.watching.is_none() {
+                    self.begin_watch(d, f.counter);
+                }
+                return;
+            }
             self.done(None);
             return;
         }
@@ -938,7 +1069,8 @@ impl Driver {
                     }
                 };
                 let now = crate::sync::now_ms() / 1000;
-                let result = tokio::task::block_in_place(|| d.deploy_file(&path, now, &job.model));
+                let watch = self.settings.watch;
+                let result = tokio::task::block_in_place(|| d.deploy_file(&path, now, &job.model, watch.as_ref()));
                 Download::clear(&self.settings.dir);
                 match result {
                     Ok(msg) => {
@@ -950,7 +1082,12 @@ impl Driver {
                             (Level::Info, "model_activated")
                         };
                         events.emit(event(kind.0, kind.1, msg)).await;
-                        self.done(Some(d));
+                        if d.state.watching {
+                            self.begin_watch(d, job.counter);
+                        } else {
+                            self.watching = None;
+                            self.done(Some(d));
+                        }
                     }
                     Err(e) => {
                         let fail = Failure {
@@ -961,6 +1098,112 @@ impl Driver {
                         self.fail(d, events, fail).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Watch the active model for the configured period (SPEC §8.4).
+    fn begin_watch(&mut self, d: &mut Deployer, counter: u64) {
+        let (Some(rules), Some(model)) = (self.settings.watch, d.active.load_full()) else {
+            return;
+        };
+        info!(model = %model.manifest.name, version = model.manifest.version,
+            secs = rules.period.as_secs(), "watching the new model");
+        self.watching = Some(Watching {
+            model,
+            counter,
+            ends: Instant::now() + rules.period,
+            ends_ms: crate::sync::now_ms() + rules.period.as_millis() as u64,
+            rules,
+        });
+        self.phase = Phase::Watching;
+        self.job = None;
+        self.retry_at = None;
+        if self.state.error.take().is_some() {
+            self.persist(d);
+        }
+        self.report_due = true;
+    }
+
+    /// Judge the watched model: commit it at the end of its period, or roll back to the
+    /// previous model as soon as it breaks a rule.
+    async fn judge_watch(&mut self, d: &mut Deployer, events: &Events) {
+        let Some(w) = &self.watching else { return };
+        let still_active = d
+            .active
+            .load_full()
+            .is_some_and(|a| std::sync::Arc::ptr_eq(&a, &w.model));
+        if !d.state.watching || !still_active {
+            // Switched away from it (a signed rollback): nothing left to watch.
+            self.watching = None;
+            return;
+        }
+        let now = Instant::now();
+        let counts = w.model.trial.counts();
+        let end = now >= w.ends;
+        let (name, version, counter) = (w.model.manifest.name.clone(), w.model.manifest.version, w.counter);
+        match crate::trial::judge(&counts, &w.rules, end) {
+            Ok(()) if end => {
+                if let Err(e) = tokio::task::block_in_place(|| d.commit()) {
+                    warn!(error = %e, "cannot commit the watched model; trying again");
+                    return;
+                }
+                let msg = format!(
+                    "{name} v{version} passed its watch period ({})",
+                    crate::trial::summary(&counts)
+                );
+                info!(%msg, "model committed");
+                events.emit(event(Level::Info, "model_committed", msg)).await;
+                self.watching = None;
+                // Settled, unless a newer desired state is followed meanwhile: its fetch, its
+                // failure and its retry stay as they are.
+                let settled = self
+                    .state
+                    .following
+                    .as_ref()
+                    .is_none_or(|f| f.model.name == name && f.model.version == version);
+                if settled && self.job.is_none() {
+                    self.done(Some(d));
+                } else {
+                    self.report_due = true;
+                }
+            }
+            Ok(()) => {
+                if self
+                    .last_report
+                    .is_none_or(|t| now.duration_since(t) >= WATCH_REPORT_EVERY)
+                {
+                    self.report_due = true;
+                }
+            }
+            Err(reason) => {
+                self.watching = None;
+                let result = tokio::task::block_in_place(|| d.rollback());
+                let message = match &result {
+                    Ok(msg) => {
+                        self.publish_state(d.current()).await;
+                        format!("{name} v{version} failed its watch period: {reason}; rolled back ({msg})")
+                    }
+                    Err(e) => {
+                        // Nothing to return to: it keeps running, and no longer watched.
+                        if let Err(e) = tokio::task::block_in_place(|| d.commit()) {
+                            warn!(error = %e, "cannot record the end of the watch");
+                        }
+                        format!("{name} v{version} failed its watch period: {reason}; it keeps running: {e}")
+                    }
+                };
+                warn!(%message, "watch failed");
+                events.emit(event(Level::Error, "watch_failed", message.clone())).await;
+                if self.job.is_none() {
+                    self.phase = Phase::Failed;
+                }
+                self.state.error = Some(ReportedError {
+                    code: "watch_failed".into(),
+                    message,
+                    counter: Some(counter),
+                });
+                self.persist(d);
+                self.report_due = true;
             }
         }
     }
@@ -1050,6 +1293,7 @@ impl Driver {
             info!("trying the desired state again");
             self.apply(d, events).await;
         }
+        self.judge_watch(d, events).await;
         if self.report_due
             && self
                 .last_report
@@ -1100,6 +1344,15 @@ impl Driver {
             high_water: d.state.high_water.clone(),
             error: self.state.error.clone(),
             warnings: d.policy_warning.iter().cloned().collect(),
+            watch: self.watching.as_ref().map(|w| protocol::rollout::WatchReport {
+                name: w.model.manifest.name.clone(),
+                version: w.model.manifest.version,
+                ends_ms: w.ends_ms,
+                counts: w.model.trial.counts(),
+            }),
+            groups: self.settings.groups.clone(),
+            key_set: d.key_set.as_ref().map(|k| k.counter),
+            keys_error: self.keys_error.clone(),
         }
     }
 
@@ -1149,8 +1402,8 @@ fn retryable(code: &str) -> bool {
     matches!(code, "chunk_corrupt" | "chunk_missing" | "chunk_invalid" | "io")
 }
 
-/// The counter of a desired-state message that was refused, read without trusting it, for the
-/// report only.
+/// The counter of a desired-state or key-set message that was refused, read without trusting
+/// it, for the report only.
 fn counter_of(payload: &[u8]) -> Option<u64> {
     #[derive(Deserialize)]
     struct Env {

@@ -181,6 +181,9 @@ pub struct Report {
     pub inputs_connection: Value,
     pub model: Option<Value>,
     pub previous_model: Option<Value>,
+    /// The signed key set in force (`counter`, `keys`, `threshold`), if the device accepted
+    /// one; otherwise it trusts `trust.keys_file`.
+    pub key_set: Option<Value>,
     pub outbox_depth: u64,
     pub outbox_bytes: u64,
     pub outbox_by_stream: Vec<StreamReport>,
@@ -329,6 +332,11 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         i.as_ref()
             .map(|i| serde_json::json!({"name": i.name, "version": i.version, "file": i.file}))
     };
+    let mut model = as_value(&deploy.active);
+    if let (Some(m), true) = (model.as_mut(), deploy.watching) {
+        // In its watch period: not committed yet (SPEC §8.4).
+        m["watching"] = Value::Bool(true);
+    }
     let last_sync = json("last_ack")?;
     let last_sync = (!last_sync.is_null()).then_some(last_sync);
     let streams: Vec<StreamReport> = store
@@ -509,6 +517,21 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
             ));
         }
     }
+    let rollout: crate::rollout::RolloutState = meta("rollout_state")?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    if let Some(e) = &rollout.error {
+        problems.push(problem(
+            format!("the last desired state was not applied ({}): {}", e.code, e.message),
+            "see lathe-hub rollout status; a new deploy or rollback signed by the hub replaces it",
+        ));
+    }
+    if let Some(e) = meta("keys_error")?.filter(|e| !e.is_empty()) {
+        problems.push(problem(
+            format!("a key set was refused {e}"),
+            "publish key sets signed by the keys this device trusts now (lathe-hub rollout keys --key …); if you published none, someone else writes to lathe/v1/<fleet>/@keys: restrict it in the broker's ACL",
+        ));
+    }
     if let Some(w) = meta("policy_warning")?.filter(|w| !w.is_empty()) {
         problems.push(problem(
             w,
@@ -541,8 +564,12 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         activity,
         connection,
         inputs_connection,
-        model: as_value(&deploy.active),
+        model,
         previous_model: as_value(&deploy.previous),
+        key_set: std::fs::read(crate::config::keyset_path(state_dir))
+            .ok()
+            .and_then(|b| protocol::keyset::parse_body(&b).ok())
+            .map(|k| serde_json::json!({"counter": k.counter, "keys": k.keys.len(), "threshold": k.threshold})),
         outbox_depth: depth,
         outbox_bytes: store.bytes(),
         outbox_by_stream: streams,
@@ -629,6 +656,11 @@ pub fn render(r: &Report) -> String {
         s += &format!("readings    {}\n", conn_line(&r.inputs_connection));
     }
     let model = |m: &Option<Value>| match m {
+        Some(m) if m["watching"] == true => format!(
+            "{} v{} (in its watch period)",
+            m["name"].as_str().unwrap_or("?"),
+            m["version"]
+        ),
         Some(m) => format!("{} v{}", m["name"].as_str().unwrap_or("?"), m["version"]),
         None => "none".into(),
     };
@@ -637,6 +669,12 @@ pub fn render(r: &Report) -> String {
         model(&r.model),
         model(&r.previous_model)
     );
+    if let Some(k) = &r.key_set {
+        s += &format!(
+            "trust       key set #{}: {} key(s), threshold {} (trust.keys_file is superseded)\n",
+            k["counter"], k["keys"], k["threshold"]
+        );
+    }
     if let Some(a) = &r.activity {
         let minute = match &a.last_minute {
             Some(m) => format!(
@@ -925,12 +963,15 @@ mod tests {
         s.set_meta("heartbeat_ms", &now_ms().to_string()).expect("heartbeat");
         let active = |s: &mut Store, version: u64| {
             let mut d = DeployState::default();
-            d.activate(crate::deploy::Installed {
-                name: "m".into(),
-                version,
-                file: format!("m-{version}.lbundle"),
-                sha256: None,
-            });
+            d.activate(
+                crate::deploy::Installed {
+                    name: "m".into(),
+                    version,
+                    file: format!("m-{version}.lbundle"),
+                    sha256: None,
+                },
+                false,
+            );
             s.set_meta("deploy_state", &serde_json::to_string(&d).expect("json"))
                 .expect("meta");
         };

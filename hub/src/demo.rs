@@ -169,6 +169,9 @@ ack_timeout_ms = 3000
 [health]
 interval_secs = 5
 
+[rollout.watch]     # a short watch after each activation, before it is committed
+secs = 5
+
 [drift]             # small windows, so that the demo shows them quickly
 window_rows = 200
 min_rows = 200
@@ -214,7 +217,7 @@ min_rows = 200
         }
     });
 
-    step("deploying: the bundle in retained chunks, then the device's signed desired state");
+    step("deploying: the bundle in retained chunks, then the device's signed desired state; the device watches the new model for 5 s before it commits it");
     let deploy = |bundle: Vec<u8>| {
         let (fleet, device, key) = (fleet.clone(), device.clone(), &key);
         async move {
@@ -233,6 +236,7 @@ min_rows = 200
                 plan,
                 wait_for: vec![device],
                 timeout: Duration::from_secs(30),
+                canary: None,
             })
             .await
         }

@@ -1,5 +1,6 @@
 //! The Lathe hub. `ARCHITECTURE.md` at the repository root maps the modules.
 
+pub mod apply;
 pub mod broker;
 pub mod demo;
 pub mod ingest;

@@ -39,6 +39,27 @@ enum Cmd {
     /// What the devices report about their rollouts.
     #[command(subcommand)]
     Rollout(RolloutCmd),
+    /// Make the broker hold the desired states a fleet file declares (a bundle per group and
+    /// per device): print the difference, then sign and publish what differs.
+    Apply {
+        /// The fleet file (TOML): `fleet`, `[[group]]` (name, bundle, rollback, canary) and
+        /// `[[device]]` (id, bundle, rollback); bundle paths are relative to it.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
+        broker: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// A desired state at the broker counts only when one of the --key keys signs it.
+        #[command(flatten)]
+        sign: SignArgs,
+        /// How long to wait for each device target (and each canary); 0 does not wait.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+        /// Print the difference only.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Receive synced records, store them in SQLite and acknowledge them.
     Serve {
         /// Broker to connect to (host:port).
@@ -125,6 +146,72 @@ enum RolloutCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Clear a bundle's retained chunks at the broker once no device needs them. Refused while
+    /// a desired state at the broker names the bundle, unless --force.
+    Clear {
+        #[command(flatten)]
+        at: FleetAt,
+        /// The bundle whose chunks to clear.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The chunk size it was deployed with.
+        #[arg(long, default_value_t = protocol::rollout::DEFAULT_CHUNK_BYTES)]
+        chunk_bytes: u32,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the fleet's trust store: publish a key set (the public keys in --keys-file and
+    /// --threshold), signed with --key by enough of the keys the devices trust now. Leave a
+    /// key out to revoke it.
+    Keys {
+        #[command(flatten)]
+        at: FleetAt,
+        /// The new trust store: public keys, one per line, as `keygen` writes them.
+        #[arg(long)]
+        keys_file: PathBuf,
+        /// Signatures a document needs from now on.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Signing key of a key the devices trust now; repeat to meet their threshold.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Devices to wait for, until they report the key set in force.
+        #[arg(long = "wait-for")]
+        wait_for: Vec<String>,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+}
+
+/// How desired states are signed and their bundles cut.
+#[derive(Args)]
+struct SignArgs {
+    /// Signing key file for the desired state; repeat to meet the devices' trust.threshold.
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = protocol::rollout::DEFAULT_CHUNK_BYTES)]
+    chunk_bytes: u32,
+    /// The desired state expires after this; a device that comes back later refuses it.
+    #[arg(long, default_value_t = 30)]
+    expires_in_days: u64,
+}
+
+/// A fleet at its broker.
+#[derive(Args)]
+struct FleetAt {
+    /// The broker the devices use (host:port).
+    #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
+    broker: String,
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[arg(long)]
+    fleet: String,
+}
+
+impl FleetAt {
+    fn resolve(&self) -> anyhow::Result<(BrokerConfig, Name)> {
+        Ok((self.conn.broker(&self.broker, 1 << 20)?, Name::new(self.fleet.clone())?))
+    }
 }
 
 #[derive(Args)]
@@ -145,26 +232,29 @@ struct RolloutArgs {
     group: Option<String>,
     #[arg(long)]
     bundle: PathBuf,
-    /// Signing key file for the desired state; repeat to meet the devices' trust.threshold.
-    #[arg(long = "key", required = true)]
-    keys: Vec<PathBuf>,
-    #[arg(long, default_value_t = protocol::rollout::DEFAULT_CHUNK_BYTES)]
-    chunk_bytes: u32,
-    /// The desired state expires after this; a device that comes back later refuses it.
-    #[arg(long, default_value_t = 30)]
-    expires_in_days: u64,
+    #[command(flatten)]
+    sign: SignArgs,
     /// Devices to wait for with --group (by default: the --device targets).
     #[arg(long = "wait-for")]
     wait_for: Vec<String>,
     /// How long to wait for the devices to report; 0 does not wait.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// With --group: deploy to this share of its members first (as `10%` or `10`, at least one
+    /// device), and to the group only once each of them has committed the model after its
+    /// watch period; a canary that fails halts the rollout.
+    #[arg(long, requires = "group", value_parser = lathe_hub::apply::parse_percent)]
+    canary: Option<u8>,
 }
 
 impl RolloutArgs {
     async fn run(self, rollback: bool) -> anyhow::Result<u8> {
         let bundle = std::fs::read(&self.bundle).with_context(|| format!("{}", self.bundle.display()))?;
-        let keys = read_keys(&self.keys)?;
+        let keys = read_keys(&self.sign.keys)?;
+        anyhow::ensure!(
+            self.canary.is_none() || self.timeout_secs > 0,
+            "--canary waits for the canary devices to commit the model: give --timeout-secs longer than their watch period (rollout.watch.secs) and the transfer"
+        );
         let names = |v: &[String]| v.iter().map(|d| Name::new(d.clone())).collect::<Result<Vec<_>, _>>();
         let devices = names(&self.devices)?;
         let wait_for = if self.timeout_secs == 0 {
@@ -180,16 +270,17 @@ impl RolloutArgs {
             group: self.group.clone().map(Name::new).transpose()?,
             bundle: &bundle,
             keys: keys.iter().collect(),
-            chunk_bytes: self.chunk_bytes,
-            expires_in_secs: self.expires_in_days * 86_400,
+            chunk_bytes: self.sign.chunk_bytes,
+            expires_in_secs: self.sign.expires_in_days * 86_400,
             rollback,
         };
-        let size = (self.chunk_bytes as usize + 4096).max(1 << 20);
+        let size = (self.sign.chunk_bytes as usize + 4096).max(1 << 20);
         rollout::run(rollout::Run {
             broker: self.conn.broker(&self.broker, size)?,
             plan,
             wait_for,
             timeout: Duration::from_secs(self.timeout_secs),
+            canary: self.canary,
         })
         .await
     }
@@ -525,6 +616,65 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 print!("{}", rollout::render(&states));
             }
             Ok(0)
+        }
+        Cmd::Apply {
+            file,
+            broker,
+            conn,
+            sign,
+            timeout_secs,
+            dry_run,
+        } => {
+            let signers = read_keys(&sign.keys)?;
+            let size = (sign.chunk_bytes as usize + 4096).max(1 << 20);
+            lathe_hub::apply::apply(
+                &file,
+                lathe_hub::apply::Apply {
+                    broker: conn.broker(&broker, size)?,
+                    keys: signers.iter().collect(),
+                    chunk_bytes: sign.chunk_bytes,
+                    expires_in_secs: sign.expires_in_days * 86_400,
+                    timeout: Duration::from_secs(timeout_secs),
+                    dry_run,
+                },
+            )
+            .await
+        }
+        Cmd::Rollout(RolloutCmd::Clear {
+            at,
+            bundle,
+            chunk_bytes,
+            force,
+        }) => {
+            let bytes = std::fs::read(&bundle).with_context(|| format!("{}", bundle.display()))?;
+            let (broker, fleet) = at.resolve()?;
+            let n = rollout::clear(&broker, &fleet, &bytes, chunk_bytes, force).await?;
+            println!("cleared {n} retained chunk(s) of {}", bundle.display());
+            Ok(0)
+        }
+        Cmd::Rollout(RolloutCmd::Keys {
+            at,
+            keys_file,
+            threshold,
+            keys,
+            wait_for,
+            timeout_secs,
+        }) => {
+            let text = std::fs::read_to_string(&keys_file).with_context(|| format!("{}", keys_file.display()))?;
+            let store = TrustStore::parse(&text).with_context(|| format!("{}", keys_file.display()))?;
+            let signers = read_keys(&keys)?;
+            let wait_for = wait_for.into_iter().map(Name::new).collect::<Result<Vec<_>, _>>()?;
+            let (broker, fleet) = at.resolve()?;
+            rollout::publish_keys(
+                &broker,
+                &fleet,
+                &store,
+                threshold,
+                &signers.iter().collect::<Vec<_>>(),
+                &wait_for,
+                Duration::from_secs(timeout_secs),
+            )
+            .await
         }
         Cmd::Serve {
             broker,

@@ -86,40 +86,60 @@ pub async fn publish(
     broker: &BrokerConfig,
     plan: &Plan<'_>,
     signed: &Signed,
+    chunks: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> anyhow::Result<()> {
     let chunk = plan.chunk_bytes as usize;
-    let mut opts = lathe::link::options(broker, format!("lathe-hub-up-{:x}", signed.desired.counter), None)?;
-    let size = chunk + 4096;
-    opts.set_max_packet_size(size.max(1 << 20), size.max(1 << 20));
-    opts.set_inflight(IN_FLIGHT as u16);
-    let (client, mut eventloop) = lathe::link::connect(opts, IN_FLIGHT);
     let fleet = plan.fleet.as_str();
     let blob = &signed.desired.model.bundle;
     // The index first: a device needs it before any chunk of the bundle.
     let mut messages: Vec<(String, &[u8])> = vec![];
-    for (i, c) in signed.index.chunks(chunk).enumerate() {
-        messages.push((rollout::chunk_topic(fleet, &blob.index_sha256, i as u64), c));
+    if chunks {
+        for (i, c) in signed.index.chunks(chunk).enumerate() {
+            messages.push((rollout::chunk_topic(fleet, &blob.index_sha256, i as u64), c));
+        }
     }
     let index_messages = messages.len();
-    for (i, c) in plan.bundle.chunks(chunk).enumerate() {
-        messages.push((rollout::chunk_topic(fleet, &blob.sha256, i as u64), c));
+    if chunks {
+        for (i, c) in plan.bundle.chunks(chunk).enumerate() {
+            messages.push((rollout::chunk_topic(fleet, &blob.sha256, i as u64), c));
+        }
     }
     for t in &signed.topics {
         messages.push((t.clone(), &signed.message));
     }
-    let total = plan.bundle.len() as u64;
-    let mut next = 0;
-    let mut acked = 0;
-    let mut connected = false;
-    let mut outstanding = 0usize;
+    let total = if chunks { plan.bundle.len() as u64 } else { 0 };
     progress(0, total);
+    send_retained(broker, "up", chunk + 4096, &messages, &mut |acked| {
+        if acked > index_messages {
+            let chunks = (acked - index_messages) as u64;
+            progress((chunks * chunk as u64).min(total), total);
+        }
+    })
+    .await
+    .context("devices keep what they have; run the same command again")
+}
+
+/// Publish `messages` retained at QoS 1, at most [`IN_FLIGHT`] unacknowledged, in order, and
+/// wait until the broker has acknowledged every one; `acked(n)` is called as they are.
+async fn send_retained(
+    broker: &BrokerConfig,
+    what: &str,
+    max_packet: usize,
+    messages: &[(String, &[u8])],
+    acked_so_far: &mut dyn FnMut(usize),
+) -> anyhow::Result<()> {
+    let mut opts = lathe::link::options(broker, format!("lathe-hub-{what}-{:x}", rand_u64()), None)?;
+    opts.set_max_packet_size(max_packet.max(1 << 20), max_packet.max(1 << 20));
+    opts.set_inflight(IN_FLIGHT as u16);
+    let (client, mut eventloop) = lathe::link::connect(opts, IN_FLIGHT);
+    let (mut next, mut acked, mut outstanding, mut connected) = (0, 0, 0usize, false);
     while acked < messages.len() {
         while connected && outstanding < IN_FLIGHT && next < messages.len() {
             let (topic, payload) = &messages[next];
             client
                 .try_publish(topic.clone(), QoS::AtLeastOnce, true, payload.to_vec())
-                .context("queueing a chunk")?;
+                .context("queueing a message")?;
             next += 1;
             outstanding += 1;
         }
@@ -128,14 +148,11 @@ pub async fn publish(
             Ok(Event::Incoming(Packet::PubAck(_))) => {
                 acked += 1;
                 outstanding -= 1;
-                if acked > index_messages {
-                    let chunks = (acked - index_messages) as u64;
-                    progress((chunks * chunk as u64).min(total), total);
-                }
+                acked_so_far(acked);
             }
             Ok(_) => {}
             Err(e) if connected => anyhow::bail!(
-                "connection to broker {}:{} lost while publishing ({acked} of {} messages acknowledged): {e}; run the same command again, devices keep what they have",
+                "connection to broker {}:{} lost ({acked} of {} messages acknowledged): {e}",
                 broker.host,
                 broker.port,
                 messages.len()
@@ -150,6 +167,149 @@ pub async fn publish(
     })
     .await;
     Ok(())
+}
+
+/// Publish a key set (SPEC §8.7), retained, signed by `signers`: from now on the fleet's
+/// devices trust `store` at `threshold`. Waits for `wait_for` to report it in force. Returns the
+/// exit code: 0 when every device waited for did.
+pub async fn publish_keys(
+    broker: &BrokerConfig,
+    fleet: &Name,
+    store: &protocol::keys::TrustStore,
+    threshold: usize,
+    signers: &[&SigningKey],
+    wait_for: &[Name],
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    let now = lathe::sync::now_ms();
+    let set = protocol::keyset::KeySet {
+        format: protocol::keyset::KEYS_FORMAT,
+        fleet: fleet.to_string(),
+        counter: now,
+        created: now / 1000,
+        threshold,
+        keys: store.keys().map(|k| k.to_text()).collect(),
+    };
+    let message = protocol::keyset::sign_key_set(&set, signers).map_err(|e| anyhow::anyhow!("key set: {e}"))?;
+    let topic = protocol::keyset::keys_topic(fleet.as_str());
+    send_retained(broker, "keys", 1 << 20, &[(topic.clone(), &message)], &mut |_| {}).await?;
+    eprintln!(
+        "key set #{now} published to {topic}: {} key(s), threshold {threshold}, signed by {}",
+        set.keys.len(),
+        signers
+            .iter()
+            .map(|k| k.key_id().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if wait_for.is_empty() {
+        return Ok(0);
+    }
+    let mut seen: BTreeMap<String, Reported> = BTreeMap::new();
+    let filter = format!("{}/{fleet}/+/reported", protocol::topic::ROOT);
+    watch_reported(broker, &filter, timeout, None, |_, device, r| {
+        if wait_for.iter().any(|d| d.as_str() == device) {
+            seen.insert(device.to_string(), r);
+        }
+        wait_for.iter().all(|d| {
+            seen.get(d.as_str()).is_some_and(|r| {
+                r.key_set == Some(now) || r.keys_error.as_ref().is_some_and(|e| e.counter == Some(now))
+            })
+        })
+    })
+    .await?;
+    let mut code = 0;
+    for d in wait_for {
+        match seen.get(d.as_str()) {
+            Some(r) if r.key_set == Some(now) => println!("ok: {d}: trusts key set #{now}"),
+            Some(r) => {
+                code = 1;
+                match r.keys_error.as_ref().filter(|e| e.counter == Some(now)) {
+                    Some(e) => println!("refused ({}): {d}: {}", e.code, e.message),
+                    None => println!(
+                        "no answer from {d} within {}s: it converges when it can (the key set is retained)",
+                        timeout.as_secs()
+                    ),
+                }
+            }
+            None => {
+                code = 1;
+                println!(
+                    "no answer from {d} within {}s: it has never reported a rollout state",
+                    timeout.as_secs()
+                );
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// Clear the retained chunks of a bundle (and of its chunk index) at the broker: an empty
+/// retained message on each chunk topic. Refused while a desired state retained for the fleet
+/// still names the bundle, unless `force`: a device that comes back would find nothing to
+/// fetch. Returns the chunk topics cleared.
+pub async fn clear(
+    broker: &BrokerConfig,
+    fleet: &Name,
+    bundle: &[u8],
+    chunk_bytes: u32,
+    force: bool,
+) -> anyhow::Result<usize> {
+    let (blob, _) = rollout::describe(bundle, chunk_bytes);
+    if !force {
+        let root = protocol::topic::ROOT;
+        let filters = [
+            format!("{root}/{fleet}/+/desired"),
+            format!("{root}/{fleet}/@group/+/desired"),
+        ];
+        for (topic, payload) in retained(broker, &filters, Duration::from_millis(500), Duration::from_secs(10)).await? {
+            if desired_names(&payload, &blob.sha256) {
+                anyhow::bail!(
+                    "the desired state at {topic} names this bundle: devices may still fetch it; deploy another bundle there first, or pass --force"
+                );
+            }
+        }
+    }
+    let mut topics: Vec<String> = (0..blob.chunks())
+        .map(|i| rollout::chunk_topic(fleet.as_str(), &blob.sha256, i))
+        .collect();
+    topics
+        .extend((0..blob.index_object().chunks()).map(|i| rollout::chunk_topic(fleet.as_str(), &blob.index_sha256, i)));
+    let empty: &[u8] = &[];
+    let messages: Vec<(String, &[u8])> = topics.iter().map(|t| (t.clone(), empty)).collect();
+    send_retained(broker, "clear", 1 << 20, &messages, &mut |_| {})
+        .await
+        .context("run the same command again")?;
+    Ok(topics.len())
+}
+
+/// Whether a retained desired-state message names the bundle `sha256`. Read without checking
+/// signatures: a forged one only makes `clear` more careful.
+fn desired_names(message: &[u8], sha256: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Env {
+        payload: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        model: Model,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        bundle: Blob,
+    }
+    #[derive(serde::Deserialize)]
+    struct Blob {
+        sha256: String,
+    }
+    use base64::Engine as _;
+    let Ok(env) = serde_json::from_slice::<Env>(message) else {
+        return false;
+    };
+    let Ok(body) = base64::engine::general_purpose::STANDARD.decode(env.payload) else {
+        return false;
+    };
+    serde_json::from_slice::<Body>(&body).is_ok_and(|b| b.model.bundle.sha256 == sha256)
 }
 
 /// What one device reported about a desired state.
@@ -227,6 +387,61 @@ async fn watch_reported(
     settle: Option<Duration>,
     mut seen: impl FnMut(&str, &str, Reported) -> bool,
 ) -> anyhow::Result<()> {
+    watch_topics(
+        broker,
+        &[filter.to_string()],
+        timeout,
+        settle,
+        rollout::MAX_REPORTED_BYTES,
+        |topic, payload| {
+            let parts: Vec<&str> = topic.split('/').collect();
+            let [_, _, fleet, device, "reported"] = parts[..] else {
+                return false;
+            };
+            match serde_json::from_slice::<Reported>(payload) {
+                Ok(r) => seen(fleet, device, r),
+                Err(_) => false,
+            }
+        },
+    )
+    .await
+}
+
+/// The retained messages on `filters` (each at most a desired state's size), read until
+/// nothing new came for `settle`, or `timeout`.
+pub async fn retained(
+    broker: &BrokerConfig,
+    filters: &[String],
+    settle: Duration,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = vec![];
+    watch_topics(
+        broker,
+        filters,
+        timeout,
+        Some(settle),
+        rollout::MAX_DESIRED_BYTES,
+        |topic, payload| {
+            out.push((topic.to_string(), payload.to_vec()));
+            false
+        },
+    )
+    .await?;
+    Ok(out)
+}
+
+/// Subscribe to `filters` and hand each message of at most `max_bytes` to `seen(topic,
+/// payload)` until it returns true, `timeout` passes or, with `settle`, nothing new came for
+/// that long.
+async fn watch_topics(
+    broker: &BrokerConfig,
+    filters: &[String],
+    timeout: Duration,
+    settle: Option<Duration>,
+    max_bytes: usize,
+    mut seen: impl FnMut(&str, &[u8]) -> bool,
+) -> anyhow::Result<()> {
     let mut opts = lathe::link::options(broker, format!("lathe-hub-watch-{:x}", rand_u64()), None)?;
     opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = lathe::link::connect(opts, 16);
@@ -242,23 +457,18 @@ async fn watch_reported(
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
-                client.subscribe(filter, QoS::AtLeastOnce).await?;
+                for f in filters {
+                    client.subscribe(f, QoS::AtLeastOnce).await?;
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if p.payload.len() > rollout::MAX_REPORTED_BYTES {
+                if p.payload.len() > max_bytes {
                     continue;
                 }
-                let parts: Vec<&str> = p.topic.split('/').collect();
-                let [_, _, fleet, device, "reported"] = parts[..] else {
-                    continue;
-                };
-                let Ok(r) = serde_json::from_slice::<Reported>(&p.payload) else {
-                    continue;
-                };
                 if let Some(s) = settle {
                     quiet = Some(tokio::time::Instant::now() + s);
                 }
-                if seen(fleet, device, r) {
+                if seen(&p.topic, &p.payload) {
                     break;
                 }
             }
@@ -287,6 +497,7 @@ pub fn render(states: &BTreeMap<(String, String), Reported>) -> String {
             Phase::Idle => "idle",
             Phase::Downloading => "downloading",
             Phase::Activating => "activating",
+            Phase::Watching => "watching",
             Phase::Failed => "failed",
         };
         s += &format!(
@@ -309,6 +520,14 @@ pub fn render(states: &BTreeMap<(String, String), Reported>) -> String {
         if !below.is_empty() {
             s += &format!("  {}", below.join(", "));
         }
+        if let Some(w) = &r.watch {
+            let left = w.ends_ms.saturating_sub(r.ts_ms).div_ceil(1000);
+            let c = &w.counts;
+            s += &format!(
+                "\n    watching {} v{}: {left} s left, {} rows, {} failed, {} non-finite, {} out of range, p99 {} µs",
+                w.name, w.version, c.rows, c.failed, c.non_finite, c.out_of_range, c.p99_us
+            );
+        }
         if let Some(e) = &r.error {
             s += &format!("\n    last error ({}): {}", e.code, e.message);
         }
@@ -330,12 +549,89 @@ pub struct Run<'a> {
     pub plan: Plan<'a>,
     pub wait_for: Vec<Name>,
     pub timeout: Duration,
+    /// With a group: this percentage of its members (at least one) first, each to commit the
+    /// model after its watch period, before the group's desired state is published.
+    pub canary: Option<u8>,
 }
 
 /// Do a [`Run`], printing progress on stderr and one line per device on stdout. Returns the
 /// exit code: 0 when every device waited for runs the desired model.
 pub async fn run(r: Run<'_>) -> anyhow::Result<u8> {
+    if let (Some(pct), Some(group)) = (r.canary, r.plan.group.clone()) {
+        return canary(r, pct, &group).await;
+    }
     let signed = sign(&r.plan, lathe::sync::now_ms())?;
+    upload(&r.broker, &r.plan, &signed, true).await?;
+    if r.wait_for.is_empty() {
+        println!("published; lathe-hub rollout status shows the devices' progress");
+        return Ok(0);
+    }
+    settle(&r, &signed, &r.wait_for).await
+}
+
+/// A canary: the first `pct`% of the group's members (by name, at least one) get a desired
+/// state of their own; only when every one of them has committed the model (its watch period
+/// passed) does the group's desired state go out. A canary that fails halts the rollout.
+async fn canary(r: Run<'_>, pct: u8, group: &Name) -> anyhow::Result<u8> {
+    let known = reported(
+        &r.broker,
+        Some(&r.plan.fleet),
+        Duration::from_millis(300),
+        Duration::from_secs(5),
+    )
+    .await?;
+    let members: Vec<Name> = known
+        .iter()
+        .filter(|(_, rep)| rep.groups.iter().any(|g| g == group.as_str()))
+        .filter_map(|((_, device), _)| Name::new(device.clone()).ok())
+        .collect();
+    anyhow::ensure!(
+        !members.is_empty(),
+        "no device of fleet {} reports that it is in group {group}: a canary needs the members' reported states (agents 1.5 and later, with the group in rollout.groups)",
+        r.plan.fleet
+    );
+    let n = (members.len() * pct as usize).div_ceil(100).clamp(1, members.len());
+    let canaries: Vec<Name> = members[..n].to_vec();
+    eprintln!(
+        "canary: {} of the {} members of {group} first: {}",
+        canaries.len(),
+        members.len(),
+        canaries.iter().map(Name::as_str).collect::<Vec<_>>().join(", ")
+    );
+    let first = Plan {
+        fleet: r.plan.fleet.clone(),
+        devices: canaries.clone(),
+        group: None,
+        bundle: r.plan.bundle,
+        keys: r.plan.keys.clone(),
+        chunk_bytes: r.plan.chunk_bytes,
+        expires_in_secs: r.plan.expires_in_secs,
+        rollback: r.plan.rollback,
+    };
+    let signed = sign(&first, lathe::sync::now_ms())?;
+    upload(&r.broker, &first, &signed, true).await?;
+    let code = settle(&r, &signed, &canaries).await?;
+    if code != 0 {
+        println!("halted: the canary did not commit the model; the desired state of {group} was not published");
+        return Ok(code);
+    }
+    eprintln!("canary passed; publishing the desired state of {group}");
+    // Signed later, so its counter is above the canaries' own: they follow it with nothing
+    // to do, since they run its model already.
+    let signed = sign(&r.plan, lathe::sync::now_ms().max(signed.desired.counter + 1))?;
+    upload(&r.broker, &r.plan, &signed, false).await?;
+    let wait_for = if r.wait_for.is_empty() { &members } else { &r.wait_for };
+    if r.timeout.is_zero() {
+        println!("published; lathe-hub rollout status shows the devices' progress");
+        return Ok(0);
+    }
+    settle(&r, &signed, wait_for).await
+}
+
+/// Publish a signed desired state, with the bundle's chunks first when `chunks` (they are
+/// retained: a second desired state for the same bundle needs none), showing the upload's
+/// progress on stderr.
+async fn upload(broker: &BrokerConfig, plan: &Plan<'_>, signed: &Signed, chunks: bool) -> anyhow::Result<()> {
     let m = &signed.desired.model;
     let what = if m.rollback { "rollback to" } else { "deploy of" };
     eprintln!(
@@ -365,21 +661,16 @@ pub async fn run(r: Run<'_>) -> anyhow::Result<u8> {
         }
         last_pct = pct;
     };
-    publish(&r.broker, &r.plan, &signed, &mut bar).await?;
+    publish(broker, plan, signed, chunks, &mut bar).await?;
     eprintln!("published to {}", signed.topics.join(", "));
-    if r.wait_for.is_empty() {
-        println!("published; lathe-hub rollout status shows the devices' progress");
-        return Ok(0);
-    }
-    let outcomes = wait(
-        &r.broker,
-        &r.plan.fleet,
-        &r.wait_for,
-        &signed.desired,
-        r.timeout,
-        |_, _| {},
-    )
-    .await?;
+    Ok(())
+}
+
+/// Wait for `devices` to settle a published desired state and print one line per device.
+/// Returns 0 when every one runs (and has committed) the model.
+async fn settle(r: &Run<'_>, signed: &Signed, devices: &[Name]) -> anyhow::Result<u8> {
+    let m = &signed.desired.model;
+    let outcomes = wait(&r.broker, &r.plan.fleet, devices, &signed.desired, r.timeout, |_, _| {}).await?;
     let last = reported(
         &r.broker,
         Some(&r.plan.fleet),
@@ -417,13 +708,22 @@ pub async fn run(r: Run<'_>) -> anyhow::Result<u8> {
             }
             None => {
                 code = 1;
-                let now = last.get(&(r.plan.fleet.to_string(), device.clone()));
+                let now = last.get(&(r.plan.fleet.to_string(), device.to_string()));
                 let why = match now {
                     None => "it has never reported a rollout state: offline, or not running a 1.4 agent".to_string(),
                     Some(rep) => {
                         let mut w = format!("phase {:?}", rep.phase).to_lowercase();
                         if let Some(s) = &rep.staged {
                             w += &format!(", {} of {} bytes fetched", s.received_bytes, s.size);
+                        }
+                        if let Some(wt) = &rep.watch {
+                            w += &format!(
+                                ", {} v{} watched for {} s more ({} rows so far)",
+                                wt.name,
+                                wt.version,
+                                wt.ends_ms.saturating_sub(rep.ts_ms).div_ceil(1000),
+                                wt.counts.rows
+                            );
                         }
                         if rep.counter < signed.desired.counter {
                             w += ", the desired state not yet seen (offline?)";
@@ -475,5 +775,61 @@ mod tests {
         });
         assert!(matches!(outcome(&r, 10, &model), Some(Outcome::Failed(_))));
         assert_eq!(outcome(&r, 12, &model), None, "another desired state's error");
+    }
+
+    #[test]
+    fn rollout_status_says_what_each_device_does() {
+        let model = |v| {
+            Some(ReportedModel {
+                name: "bearing".into(),
+                version: v,
+            })
+        };
+        let watching = Reported {
+            ts_ms: 1_000,
+            counter: 10,
+            phase: Phase::Watching,
+            active: model(3),
+            previous: model(2),
+            high_water: [("bearing".to_string(), 2)].into(),
+            watch: Some(protocol::rollout::WatchReport {
+                name: "bearing".into(),
+                version: 3,
+                ends_ms: 46_000,
+                counts: protocol::rollout::WatchCounts {
+                    rows: 120,
+                    failed: 1,
+                    non_finite: 0,
+                    out_of_range: 4,
+                    p99_us: 850,
+                },
+            }),
+            ..Default::default()
+        };
+        let rolled_back = Reported {
+            counter: 11,
+            phase: Phase::Failed,
+            active: model(2),
+            previous: model(3),
+            high_water: [("bearing".to_string(), 3)].into(),
+            error: Some(ReportedError {
+                code: "watch_failed".into(),
+                message: "bearing v3 failed its watch period".into(),
+                counter: Some(11),
+            }),
+            ..Default::default()
+        };
+        let states = [
+            (("plant1".to_string(), "press-7".to_string()), watching),
+            (("plant1".to_string(), "press-8".to_string()), rolled_back),
+        ]
+        .into();
+        assert_eq!(
+            render(&states),
+            "plant1/press-7  watching    active bearing v3  previous bearing v2\n    \
+             watching bearing v3: 45 s left, 120 rows, 1 failed, 0 non-finite, 4 out of range, p99 850 µs\n\
+             plant1/press-8  failed      active bearing v2  previous bearing v3  below v3 (rolled back)\n    \
+             last error (watch_failed): bearing v3 failed its watch period\n"
+        );
     }
 }

@@ -282,8 +282,10 @@ pub struct Verified {
     pub manifest: Manifest,
     /// The key ids whose signatures were valid and counted.
     pub signed_by: Vec<String>,
-    /// Payload bytes, in manifest order.
-    pub payloads: Vec<Vec<u8>>,
+    /// The bundle file, whose payloads are at `ranges`, in manifest order: held once, not
+    /// copied per payload.
+    bytes: Vec<u8>,
+    ranges: Vec<std::ops::Range<usize>>,
 }
 
 impl Verified {
@@ -292,7 +294,7 @@ impl Verified {
             .payloads
             .iter()
             .position(|p| p.role == role)
-            .map(|i| self.payloads[i].as_slice())
+            .map(|i| &self.bytes[self.ranges[i].clone()])
     }
 
     pub fn model(&self) -> &[u8] {
@@ -420,11 +422,35 @@ pub fn sign_envelope(payload_type: &str, body: &[u8], keys: &[&SigningKey]) -> E
 
 /// Verify a bundle file against a policy.
 pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError> {
+    let (manifest, signed_by, ranges) = check(bytes, policy)?;
+    Ok(Verified {
+        manifest,
+        signed_by,
+        bytes: bytes.to_vec(),
+        ranges,
+    })
+}
+
+/// [`verify`] a bundle file the caller owns, keeping it without a copy: what a device does
+/// with a bundle it activates, so that a large one is in memory once.
+pub fn verify_owned(bytes: Vec<u8>, policy: &Policy<'_>) -> Result<Verified, VerifyError> {
+    let (manifest, signed_by, ranges) = check(&bytes, policy)?;
+    Ok(Verified {
+        manifest,
+        signed_by,
+        bytes,
+        ranges,
+    })
+}
+
+type Checked = (Manifest, Vec<String>, Vec<std::ops::Range<usize>>);
+
+fn check(bytes: &[u8], policy: &Policy<'_>) -> Result<Checked, VerifyError> {
     let c = split(bytes)?;
     let env: Envelope =
         serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
     let (body, valid) = check_signatures(&env, PAYLOAD_TYPE, policy.trust, policy.threshold)?;
-    let (manifest, payloads) = contents(&body, c.rest)?;
+    let (manifest, ranges) = contents(&body, &c)?;
 
     if policy.now >= manifest.expires {
         return Err(VerifyError::Expired {
@@ -443,24 +469,20 @@ pub fn verify(bytes: &[u8], policy: &Policy<'_>) -> Result<Verified, VerifyError
             });
         }
     }
-    Ok(Verified {
-        manifest,
-        signed_by: valid,
-        payloads,
-    })
+    Ok((manifest, valid, ranges))
 }
 
 /// Open a bundle file that was verified in full before and whose SHA-256 the caller recorded
 /// then: the file must still have that digest, and steps 1, 2 and 4 to 6 of verification pass
 /// (layout, canonical and valid manifest, payload digests). Signatures are not counted: a
 /// device keeps running a bundle it verified when its trust policy changes later (SPEC §4.6).
-pub fn reopen(bytes: &[u8], recorded_sha256: &str) -> Result<Verified, VerifyError> {
-    if crate::sha256_hex(bytes) != recorded_sha256 {
+pub fn reopen(bytes: Vec<u8>, recorded_sha256: &str) -> Result<Verified, VerifyError> {
+    if crate::sha256_hex(&bytes) != recorded_sha256 {
         return Err(VerifyError::DigestMismatch {
             name: "the bundle file".into(),
         });
     }
-    let c = split(bytes)?;
+    let c = split(&bytes)?;
     let env: Envelope =
         serde_json::from_slice(c.envelope).map_err(|e| VerifyError::MalformedEnvelope(e.to_string()))?;
     if env.payload_type != PAYLOAD_TYPE {
@@ -469,16 +491,17 @@ pub fn reopen(bytes: &[u8], recorded_sha256: &str) -> Result<Verified, VerifyErr
     let body = B64
         .decode(&env.payload)
         .map_err(|e| VerifyError::MalformedEnvelope(format!("payload: {e}")))?;
-    let (manifest, payloads) = contents(&body, c.rest)?;
+    let (manifest, ranges) = contents(&body, &c)?;
     Ok(Verified {
         manifest,
         signed_by: vec![],
-        payloads,
+        bytes,
+        ranges,
     })
 }
 
 /// Steps 4 to 6: the manifest is canonical and valid, and the payloads are exactly its own.
-fn contents(body: &[u8], rest: &[u8]) -> Result<(Manifest, Vec<Vec<u8>>), VerifyError> {
+fn contents(body: &[u8], c: &Container<'_>) -> Result<(Manifest, Vec<std::ops::Range<usize>>), VerifyError> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
     if canonical::encode(&value).ok().as_deref() != Some(body) {
@@ -487,8 +510,9 @@ fn contents(body: &[u8], rest: &[u8]) -> Result<(Manifest, Vec<Vec<u8>>), Verify
     let manifest: Manifest = serde_json::from_value(value).map_err(|e| VerifyError::InvalidManifest(e.to_string()))?;
     manifest.check().map_err(VerifyError::InvalidManifest)?;
 
-    let mut payloads = Vec::with_capacity(manifest.payloads.len());
-    let mut rest = rest;
+    let mut ranges = Vec::with_capacity(manifest.payloads.len());
+    let mut rest = c.rest;
+    let mut at = 12 + c.envelope.len();
     for p in &manifest.payloads {
         let size = usize::try_from(p.size).unwrap_or(usize::MAX);
         if rest.len() < size {
@@ -503,13 +527,14 @@ fn contents(body: &[u8], rest: &[u8]) -> Result<(Manifest, Vec<Vec<u8>>), Verify
         if crate::sha256_hex(data) != p.sha256 {
             return Err(VerifyError::DigestMismatch { name: p.name.clone() });
         }
-        payloads.push(data.to_vec());
+        ranges.push(at..at + size);
+        at += size;
         rest = tail;
     }
     if !rest.is_empty() {
         return Err(VerifyError::TrailingData(rest.len() as u64));
     }
-    Ok((manifest, payloads))
+    Ok((manifest, ranges))
 }
 
 /// Build a bundle file: fill in payload digests and sizes, sign, and lay out the bytes.
@@ -615,14 +640,17 @@ mod tests {
     fn a_recorded_bundle_reopens_without_its_signatures_only_while_unchanged() {
         let b = pack(manifest(1), &[(model_ref(), b"onnx".to_vec())], &[&key(3)]).expect("packs");
         let sha = crate::sha256_hex(&b);
-        let v = reopen(&b, &sha).expect("the recorded file reopens");
+        let v = reopen(b.clone(), &sha).expect("the recorded file reopens");
         assert_eq!((v.manifest.version, v.model()), (1, &b"onnx"[..]));
         let mut flipped = b.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert_eq!(reopen(&flipped, &sha).expect_err("changed").code(), "digest_mismatch");
+        assert_eq!(
+            reopen(flipped.clone(), &sha).expect_err("changed").code(),
+            "digest_mismatch"
+        );
         // Recorded after the change (a store written by someone else): the payload's own digest.
-        let err = reopen(&flipped, &crate::sha256_hex(&flipped)).expect_err("payload");
+        let err = reopen(flipped.clone(), &crate::sha256_hex(&flipped)).expect_err("payload");
         assert_eq!(
             err,
             VerifyError::DigestMismatch {

@@ -155,6 +155,11 @@ impl TrustStore {
         self.keys.get(id)
     }
 
+    /// The keys, by key id.
+    pub fn keys(&self) -> impl Iterator<Item = &PublicKey> {
+        self.keys.values()
+    }
+
     pub fn ids(&self) -> Vec<KeyId> {
         self.keys.keys().cloned().collect()
     }

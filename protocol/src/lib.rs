@@ -8,6 +8,7 @@ pub mod baseline;
 pub mod bundle;
 pub mod canonical;
 pub mod keys;
+pub mod keyset;
 pub mod messages;
 pub mod rollout;
 pub mod selftest;

@@ -308,19 +308,11 @@ pub struct VerifiedDesired {
 /// Verify a desired-state message: size, signatures (before anything else is read), canonical
 /// form, rules, targets, expiry, counter and version, in that order (SPEC.md §8.2).
 pub fn verify_desired(message: &[u8], policy: &DesiredPolicy<'_>) -> Result<VerifiedDesired, DesiredError> {
-    if message.len() > MAX_DESIRED_BYTES {
-        return Err(DesiredError::TooLarge(message.len()));
-    }
-    let env: Envelope = serde_json::from_slice(message)
-        .map_err(|e| DesiredError::Envelope(VerifyError::MalformedEnvelope(e.to_string())))?;
-    let (body, signed_by) = bundle::check_signatures(&env, DESIRED_PAYLOAD_TYPE, policy.trust, policy.threshold)
-        .map_err(DesiredError::Envelope)?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| DesiredError::Invalid(e.to_string()))?;
-    if canonical::encode(&value).ok().as_deref() != Some(body.as_slice()) {
-        return Err(DesiredError::Envelope(VerifyError::NonCanonicalManifest));
-    }
-    let desired: Desired = serde_json::from_value(value).map_err(|e| DesiredError::Invalid(e.to_string()))?;
-    desired.check(policy.max_bundle_bytes).map_err(DesiredError::Invalid)?;
+    let VerifiedDesired {
+        desired,
+        signed_by,
+        digest,
+    } = read_desired(message, policy.trust, policy.threshold, policy.max_bundle_bytes)?;
     let t = &desired.targets;
     let targeted = desired.fleet == policy.fleet
         && (t.devices.iter().any(|d| d == policy.device)
@@ -359,6 +351,35 @@ pub fn verify_desired(message: &[u8], policy: &DesiredPolicy<'_>) -> Result<Veri
         }
     }
     Ok(VerifiedDesired {
+        digest,
+        desired,
+        signed_by,
+    })
+}
+
+/// Steps 1 to 3 of a desired state's checks (SPEC.md §8.2): size, signatures by `trust` to
+/// `threshold` (before anything else is read), canonical form and rules. What a hub reads back
+/// from the broker; a device goes on with [`verify_desired`].
+pub fn read_desired(
+    message: &[u8],
+    trust: &TrustStore,
+    threshold: usize,
+    max_bundle_bytes: u64,
+) -> Result<VerifiedDesired, DesiredError> {
+    if message.len() > MAX_DESIRED_BYTES {
+        return Err(DesiredError::TooLarge(message.len()));
+    }
+    let env: Envelope = serde_json::from_slice(message)
+        .map_err(|e| DesiredError::Envelope(VerifyError::MalformedEnvelope(e.to_string())))?;
+    let (body, signed_by) =
+        bundle::check_signatures(&env, DESIRED_PAYLOAD_TYPE, trust, threshold).map_err(DesiredError::Envelope)?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| DesiredError::Invalid(e.to_string()))?;
+    if canonical::encode(&value).ok().as_deref() != Some(body.as_slice()) {
+        return Err(DesiredError::Envelope(VerifyError::NonCanonicalManifest));
+    }
+    let desired: Desired = serde_json::from_value(value).map_err(|e| DesiredError::Invalid(e.to_string()))?;
+    desired.check(max_bundle_bytes).map_err(DesiredError::Invalid)?;
+    Ok(VerifiedDesired {
         digest: crate::sha256_hex(&body),
         desired,
         signed_by,
@@ -387,6 +408,9 @@ pub enum Phase {
     Downloading,
     /// Verifying, loading and switching to a fetched bundle.
     Activating,
+    /// Watching the model just activated (1.5): it is committed, or rolled back on its own,
+    /// when the watch period ends; `watch` says how it does.
+    Watching,
     /// The last desired state could not be applied; `error` says why.
     Failed,
 }
@@ -437,6 +461,45 @@ pub struct Reported {
     /// verified when installed, it keeps running until a bundle that meets it is deployed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The model being watched after its activation, while phase is `watching` (1.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchReport>,
+    /// The groups whose desired states the device follows (1.5): how a hub finds a group's
+    /// members, for a canary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// The counter of the key set in force (1.5, §8.7); absent while the device trusts the keys
+    /// it was installed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_set: Option<u64>,
+    /// Why the last key set that came was refused (1.5), until one is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_error: Option<ReportedError>,
+}
+
+/// How a model in its watch period does so far (SPEC.md §8.4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchReport {
+    pub name: String,
+    pub version: u64,
+    /// When the period ends, Unix ms by the device's clock.
+    pub ends_ms: u64,
+    pub counts: WatchCounts,
+}
+
+/// What a watched model did since its activation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchCounts {
+    /// Rows the model ran.
+    pub rows: u64,
+    /// Rows whose inference failed.
+    pub failed: u64,
+    /// Rows with a NaN or infinite output.
+    pub non_finite: u64,
+    /// Rows with an output outside the training baseline's range.
+    pub out_of_range: u64,
+    /// The 99th percentile of an inference call, in µs (0: no call).
+    pub p99_us: u64,
 }
 
 #[cfg(test)]

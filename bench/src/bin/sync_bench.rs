@@ -94,7 +94,7 @@ fn agent_config(dir: &Path, port: u16, extra: &str) -> Result<PathBuf> {
         &config,
         format!(
             "[device]\nfleet = \"bench\"\nid = \"d1\"\nstate_dir = \"{}\"\n[broker]\nhost = \"127.0.0.1\"\nport = {port}\n\
-             backoff_initial_ms = 100\nbackoff_max_ms = 500\n[trust]\nkeys_file = \"{}\"\n[health]\ninterval_secs = 3600\n{extra}",
+             backoff_initial_ms = 100\nbackoff_max_ms = 500\n[trust]\nkeys_file = \"{}\"\n[health]\ninterval_secs = 3600\n[rollout.watch]\nsecs = 0\n{extra}",
             dir.join("state").display(),
             dir.join("trust.keys").display()
         ),
@@ -268,22 +268,7 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
         &[&key],
     )?;
     let rt = tokio::runtime::Runtime::new()?;
-    let device = protocol::Name::new("d1")?;
-    let code = rt.block_on(lathe_hub::rollout::run(lathe_hub::rollout::Run {
-        broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
-        plan: lathe_hub::rollout::Plan {
-            fleet: protocol::Name::new("bench")?,
-            devices: vec![device.clone()],
-            group: None,
-            bundle: &bundle,
-            keys: vec![&key],
-            chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
-            expires_in_secs: 3600,
-            rollback: false,
-        },
-        wait_for: vec![device],
-        timeout: Duration::from_secs(30),
-    }))?;
+    let code = deploy(&rt, port, &bundle, &key, Duration::from_secs(30))?;
     anyhow::ensure!(code == 0, "deploy refused");
     // Readings of 256 rows each, at QoS 1, as fast as the broker takes them.
     let message: Vec<u8> = {
@@ -387,40 +372,6 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
     Ok(())
 }
 
-/// Protobuf: a varint.
-fn varint(mut v: u64, out: &mut Vec<u8>) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Protobuf: a length-delimited field.
-fn field(num: u64, bytes: &[u8], out: &mut Vec<u8>) {
-    varint(num << 3 | 2, out);
-    varint(bytes.len() as u64, out);
-    out.extend_from_slice(bytes);
-}
-
-/// The fixture model with one more, unused, float initializer of `bytes` bytes: a second
-/// `graph` field (7), which protobuf merges into the first.
-fn padded_model(bytes: usize) -> Vec<u8> {
-    let mut tensor = vec![];
-    varint(1 << 3, &mut tensor); // dims
-    varint((bytes / 4) as u64, &mut tensor);
-    varint(2 << 3, &mut tensor); // data_type: FLOAT
-    varint(1, &mut tensor);
-    field(8, b"padding", &mut tensor);
-    let data: Vec<u8> = (0..bytes / 4).flat_map(|i| ((i % 1000) as f32).to_le_bytes()).collect();
-    field(9, &data, &mut tensor);
-    let mut graph = vec![];
-    field(5, &tensor, &mut graph);
-    let mut model = MODEL.to_vec();
-    field(7, &graph, &mut model);
-    model
-}
-
 /// Deploy a bundle of about `mib` MiB to an agent through Mosquitto, against mosquitto_pub of
 /// the same bytes to mosquitto_sub, in the same run.
 fn rollout(bins: &Path, mib: usize) -> Result<()> {
@@ -434,7 +385,7 @@ fn rollout(bins: &Path, mib: usize) -> Result<()> {
         lathe_hub::ops::PackInput {
             name: "bearing".into(),
             version: 1,
-            model: padded_model(mib << 20),
+            model: lathe_e2e::padded_model(MODEL, mib << 20),
             features,
             selftest: None,
             baseline: None,
@@ -520,23 +471,8 @@ fn rollout(bins: &Path, mib: usize) -> Result<()> {
     }
     std::thread::sleep(Duration::from_secs(1));
     let rt = tokio::runtime::Runtime::new()?;
-    let device = protocol::Name::new("d1")?;
     let t = Instant::now();
-    let code = rt.block_on(lathe_hub::rollout::run(lathe_hub::rollout::Run {
-        broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
-        plan: lathe_hub::rollout::Plan {
-            fleet: protocol::Name::new("bench")?,
-            devices: vec![device.clone()],
-            group: None,
-            bundle: &bundle,
-            keys: vec![&key],
-            chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
-            expires_in_secs: 3600,
-            rollback: false,
-        },
-        wait_for: vec![device],
-        timeout: Duration::from_secs(600),
-    }))?;
+    let code = deploy(&rt, port, &bundle, &key, Duration::from_secs(600))?;
     let total = t.elapsed();
     anyhow::ensure!(code == 0, "the deploy failed");
     std::thread::sleep(Duration::from_millis(300));
@@ -628,4 +564,32 @@ fn main() -> Result<()> {
         Some("rollout") => rollout(&bins, mib),
         _ => bail!("give write, drain or rollout"),
     }
+}
+
+/// `lathe-hub deploy` of `bundle` to the bench's one device, waiting up to `timeout`; the exit
+/// code.
+fn deploy(
+    rt: &tokio::runtime::Runtime,
+    port: u16,
+    bundle: &[u8],
+    key: &protocol::keys::SigningKey,
+    timeout: Duration,
+) -> Result<u8> {
+    let device = protocol::Name::new("d1")?;
+    rt.block_on(lathe_hub::rollout::run(lathe_hub::rollout::Run {
+        broker: lathe::config::BrokerConfig::new("127.0.0.1", port),
+        plan: lathe_hub::rollout::Plan {
+            fleet: protocol::Name::new("bench")?,
+            devices: vec![device.clone()],
+            group: None,
+            bundle,
+            keys: vec![key],
+            chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
+            expires_in_secs: 3600,
+            rollback: false,
+        },
+        wait_for: vec![device],
+        timeout,
+        canary: None,
+    }))
 }

@@ -86,6 +86,92 @@ proptest! {
     }
 }
 
+/// A signed desired state and a signed key set, and the store that trusts their signer.
+fn signed_documents() -> (Vec<u8>, Vec<u8>, TrustStore) {
+    use protocol::rollout::{describe, sign_desired, Desired, DesiredModel, Targets, DESIRED_FORMAT};
+    let k = SigningKey::from_seed(&[5; 32]);
+    let (bundle, _) = describe(&[7u8; 5000], 1024);
+    let desired = Desired {
+        format: DESIRED_FORMAT,
+        fleet: "f".into(),
+        targets: Targets {
+            devices: vec!["d".into()],
+            group: None,
+        },
+        counter: 5,
+        created: 10,
+        expires: 1 << 40,
+        model: DesiredModel {
+            name: "m".into(),
+            version: 2,
+            rollback: false,
+            bundle,
+        },
+    };
+    let keys = protocol::keyset::KeySet {
+        format: protocol::keyset::KEYS_FORMAT,
+        fleet: "f".into(),
+        counter: 9,
+        created: 10,
+        threshold: 1,
+        keys: vec![SigningKey::from_seed(&[6; 32]).public_key().to_text()],
+    };
+    (
+        sign_desired(&desired, &[&k]).expect("signs"),
+        protocol::keyset::sign_key_set(&keys, &[&k]).expect("signs"),
+        TrustStore::new([k.public_key()]),
+    )
+}
+
+fn check_desired(bytes: &[u8], trust: &TrustStore) -> bool {
+    let none = |_: &str| None;
+    let policy = protocol::rollout::DesiredPolicy {
+        trust,
+        threshold: 1,
+        now: 100,
+        fleet: "f",
+        device: "d",
+        groups: &[],
+        last_counter: None,
+        high_water: &none,
+        active: &none,
+        max_bundle_bytes: 1 << 20,
+    };
+    protocol::rollout::verify_desired(bytes, &policy).is_ok()
+}
+
+fn check_keys(bytes: &[u8], trust: &TrustStore) -> bool {
+    protocol::keyset::verify_key_set(bytes, trust, 1, "f", None).is_ok()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The rollout decoders of untrusted bytes (SPEC §8) never panic.
+    #[test]
+    fn rollout_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+        let (_, _, trust) = signed_documents();
+        prop_assert!(!check_desired(&bytes, &trust));
+        prop_assert!(!check_keys(&bytes, &trust));
+        let _ = protocol::keyset::parse_body(&bytes);
+        let _ = serde_json::from_slice::<protocol::rollout::Reported>(&bytes);
+    }
+
+    /// Any byte changed in a signed desired state or key set is refused.
+    #[test]
+    fn mutated_rollout_documents_are_refused(pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let (desired, keys, trust) = signed_documents();
+        prop_assert!(check_desired(&desired, &trust) && check_keys(&keys, &trust));
+        for (doc, check) in [(desired, check_desired as fn(&[u8], &TrustStore) -> bool), (keys, check_keys)] {
+            let i = pos.index(doc.len());
+            prop_assume!(doc[i] != byte);
+            let mut t = doc.clone();
+            t[i] = byte;
+            prop_assert!(!check(&t, &trust), "byte {} set to {} was accepted", i, byte);
+        }
+    }
+}
+
 #[test]
 fn a_baseline_round_trips_exactly() {
     let values: Vec<f64> = (0..1000).map(|i| (i as f64 * 0.7919).sin() * 1e3 + 1.0 / 3.0).collect();

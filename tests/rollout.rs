@@ -452,6 +452,27 @@ fn send_failing(sensor: &Sensor, n: i64) {
     }
 }
 
+/// `lathe-hub deploy --group` of `bundle`, signed with `<key>.key`, with `extra` arguments.
+fn deploy_group(f: &Fleet, group: &str, key: &str, bundle: &Path, extra: &[&str]) -> (i32, String, String) {
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let key = f.path().join(format!("{key}.key"));
+    let mut args = vec![
+        "deploy",
+        "--broker",
+        &port,
+        "--fleet",
+        FLEET,
+        "--group",
+        group,
+        "--key",
+        key.to_str().expect("utf8"),
+        "--bundle",
+        bundle.to_str().expect("utf8"),
+    ];
+    args.extend_from_slice(extra);
+    run(&mut hub_cmd(&args))
+}
+
 fn client(port: u16, name: &str) -> rumqttc::Client {
     let mut opts = rumqttc::MqttOptions::new(name, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -623,27 +644,7 @@ fn a_canary_goes_first_and_a_failed_one_halts_the_rollout() {
     for d in &devices {
         reported(&f, d, "a first report", |r| r["groups"][0] == "line-4");
     }
-    let port = format!("127.0.0.1:{}", f.hub_broker.port);
-    let key = f.path().join("k1.key");
-    let canary = |bundle: &Path| {
-        run(&mut hub_cmd(&[
-            "deploy",
-            "--broker",
-            &port,
-            "--fleet",
-            FLEET,
-            "--group",
-            "line-4",
-            "--canary",
-            "10%",
-            "--key",
-            key.to_str().expect("utf8"),
-            "--bundle",
-            bundle.to_str().expect("utf8"),
-            "--timeout-secs",
-            "60",
-        ]))
-    };
+    let canary = |bundle: &Path| deploy_group(&f, "line-4", "k1", bundle, &["--canary", "10%", "--timeout-secs", "60"]);
     let (code, out, err) = canary(&f.bundle);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
@@ -806,22 +807,7 @@ fn a_fleet_file_is_applied_with_its_difference_first() {
         (code, format!("{out}{err}"))
     };
     // Someone left a desired state for the group signed by a key the devices do not trust.
-    let k3 = f.path().join("k3.key");
-    let (code, out, err) = run(&mut hub_cmd(&[
-        "deploy",
-        "--broker",
-        &port,
-        "--fleet",
-        FLEET,
-        "--group",
-        "line-5",
-        "--key",
-        k3.to_str().expect("utf8"),
-        "--bundle",
-        v2.to_str().expect("utf8"),
-        "--timeout-secs",
-        "0",
-    ]));
+    let (code, out, err) = deploy_group(&f, "line-5", "k3", &v2, &["--timeout-secs", "0"]);
     assert_eq!(code, 0, "{out}{err}");
 
     declare("bearing-1.lbundle");

@@ -199,7 +199,8 @@ struct SignArgs {
 /// A fleet at its broker.
 #[derive(Args)]
 struct FleetAt {
-    /// The broker the devices use (host:port).
+    /// The broker the devices use (host:port). The default is where `serve --embedded-broker`
+    /// listens.
     #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
     broker: String,
     #[command(flatten)]
@@ -216,14 +217,8 @@ impl FleetAt {
 
 #[derive(Args)]
 struct RolloutArgs {
-    /// The broker the devices use (host:port). The default is where `serve --embedded-broker`
-    /// listens.
-    #[arg(long, env = "LATHE_HUB_BROKER", default_value = "127.0.0.1:18830")]
-    broker: String,
     #[command(flatten)]
-    conn: ConnArgs,
-    #[arg(long)]
-    fleet: String,
+    at: FleetAt,
     /// A target device; repeat for several. Or give --group.
     #[arg(long = "device", required_unless_present = "group", conflicts_with = "group")]
     devices: Vec<String>,
@@ -265,7 +260,7 @@ impl RolloutArgs {
             names(&self.wait_for)?
         };
         let plan = rollout::Plan {
-            fleet: Name::new(self.fleet.clone())?,
+            fleet: Name::new(self.at.fleet.clone())?,
             devices,
             group: self.group.clone().map(Name::new).transpose()?,
             bundle: &bundle,
@@ -276,7 +271,7 @@ impl RolloutArgs {
         };
         let size = (self.sign.chunk_bytes as usize + 4096).max(1 << 20);
         rollout::run(rollout::Run {
-            broker: self.conn.broker(&self.broker, size)?,
+            broker: self.at.conn.broker(&self.at.broker, size)?,
             plan,
             wait_for,
             timeout: Duration::from_secs(self.timeout_secs),

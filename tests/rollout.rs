@@ -261,27 +261,13 @@ fn a_group_gets_one_upload_and_its_offline_member_converges() {
     std::thread::sleep(Duration::from_millis(500));
     let bundle = big_bundle(&f, 1);
     let size = std::fs::metadata(&bundle).expect("bundle").len();
-    let port = format!("127.0.0.1:{}", f.hub_broker.port);
-    let key = f.path().join("k1.key");
-    let (code, out, err) = run(&mut hub_cmd(&[
-        "deploy",
-        "--broker",
-        &port,
-        "--fleet",
-        FLEET,
-        "--group",
+    let (code, out, err) = deploy_group(
+        &f,
         "line-2",
-        "--wait-for",
-        &a.id,
-        "--key",
-        key.to_str().expect("utf8"),
-        "--bundle",
-        bundle.to_str().expect("utf8"),
-        "--chunk-bytes",
-        "1024",
-        "--timeout-secs",
-        "60",
-    ]));
+        "k1",
+        &bundle,
+        &["--wait-for", &a.id, "--chunk-bytes", "1024", "--timeout-secs", "60"],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("ok: {}: activated bearing v1", a.id)), "{out}");
     // The member that was offline comes up and takes the same chunks from the broker.

@@ -412,8 +412,15 @@ impl Deployer {
     }
 
     fn persist(&mut self) -> Result<(), DeployError> {
-        let s = serde_json::to_string(&self.state).expect("deploy state serializes");
+        self.adopt(self.state.clone())
+    }
+
+    /// Record `next` in the store, then make it the state: nothing changes in memory unless
+    /// it is durable.
+    fn adopt(&mut self, next: DeployState) -> Result<(), DeployError> {
+        let s = serde_json::to_string(&next).expect("deploy state serializes");
         self.store.set_meta("deploy_state", &s)?;
+        self.state = next;
         Ok(())
     }
 
@@ -477,9 +484,7 @@ impl Deployer {
             },
             watched,
         );
-        let s = serde_json::to_string(&next).expect("deploy state serializes");
-        self.store.set_meta("deploy_state", &s)?;
-        self.state = next;
+        self.adopt(next)?;
         self.active.store(Some(Arc::new(model)));
         self.set_policy_warning(None);
         for f in unused {
@@ -501,9 +506,7 @@ impl Deployer {
         let (model, warning) = self.load_installed(&prev)?;
         let mut next = self.state.clone();
         next.rollback().map_err(DeployError::NoPrevious)?;
-        let s = serde_json::to_string(&next).expect("deploy state serializes");
-        self.store.set_meta("deploy_state", &s)?;
-        self.state = next;
+        self.adopt(next)?;
         self.active.store(Some(Arc::new(model)));
         self.set_policy_warning(warning);
         let was = self
@@ -523,10 +526,7 @@ impl Deployer {
     pub fn commit(&mut self) -> Result<(), DeployError> {
         let mut next = self.state.clone();
         next.commit();
-        let s = serde_json::to_string(&next).expect("deploy state serializes");
-        self.store.set_meta("deploy_state", &s)?;
-        self.state = next;
-        Ok(())
+        self.adopt(next)
     }
 
     pub fn current(&self) -> Option<ModelRef> {

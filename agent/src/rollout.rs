@@ -1406,15 +1406,9 @@ fn retryable(code: &str) -> bool {
 /// it, for the report only.
 fn counter_of(payload: &[u8]) -> Option<u64> {
     #[derive(Deserialize)]
-    struct Env {
-        payload: String,
-    }
-    #[derive(Deserialize)]
     struct Body {
         counter: u64,
     }
-    use base64::Engine as _;
-    let env: Env = serde_json::from_slice(payload).ok()?;
-    let body = base64::engine::general_purpose::STANDARD.decode(env.payload).ok()?;
+    let body = protocol::bundle::unverified_payload(payload)?;
     serde_json::from_slice::<Body>(&body).ok().map(|b| b.counter)
 }

@@ -80,22 +80,26 @@ impl Trial {
         let rows = outputs.rows();
         self.latency.record(took, rows as u64);
         self.rows.add(rows as u64);
+        // Each output's range, looked up once per call, not per row.
+        let columns: Vec<_> = outputs
+            .columns()
+            .iter()
+            .map(|c| (c, self.ranges.iter().find(|(n, _)| **n == *c.name).map(|(_, r)| r)))
+            .collect();
         let (mut non_finite, mut out_of_range) = (0, 0);
         for i in 0..rows {
             let mut nan = false;
             let mut outside = false;
-            for c in outputs.columns() {
+            for (c, range) in &columns {
                 let row = c.row(i);
                 nan |= row.iter().any(|v| !v.is_finite());
-                let Some((_, range)) = self.ranges.iter().find(|(n, _)| **n == *c.name) else {
-                    continue;
-                };
                 outside |= match range {
-                    Range::Values(bounds) => row
+                    None => false,
+                    Some(Range::Values(bounds)) => row
                         .iter()
                         .zip(bounds)
                         .any(|(v, (lo, hi))| v.is_finite() && (v < lo || v > hi)),
-                    Range::Classes(labels) => row
+                    Some(Range::Classes(labels)) => row
                         .iter()
                         .any(|v| v.is_finite() && (v.fract() != 0.0 || !labels.contains(&(*v as i64)))),
                 };

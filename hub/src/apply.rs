@@ -12,7 +12,7 @@ use crate::rollout;
 use anyhow::Context;
 use lathe::config::BrokerConfig;
 use protocol::keys::{SigningKey, TrustStore};
-use protocol::rollout::VerifiedDesired;
+use protocol::rollout::{DesiredTopic, VerifiedDesired};
 use protocol::Name;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -234,19 +234,12 @@ pub async fn current(
     signers: &[&SigningKey],
 ) -> anyhow::Result<BTreeMap<Target, Current>> {
     let trust = TrustStore::new(signers.iter().map(|k| k.public_key()));
-    let root = protocol::topic::ROOT;
-    let filters = [
-        format!("{root}/{fleet}/+/desired"),
-        format!("{root}/{fleet}/@group/+/desired"),
-    ];
-    let messages = rollout::retained(broker, &filters, Duration::from_millis(500), Duration::from_secs(10)).await?;
     let mut out = BTreeMap::new();
-    for (topic, payload) in messages {
-        let parts: Vec<&str> = topic.split('/').collect();
-        let target = match parts[..] {
-            [_, _, _, "@group", g, "desired"] => Name::new(g.to_string()).map(Target::Group),
-            [_, _, _, d, "desired"] => Name::new(d.to_string()).map(Target::Device),
-            _ => continue,
+    for (topic, payload) in rollout::retained_desired(broker, fleet).await? {
+        let target = match protocol::rollout::parse_desired_topic(fleet.as_str(), &topic) {
+            Some(DesiredTopic::Group(g)) => Name::new(g.to_string()).map(Target::Group),
+            Some(DesiredTopic::Device(d)) => Name::new(d.to_string()).map(Target::Device),
+            None => continue,
         };
         let Ok(target) = target else { continue };
         if payload.is_empty() {

@@ -257,12 +257,7 @@ pub async fn clear(
 ) -> anyhow::Result<usize> {
     let (blob, _) = rollout::describe(bundle, chunk_bytes);
     if !force {
-        let root = protocol::topic::ROOT;
-        let filters = [
-            format!("{root}/{fleet}/+/desired"),
-            format!("{root}/{fleet}/@group/+/desired"),
-        ];
-        for (topic, payload) in retained(broker, &filters, Duration::from_millis(500), Duration::from_secs(10)).await? {
+        for (topic, payload) in retained_desired(broker, fleet).await? {
             if desired_names(&payload, &blob.sha256) {
                 anyhow::bail!(
                     "the desired state at {topic} names this bundle: devices may still fetch it; deploy another bundle there first, or pass --force"
@@ -287,10 +282,6 @@ pub async fn clear(
 /// signatures: a forged one only makes `clear` more careful.
 fn desired_names(message: &[u8], sha256: &str) -> bool {
     #[derive(serde::Deserialize)]
-    struct Env {
-        payload: String,
-    }
-    #[derive(serde::Deserialize)]
     struct Body {
         model: Model,
     }
@@ -302,14 +293,8 @@ fn desired_names(message: &[u8], sha256: &str) -> bool {
     struct Blob {
         sha256: String,
     }
-    use base64::Engine as _;
-    let Ok(env) = serde_json::from_slice::<Env>(message) else {
-        return false;
-    };
-    let Ok(body) = base64::engine::general_purpose::STANDARD.decode(env.payload) else {
-        return false;
-    };
-    serde_json::from_slice::<Body>(&body).is_ok_and(|b| b.model.bundle.sha256 == sha256)
+    bundle::unverified_payload(message)
+        .is_some_and(|body| serde_json::from_slice::<Body>(&body).is_ok_and(|b| b.model.bundle.sha256 == sha256))
 }
 
 /// What one device reported about a desired state.
@@ -429,6 +414,17 @@ pub async fn retained(
     )
     .await?;
     Ok(out)
+}
+
+/// Every desired state retained for `fleet`'s devices and groups, by topic.
+pub async fn retained_desired(broker: &BrokerConfig, fleet: &Name) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    retained(
+        broker,
+        &rollout::desired_filters(fleet.as_str()),
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 /// Subscribe to `filters` and hand each message of at most `max_bytes` to `seen(topic,

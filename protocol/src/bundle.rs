@@ -342,6 +342,18 @@ fn split(bytes: &[u8]) -> Result<Container<'_>, VerifyError> {
     })
 }
 
+/// The payload of an envelope message (a desired state, a key set), decoded without checking
+/// anything: for reports and display only, never for a decision. `None` when the message has
+/// no base64 `payload`.
+pub fn unverified_payload(message: &[u8]) -> Option<Vec<u8>> {
+    #[derive(Deserialize)]
+    struct Env {
+        payload: String,
+    }
+    let env: Env = serde_json::from_slice(message).ok()?;
+    B64.decode(env.payload).ok()
+}
+
 /// Read the manifest without verifying anything. For display only (`bundle inspect`).
 pub fn inspect(bytes: &[u8]) -> Result<(Manifest, Envelope), VerifyError> {
     let c = split(bytes)?;

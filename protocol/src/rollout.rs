@@ -44,6 +44,37 @@ pub fn group_desired_topic(fleet: &str, group: &str) -> String {
     format!("{}/{fleet}/@group/{group}/desired", crate::topic::ROOT)
 }
 
+/// Whom a desired-state topic is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DesiredTopic<'a> {
+    Device(&'a str),
+    Group(&'a str),
+}
+
+/// The filters that match every desired state of `fleet`: the devices' and the groups'.
+pub fn desired_filters(fleet: &str) -> [String; 2] {
+    [
+        format!("{}/{fleet}/+/desired", crate::topic::ROOT),
+        format!("{}/{fleet}/@group/+/desired", crate::topic::ROOT),
+    ]
+}
+
+/// Whom a desired-state topic of `fleet` is for, if it is one.
+pub fn parse_desired_topic<'a>(fleet: &str, topic: &'a str) -> Option<DesiredTopic<'a>> {
+    let rest = topic
+        .strip_prefix(crate::topic::ROOT)?
+        .strip_prefix('/')?
+        .strip_prefix(fleet)?
+        .strip_prefix('/')?
+        .strip_suffix("/desired")?;
+    match rest.strip_prefix("@group/") {
+        Some(g) if !g.is_empty() && !g.contains('/') => Some(DesiredTopic::Group(g)),
+        Some(_) => None,
+        None if !rest.is_empty() && !rest.contains('/') && !rest.starts_with('@') => Some(DesiredTopic::Device(rest)),
+        None => None,
+    }
+}
+
 /// Where a device reports its rollout state (retained, QoS 1).
 pub fn reported_topic(fleet: &str, device: &str) -> String {
     format!("{}/{fleet}/{device}/reported", crate::topic::ROOT)
@@ -505,6 +536,27 @@ pub struct WatchCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn desired_topics_round_trip() {
+        let d = device_desired_topic("plant1", "press-7");
+        let g = group_desired_topic("plant1", "line-2");
+        assert_eq!(parse_desired_topic("plant1", &d), Some(DesiredTopic::Device("press-7")));
+        assert_eq!(parse_desired_topic("plant1", &g), Some(DesiredTopic::Group("line-2")));
+        assert_eq!(parse_desired_topic("plant2", &d), None, "another fleet");
+        for other in [
+            reported_topic("plant1", "press-7"),
+            chunk_topic("plant1", &"a".repeat(64), 0),
+            "lathe/v1/plant1/@group/desired".to_string(),
+            "lathe/v1/plant1/a/b/desired".to_string(),
+            "lathe/v1/plant1/@keys/desired".to_string(),
+        ] {
+            assert_eq!(parse_desired_topic("plant1", &other), None, "{other}");
+        }
+        let [devices, groups] = desired_filters("plant1");
+        assert_eq!(devices, "lathe/v1/plant1/+/desired");
+        assert_eq!(groups, "lathe/v1/plant1/@group/+/desired");
+    }
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine;
 

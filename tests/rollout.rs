@@ -9,9 +9,16 @@ use std::time::Duration;
 
 /// The device's retained reported state, once `ok` accepts it.
 fn reported(f: &Fleet, d: &Device, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    reported_at(f, d, None, what, ok)
+}
+
+/// The retained reported state of a device's model slot (`None`: the default one), once `ok`
+/// accepts it.
+fn reported_at(f: &Fleet, d: &Device, slot: Option<&str>, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let topic = format!("lathe/v1/{FLEET}/{}/reported", d.id);
     let rx = watch(
         f.hub_broker.port,
-        &format!("lathe/v1/{FLEET}/{}/reported", d.id),
+        &slot.map_or(topic.clone(), |s| format!("{topic}/{s}")),
         &format!("reported-{}-{}", d.id, free_port()),
     );
     let mut last = Value::Null;
@@ -883,5 +890,165 @@ fn a_kill_during_activation_leaves_a_whole_model_and_converges() {
         files,
         ["bearing-1.lbundle", "bearing-2.lbundle"],
         "no partial file is left"
+    );
+}
+
+/// Several models on one device (SPEC §8.8): two slots, each with its own input topics,
+/// predictions and drift state, deployed and rolled back on its own; a reading both slots take
+/// is acknowledged to the sensor once both have made it durable; a slot's desired state copied
+/// to another slot's topic is refused.
+#[test]
+fn two_model_slots_are_deployed_and_rolled_back_on_their_own() {
+    let f = Fleet::new();
+    let d = f.device("press-60", f.hub_broker.port, &[("inputs", "topics = []")]);
+    let slots = format!(
+        "[[models]]\nslot = \"anomaly\"\ntopics = [\"sensors/{id}/features\"]\n\
+         [[models]]\nslot = \"rul\"\ntopics = [\"sensors/{id}/features\", \"sensors/{id}/spindle\"]\n",
+        id = d.id
+    );
+    let mut config = std::fs::read_to_string(&d.config).expect("config");
+    config += &slots;
+    std::fs::write(&d.config, config).expect("config");
+    let c = cases();
+    let pack = |name: &str, version: u64| {
+        let (code, out, b) = f.pack_model(
+            &fixture("vibration_logreg.onnx"),
+            name,
+            version,
+            &c.features.join(","),
+            &[],
+        );
+        assert_eq!(code, 0, "{out}");
+        b
+    };
+    let (rul1, rul2) = (pack("rul", 1), pack("rul", 2));
+    let key = f.path().join("k1.key");
+    let to_slot = |op: &str, bundle: &Path, slot: &str| {
+        f.command(
+            &d,
+            &[
+                op,
+                "--bundle",
+                bundle.to_str().expect("utf8"),
+                "--key",
+                key.to_str().expect("utf8"),
+                "--slot",
+                slot,
+            ],
+        )
+    };
+    let _hub = f.hub();
+    let _agent = f.agent(&d);
+    wait_online(f.hub_broker.port, &d.id);
+
+    let (code, out) = to_slot("deploy", &f.bundle, "anomaly");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("activated bearing v1"), "{out}");
+    let (code, out) = to_slot("deploy", &rul1, "rul");
+    assert_eq!(code, 0, "{out}");
+    let anomaly = reported_at(&f, &d, Some("anomaly"), "bearing v1 in slot anomaly", |r| {
+        r["active"]["name"] == "bearing" && r["slot"] == "anomaly"
+    });
+    assert!(anomaly["previous"].is_null(), "{anomaly}");
+
+    // Readings on the shared topic go to both slots; those on the spindle topic to rul only.
+    let sensor = Sensor::new(f.sensor_broker.port, &d.id);
+    sensor.send_range(&c, 0, 20, Duration::ZERO);
+    for id in 20..30 {
+        sensor
+            .client
+            .publish(
+                format!("sensors/{}/spindle", d.id),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                reading(&c, id),
+            )
+            .expect("publish");
+    }
+    sensor.wait_acked(30);
+    let predicted_by = |id: i64| -> Vec<String> {
+        let mut m: Vec<String> = hub_predictions(&f.hub_db)
+            .into_iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, p)| p["model"]["name"].as_str().unwrap_or("?").to_string())
+            .collect();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let all = eventually(Duration::from_secs(30), || {
+        let shared = (0..20).all(|i| predicted_by(i) == ["bearing", "rul"]);
+        let spindle = (20..30).all(|i| predicted_by(i) == ["rul"]);
+        (shared && spindle).then_some(())
+    });
+    assert!(
+        all.is_some(),
+        "predictions by model: {:?}",
+        (0..30).map(predicted_by).collect::<Vec<_>>()
+    );
+
+    // rul v2, then a rollback to v1: slot anomaly is not touched.
+    let (code, out) = to_slot("deploy", &rul2, "rul");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = to_slot("rollback", &rul1, "rul");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rolled back to rul v1"), "{out}");
+    let rul = reported_at(&f, &d, Some("rul"), "rul v1 after its rollback", |r| {
+        r["active"]["version"] == 1 && r["phase"] == "idle"
+    });
+    assert_eq!(rul["previous"]["version"], 2, "{rul}");
+    assert_eq!(rul["high_water"]["rul"], 2, "{rul}");
+    let again = reported_at(&f, &d, Some("anomaly"), "slot anomaly as it was", |_| true);
+    assert_eq!(again["active"], anomaly["active"], "{again}");
+    assert_eq!(again["counter"], anomaly["counter"], "{again}");
+
+    // Slot rul's desired state copied to slot anomaly's topic.
+    let retained = watch(
+        f.hub_broker.port,
+        &format!("lathe/v1/{FLEET}/{}/desired/rul", d.id),
+        "slot-desired-watch",
+    );
+    let (_, for_rul) = retained.recv_timeout(Duration::from_secs(10)).expect("retained");
+    client(f.hub_broker.port, "slot-forger")
+        .publish(
+            format!("lathe/v1/{FLEET}/{}/desired/anomaly", d.id),
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            for_rul,
+        )
+        .expect("publish");
+    let r = reported_at(&f, &d, Some("anomaly"), "the copy refused", |r| {
+        r["error"]["code"] == "not_targeted"
+    });
+    assert_eq!(r["active"]["name"], "bearing", "{r}");
+
+    // A deploy without the slot names the slots the device runs.
+    let port = format!("127.0.0.1:{}", f.hub_broker.port);
+    let mut args = deploy_args(&f, &d, &port, key.to_str().expect("utf8"), &rul2);
+    args.extend(["--timeout-secs", "3"]);
+    let (code, out, err) = run(&mut hub_cmd(&args));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("only anomaly, rul: give the slot"), "{out}");
+
+    let (_, v) = status(&d);
+    assert_eq!(v["slot"], "anomaly", "{v}");
+    assert_eq!(v["model"]["name"], "bearing", "{v}");
+    assert_eq!(v["drift"]["model"]["name"], "bearing", "{v}");
+    assert_eq!(v["slots"][0]["slot"], "rul", "{v}");
+    assert_eq!(v["slots"][0]["model"]["version"], 1, "{v}");
+    assert_eq!(v["slots"][0]["drift"]["model"]["name"], "rul", "{v}");
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("slot anomaly: the last desired state was not applied (not_targeted)"),
+        "{v}"
+    );
+    let (code, out, err) = run(&mut hub_cmd(&[
+        "rollout", "status", "--broker", &port, "--fleet", FLEET,
+    ]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("{FLEET}/{}[rul]  idle", d.id)), "{out}");
+    assert!(
+        out.contains(&format!("{FLEET}/{}[anomaly]  idle", d.id)) && out.contains("last error (not_targeted)"),
+        "{out}"
     );
 }

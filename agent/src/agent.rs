@@ -13,7 +13,7 @@
 //! aborted.
 
 use crate::config::{Config, ConfigError};
-use crate::deploy::{birth, DeployTask, Deployer, Events};
+use crate::deploy::{birth, DeployTask, Deployer, Events, SharedModel, SlotDeploy};
 use crate::inference::{InferenceTask, Watch};
 use crate::link::{self, Backoff, ConnState, Limits as LinkLimits, Link, Refusals, Routes};
 use crate::metrics::Metrics;
@@ -181,9 +181,13 @@ fn configured_trust(cfg: &Config) -> anyhow::Result<TrustStore> {
     Ok(trust)
 }
 
+/// A model slot's readings queue.
+type Readings = (queue::Sender<link::Reading>, mpsc::Receiver<queue::Held<link::Reading>>);
+
 /// The channels between the tasks.
 struct Wires {
-    readings: (queue::Sender<link::Reading>, mpsc::Receiver<queue::Held<link::Reading>>),
+    /// One readings queue per model slot, in the order of `Config::slots`.
+    readings: Vec<Readings>,
     commands: (
         queue::Sender<link::IncomingCommand>,
         mpsc::Receiver<queue::Held<link::IncomingCommand>>,
@@ -214,20 +218,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             "trusting the key set this device accepted (trust.keys_file is superseded)"
         );
     }
-    let (deployer, startup_events) = Deployer::open(
-        Store::open(&cfg.db_path())?,
-        cfg.bundles_dir(),
-        trust,
-        cfg.trust.max_bundle_bytes,
-    )?;
-    let active = deployer.active.clone();
-    match active.load().as_ref().map(|m| m.model_ref()) {
-        Some(m) => info!(model = %m.name, version = m.version, "model active"),
-        None => info!("no model deployed yet"),
+    let slots = cfg.slots();
+    let mut deployers = vec![];
+    let mut startup_events = vec![];
+    for slot in &slots {
+        let name = slot.name.as_deref();
+        let (deployer, events) = Deployer::open(
+            Store::open(&cfg.db_path())?,
+            cfg.slot_dir(name, false),
+            trust.clone(),
+            cfg.trust.max_bundle_bytes,
+            slot.name.clone(),
+        )?;
+        let slot = name.unwrap_or("default");
+        match deployer.active.load().as_ref().map(|m| m.model_ref()) {
+            Some(m) => info!(slot, model = %m.name, version = m.version, "model active"),
+            None => info!(slot, "no model deployed yet"),
+        }
+        deployers.push(deployer);
+        startup_events.extend(events);
     }
+    let actives: Vec<SharedModel> = deployers.iter().map(|d| d.active.clone()).collect();
 
     let w = Wires {
-        readings: queue::channel(cfg.inputs.queue, cfg.inputs.queue_bytes),
+        readings: slots
+            .iter()
+            .map(|_| queue::channel(cfg.inputs.queue, cfg.inputs.queue_bytes))
+            .collect(),
         commands: queue::channel(4, cfg.max_command_bytes()),
         rollouts: {
             // The chunks asked for at once, and a few desired states.
@@ -246,14 +263,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let events = Events {
         outbox: w.outbox.0.clone(),
     };
-    let (hub, client) = hub_link(&cfg, &fleet, &device, &w, &active, refusals.clone(), metrics.clone())?;
+    let (hub, client) = hub_link(
+        &cfg,
+        &fleet,
+        &device,
+        &w,
+        &actives[0],
+        refusals.clone(),
+        metrics.clone(),
+    )?;
     let sensors_stop = CancellationToken::new();
-    let (sensors, sensor_link) = if cfg.inputs.topics.is_empty() {
+    let (readings_in, readings_out): (Vec<_>, Vec<_>) = w.readings.into_iter().unzip();
+    let (sensors, sensor_link) = if cfg.input_topics().is_empty() {
         (None, None)
     } else {
+        let routes = slots.iter().map(|s| s.topics.clone()).zip(readings_in).collect();
         let l = sensor_link(
             &cfg,
-            w.readings.0,
+            routes,
             w.sensor_state.0,
             refusals,
             shutdown.clone(),
@@ -270,7 +297,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     for e in startup_events {
         events.emit(e).await;
     }
-    let (cron, schedule) = drift_schedule(&cfg).await?;
+    let (cron, schedule) = drift_schedule(&cfg, slots.len()).await?;
     let sync_stop = CancellationToken::new();
     let mut sync = sync(
         &cfg,
@@ -289,11 +316,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         &cfg,
         &fleet,
         &device,
-        deployer,
+        deployers,
         client.clone(),
         w.commands.1,
         w.rollouts.1,
-        w.readings.1,
+        readings_out,
         schedule,
         events,
         w.outbox.0,
@@ -328,17 +355,28 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The operator's drift schedule (`drift.schedule`), ticking on a channel of one: a tick
-/// that finds one waiting is not needed.
-async fn drift_schedule(cfg: &Config) -> anyhow::Result<(Option<schedule::Running>, Option<mpsc::Receiver<()>>)> {
+/// The operator's drift schedule (`drift.schedule`), ticking each of `slots` model slots on a
+/// channel of one: a tick that finds one waiting is not needed.
+async fn drift_schedule(
+    cfg: &Config,
+    slots: usize,
+) -> anyhow::Result<(Option<schedule::Running>, Vec<Option<mpsc::Receiver<()>>>)> {
     let Some(expr) = cfg.drift.schedule.as_deref().filter(|_| cfg.drift.enabled) else {
-        return Ok((None, None));
+        return Ok((None, (0..slots).map(|_| None).collect()));
     };
     let s = schedule::Schedule::parse(expr, &cfg.drift.timezone)?;
-    let (tx, rx) = mpsc::channel(1);
+    let (tx, mut rx) = mpsc::channel(1);
     let running = schedule::Running::start(&s, tx).await?;
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..slots).map(|_| mpsc::channel::<()>(1)).unzip();
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            for t in &txs {
+                let _ = t.try_send(());
+            }
+        }
+    });
     info!(schedule = expr, timezone = %cfg.drift.timezone, "drift windows also close on schedule");
-    Ok((Some(running), Some(rx)))
+    Ok((Some(running), rxs.into_iter().map(Some).collect()))
 }
 
 /// The link to the readings' broker: its own connection (on `[inputs.broker]`, else on
@@ -347,7 +385,7 @@ async fn drift_schedule(cfg: &Config) -> anyhow::Result<(Option<schedule::Runnin
 /// so a crash loses no reading the broker handed over: the broker sends it again.
 fn sensor_link(
     cfg: &Config,
-    readings: queue::Sender<link::Reading>,
+    readings: Vec<(Vec<String>, queue::Sender<link::Reading>)>,
     state: watch::Sender<ConnState>,
     refusals: Refusals,
     accepting: CancellationToken,
@@ -381,10 +419,10 @@ fn sensor_link(
             Duration::from_millis(b.backoff_initial_ms),
             Duration::from_millis(b.backoff_max_ms),
         ),
-        subscriptions: cfg.inputs.topics.iter().map(|t| (t.clone(), input_qos)).collect(),
+        subscriptions: cfg.input_topics().into_iter().map(|t| (t, input_qos)).collect(),
         birth: None,
         routes: Routes {
-            readings: Some(readings),
+            readings,
             ..Routes::default()
         },
         identity: None,
@@ -429,7 +467,19 @@ fn hub_link(
     let opts = link::options(&cfg.broker, client_id, Some(will))?;
     let (client, eventloop) = link::connect(opts, 256);
     let birth_model = active.clone();
-    let desired = crate::rollout::Driver::desired_topics(fleet.as_str(), device.as_str(), &cfg.rollout.groups);
+    let mut desired: Vec<String> = cfg
+        .slots()
+        .iter()
+        .flat_map(|s| {
+            crate::rollout::Driver::desired_topics(
+                fleet.as_str(),
+                device.as_str(),
+                &cfg.rollout.groups,
+                s.name.as_deref(),
+            )
+        })
+        .collect();
+    desired.push(protocol::keyset::keys_topic(fleet.as_str()));
     let hub = Link {
         name: "hub",
         eventloop,
@@ -450,7 +500,7 @@ fn hub_link(
             Arc::new(move || birth(birth_model.load().as_ref().map(|m| m.model_ref()))),
         )),
         routes: Routes {
-            readings: None,
+            readings: vec![],
             commands: Some(w.commands.0.clone()),
             acks: Some(w.acks.0.clone()),
             rollout: Some((w.rollouts.0.clone(), desired)),
@@ -517,15 +567,17 @@ fn sync(
     })
 }
 
-/// The rollout side of the deploy task, with the state it kept.
+/// The rollout side of a slot of the deploy task, with the state it kept.
 fn rollout_driver(
     cfg: &Config,
     fleet: &Name,
     device: &Name,
     deployer: &mut Deployer,
     client: AsyncClient,
+    announces: bool,
 ) -> crate::rollout::Driver {
-    let state = match deployer.store.get_meta("rollout_state") {
+    let slot = deployer.slot.clone();
+    let state = match deployer.store.get_meta(&deployer.key("rollout_state")) {
         Ok(Some(s)) => serde_json::from_str(&s).unwrap_or_else(|e| {
             warn!(error = %e, "the rollout state is unreadable; starting afresh (desired states are accepted again)");
             Default::default()
@@ -541,42 +593,68 @@ fn rollout_driver(
         window: cfg.rollout.window,
         chunk_timeout: Duration::from_secs(cfg.rollout.chunk_timeout_secs),
         retry: Duration::from_secs(cfg.rollout.retry_secs),
-        dir: cfg.downloads_dir(),
+        dir: cfg.slot_dir(slot.as_deref(), true),
         max_chunk_bytes: cfg.max_chunk_bytes(),
         watch: cfg.rollout.watch.rules(),
         keyset_path: cfg.keyset_path(),
+        slot,
+        announces,
     };
     let mut driver = crate::rollout::Driver::new(settings, fleet.clone(), device.clone(), client, state);
     driver.resume(deployer);
     driver
 }
 
-/// The tasks that make records: deploy (commands), inference (readings), health. They stop
-/// when the token fires; the returned future ends when all have.
+/// The tasks that make records: deploy (commands), inference (readings, one task per model
+/// slot), health. They stop when the token fires; the returned future ends when all have.
 #[allow(clippy::too_many_arguments)]
 fn producers(
     cfg: &Config,
     fleet: &Name,
     device: &Name,
-    mut deployer: Deployer,
+    deployers: Vec<Deployer>,
     client: AsyncClient,
     commands: mpsc::Receiver<queue::Held<link::IncomingCommand>>,
     rollouts: mpsc::Receiver<queue::Held<crate::rollout::RolloutMessage>>,
-    readings: mpsc::Receiver<queue::Held<link::Reading>>,
-    schedule: Option<mpsc::Receiver<()>>,
+    readings: Vec<mpsc::Receiver<queue::Held<link::Reading>>>,
+    schedules: Vec<Option<mpsc::Receiver<()>>>,
     events: Events,
     outbox: Outbox,
     conn: watch::Receiver<ConnState>,
     metrics: Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
-    let active = deployer.active.clone();
-    let driver = rollout_driver(cfg, fleet, device, &mut deployer, client.clone());
+    let mut set = JoinSet::new();
+    let mut watched = vec![];
+    let mut slots = vec![];
+    for (i, ((mut deployer, rx), schedule)) in deployers.into_iter().zip(readings).zip(schedules).enumerate() {
+        let driver = rollout_driver(cfg, fleet, device, &mut deployer, client.clone(), i == 0);
+        // The first slot's latency is the one health has always carried.
+        let latency = if i == 0 {
+            metrics.latency.clone()
+        } else {
+            Arc::default()
+        };
+        watched.push((deployer.active.clone(), latency.clone()));
+        let inference = InferenceTask {
+            rx,
+            active: deployer.active.clone(),
+            outbox: outbox.clone(),
+            live: cfg.predictions.publish,
+            max_batch: cfg.inputs.max_batch,
+            max_id_bytes: cfg.inputs.max_id_bytes,
+            metrics: metrics.clone(),
+            latency,
+            watch: Watch::new(&cfg.drift, cfg.samples.clone(), deployer.slot.as_deref()),
+            schedule,
+        };
+        set.spawn(inference.run(shutdown.clone()));
+        slots.push(SlotDeploy { deployer, driver });
+    }
     let deploy = DeployTask {
-        deployer,
+        slots,
         rx: commands,
         rollouts,
-        driver,
         hub_state: conn.clone(),
         client: client.clone(),
         fleet: fleet.clone(),
@@ -584,25 +662,12 @@ fn producers(
         events,
         metrics: metrics.clone(),
     };
-    let inference = InferenceTask {
-        rx: readings,
-        active: active.clone(),
-        outbox,
-        live: cfg.predictions.publish,
-        max_batch: cfg.inputs.max_batch,
-        max_id_bytes: cfg.inputs.max_id_bytes,
-        metrics: metrics.clone(),
-        watch: Watch::new(&cfg.drift, cfg.samples.clone()),
-        schedule,
-    };
-    let mut set = JoinSet::new();
     set.spawn(deploy.run(shutdown.clone()));
-    set.spawn(inference.run(shutdown.clone()));
     set.spawn(health(
         Topic::new(fleet, device, Channel::Health).to_string(),
         Duration::from_secs(cfg.health.interval_secs),
         client,
-        active,
+        watched,
         conn,
         metrics,
         shutdown.clone(),
@@ -610,12 +675,13 @@ fn producers(
     async move { while set.join_next().await.is_some() {} }
 }
 
-/// Sample the box every interval, and publish health while connected.
+/// Sample the box every interval, and publish health while connected. `slots`: each model
+/// slot's active model and inference latency, the first slot's first.
 async fn health(
     topic: String,
     every: Duration,
     client: AsyncClient,
-    active: crate::deploy::SharedModel,
+    slots: Vec<(SharedModel, Arc<crate::metrics::Latencies>)>,
     conn: watch::Receiver<ConnState>,
     m: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -625,21 +691,34 @@ async fn health(
     loop {
         tokio::select! { _ = shutdown.cancelled() => break, _ = t.tick() => {} }
         let sampled = tokio::task::block_in_place(|| sampler.sample());
-        let model = active.load().as_ref().map(|a| a.model_ref());
+        let models: Vec<_> = slots
+            .iter()
+            .map(|(a, _)| a.load().as_ref().map(|a| a.model_ref()))
+            .collect();
+        let model = models[0].clone();
         let snapshot = {
             let mut s = m.snapshot.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((system, process)) = sampled {
                 s.system = Some(system);
                 s.process = Some(process);
             }
-            if let (Some((calls, rows, p50_us, p99_us)), Some(model)) = (m.latency.take(), model.clone()) {
-                s.latency = Some(protocol::messages::Latency {
+            for (i, ((_, latency), model)) in slots.iter().zip(&models).enumerate() {
+                let (Some((calls, rows, p50_us, p99_us)), Some(model)) = (latency.take(), model.clone()) else {
+                    continue;
+                };
+                let l = protocol::messages::Latency {
                     model,
                     calls,
                     rows,
                     p50_us,
                     p99_us,
-                });
+                };
+                if i == 0 {
+                    s.latency = Some(l);
+                } else {
+                    s.latencies.retain(|o| o.model.name != l.model.name);
+                    s.latencies.push(l);
+                }
             }
             s.clone()
         };
@@ -663,6 +742,7 @@ async fn health(
             system: snapshot.system,
             process: snapshot.process,
             latency: snapshot.latency,
+            latencies: snapshot.latencies,
             outbox: snapshot.outbox,
         };
         let _ = client.try_publish(

@@ -49,6 +49,41 @@ pub struct Config {
     pub samples: SamplesConfig,
     #[serde(default)]
     pub rollout: RolloutConfig,
+    /// `[[models]]`: the model slots of a device that runs several models (SPEC §8.8). Without
+    /// any, the device has one default slot, fed by `inputs.topics`.
+    #[serde(default)]
+    pub models: Vec<ModelSlotConfig>,
+}
+
+/// One `[[models]]` entry: a model slot, deployed and rolled back on its own, with its own
+/// input topics, drift state and rollout state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSlotConfig {
+    /// The slot's name: a name as for devices (letters, digits, `-`, `_`, `.`).
+    pub slot: String,
+    /// MQTT topic filters that carry this slot's readings. A reading that matches the filters
+    /// of several slots goes to each.
+    pub topics: Vec<String>,
+}
+
+/// The most model slots a device has.
+pub const MAX_SLOTS: usize = 8;
+
+/// A model slot as the agent runs it: the default one (`name` is `None`) or a named one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub name: Option<String>,
+    pub topics: Vec<String>,
+}
+
+/// The key a slot keeps `base` under in the store's meta table: `base` for the default slot,
+/// `base/<slot>` for a named one.
+pub fn slot_key(base: &str, slot: Option<&str>) -> String {
+    match slot {
+        Some(s) => format!("{base}/{s}"),
+        None => base.to_string(),
+    }
 }
 
 /// `[rollout]`: how signed desired states are followed and bundles fetched (SPEC §8).
@@ -680,16 +715,30 @@ impl Config {
         if let Some(b) = &self.inputs.broker {
             check_broker(b, "inputs.broker")?;
         }
-        for t in &self.inputs.topics {
-            if t.is_empty() || protocol::topic::filter::overlaps_root(t) {
+        check_input_topics(&self.inputs.topics, "inputs.topics")?;
+        if self.models.len() > MAX_SLOTS {
+            return Err(("models".into(), format!("at most {MAX_SLOTS} model slots")));
+        }
+        if !self.models.is_empty() && !self.inputs.topics.is_empty() {
+            return Err((
+                "inputs.topics".into(),
+                "with [[models]], each model slot names its own topics; move these to a slot".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let field = format!("models[{i}]");
+            Name::new(m.slot.clone()).map_err(|e| (format!("{field}.slot"), e.to_string()))?;
+            if !seen.insert(m.slot.as_str()) {
+                return Err((format!("{field}.slot"), format!("slot {} is named twice", m.slot)));
+            }
+            if m.topics.is_empty() {
                 return Err((
-                    "inputs.topics".to_string(),
-                    format!(
-                        "{t:?} would match Lathe's own topics; give a non-empty filter that cannot match anything under {}/",
-                        protocol::topic::ROOT
-                    ),
+                    format!("{field}.topics"),
+                    "a model slot needs at least one topic filter".into(),
                 ));
             }
+            check_input_topics(&m.topics, &format!("{field}.topics"))?;
         }
         range("inputs.qos", self.inputs.qos as u64, 0, 1)?;
         range("inputs.queue", self.inputs.queue as u64, 1, 1 << 20)?;
@@ -846,6 +895,41 @@ impl Config {
         self.device.state_dir.join("bundles")
     }
 
+    /// The model slots: the `[[models]]`, or else the default slot fed by `inputs.topics`.
+    pub fn slots(&self) -> Vec<Slot> {
+        if self.models.is_empty() {
+            return vec![Slot {
+                name: None,
+                topics: self.inputs.topics.clone(),
+            }];
+        }
+        self.models
+            .iter()
+            .map(|m| Slot {
+                name: Some(m.slot.clone()),
+                topics: m.topics.clone(),
+            })
+            .collect()
+    }
+
+    /// Every input topic filter, of every slot.
+    pub fn input_topics(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.slots().into_iter().flat_map(|s| s.topics).collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Where a slot keeps its bundles and, with `downloads`, its transfers: the default slot in
+    /// `bundles` and `downloads`, a named one under `slots/<slot>/`.
+    pub fn slot_dir(&self, slot: Option<&str>, downloads: bool) -> PathBuf {
+        let leaf = if downloads { "downloads" } else { "bundles" };
+        match slot {
+            None => self.device.state_dir.join(leaf),
+            Some(s) => self.device.state_dir.join("slots").join(s).join(leaf),
+        }
+    }
+
     /// The largest command the hub link accepts.
     pub fn max_command_bytes(&self) -> usize {
         self.broker.max_command_bytes.unwrap_or(64 << 10)
@@ -869,6 +953,22 @@ pub fn keyset_path(state_dir: &Path) -> PathBuf {
 
 pub fn db_path(state_dir: &Path) -> PathBuf {
     state_dir.join("lathe.db")
+}
+
+/// Input topic filters must not reach Lathe's own topics.
+fn check_input_topics(topics: &[String], field: &str) -> Result<(), (String, String)> {
+    for t in topics {
+        if t.is_empty() || protocol::topic::filter::overlaps_root(t) {
+            return Err((
+                field.to_string(),
+                format!(
+                    "{t:?} would match Lathe's own topics; give a non-empty filter that cannot match anything under {}/",
+                    protocol::topic::ROOT
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_broker(b: &BrokerConfig, prefix: &str) -> Result<(), (String, String)> {
@@ -941,6 +1041,43 @@ keys_file = "/etc/lathe/trust.keys"
             (Err(e), Err(want)) => assert!(e.to_string().contains(want), "{e} does not mention {want}"),
             (got, want) => panic!("{extra}: got {got:?}, want {want:?}"),
         }
+    }
+
+    #[test]
+    fn model_slots_have_their_own_topics_and_places() {
+        let two = "[[models]]\nslot = \"anomaly\"\ntopics = [\"plant/+/vibration\"]\n\
+                   [[models]]\nslot = \"rul\"\ntopics = [\"plant/+/vibration\", \"plant/+/spindle\"]\n";
+        let c = Config::parse(&format!("{MINIMAL}{two}"), Path::new("t.toml")).expect("two slots");
+        let slots = c.slots();
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[1].name.as_deref(), Some("rul"));
+        assert_eq!(c.input_topics(), ["plant/+/spindle", "plant/+/vibration"]);
+        assert_eq!(
+            c.slot_dir(Some("rul"), true),
+            PathBuf::from("/var/lib/lathe/slots/rul/downloads")
+        );
+        assert_eq!(c.slot_dir(None, false), c.bundles_dir());
+        assert_eq!(slot_key("deploy_state", Some("rul")), "deploy_state/rul");
+        let plain = Config::parse(MINIMAL, Path::new("t.toml")).expect("minimal");
+        assert_eq!(
+            plain.slots(),
+            [Slot {
+                name: None,
+                topics: vec![]
+            }]
+        );
+        check(two, Ok(()));
+        check(&format!("[inputs]\ntopics = [\"a\"]\n{two}"), Err("inputs.topics"));
+        check("[[models]]\nslot = \"a b\"\ntopics = [\"x\"]\n", Err("models[0].slot"));
+        check("[[models]]\nslot = \"a\"\ntopics = []\n", Err("models[0].topics"));
+        check(
+            "[[models]]\nslot = \"a\"\ntopics = [\"lathe/#\"]\n",
+            Err("models[0].topics"),
+        );
+        check(
+            "[[models]]\nslot = \"a\"\ntopics = [\"x\"]\n[[models]]\nslot = \"a\"\ntopics = [\"y\"]\n",
+            Err("named twice"),
+        );
     }
 
     #[test]

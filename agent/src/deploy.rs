@@ -14,6 +14,7 @@
 //!
 //! [`DeployState`] holds these rules without I/O.
 
+use crate::config::slot_key;
 use crate::engine::{Engine, EngineError};
 use crate::inference::Features;
 use crate::link::{ConnState, IncomingCommand};
@@ -220,6 +221,8 @@ pub struct Deployer {
     /// A bundle that was in its watch period when the agent stopped, and was rolled back from
     /// at start-up (SPEC §8.4).
     pub interrupted: Option<Installed>,
+    /// The model slot this deployer keeps (SPEC §8.8); `None`: the default slot.
+    pub slot: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DeployError + '_ {
@@ -237,9 +240,10 @@ impl Deployer {
         bundles_dir: PathBuf,
         trust: Trust,
         max_bundle_bytes: usize,
+        slot: Option<String>,
     ) -> Result<(Deployer, Vec<Event>), DeployError> {
         std::fs::create_dir_all(&bundles_dir).map_err(io_err(&bundles_dir))?;
-        let state = match store.get_meta("deploy_state")? {
+        let state = match store.get_meta(&slot_key("deploy_state", slot.as_deref()))? {
             Some(s) => serde_json::from_str(&s).map_err(|e| DeployError::Io {
                 path: bundles_dir.clone(),
                 message: format!("deploy state is unreadable: {e}"),
@@ -257,6 +261,7 @@ impl Deployer {
             active: Arc::default(),
             policy_warning: None,
             interrupted: None,
+            slot,
         };
         let mut events = vec![];
         let mut order = [
@@ -377,6 +382,20 @@ impl Deployer {
         Ok(msg)
     }
 
+    /// Trust what `other` (another slot's deployer) trusts, after it accepted a key set: one
+    /// trust store for the whole device.
+    pub fn trust_as(&mut self, other: &Deployer) {
+        self.trust = other.trust.clone();
+        self.threshold = other.threshold;
+        self.key_set = other.key_set.clone();
+        self.recheck_policy();
+    }
+
+    /// The key this deployer keeps `base` under in the store's meta table.
+    pub fn key(&self, base: &str) -> String {
+        slot_key(base, self.slot.as_deref())
+    }
+
     /// Check the active bundle against the trust policy in force, and record whether it meets
     /// it.
     fn recheck_policy(&mut self) {
@@ -405,7 +424,10 @@ impl Deployer {
     /// Record (or clear) the policy warning of the active bundle, for the reported state and
     /// `lathe status`.
     fn set_policy_warning(&mut self, w: Option<String>) {
-        if let Err(e) = self.store.set_meta("policy_warning", w.as_deref().unwrap_or("")) {
+        if let Err(e) = self
+            .store
+            .set_meta(&self.key("policy_warning"), w.as_deref().unwrap_or(""))
+        {
             warn!(error = %e, "cannot record the trust policy warning");
         }
         self.policy_warning = w;
@@ -419,7 +441,7 @@ impl Deployer {
     /// it is durable.
     fn adopt(&mut self, next: DeployState) -> Result<(), DeployError> {
         let s = serde_json::to_string(&next).expect("deploy state serializes");
-        self.store.set_meta("deploy_state", &s)?;
+        self.store.set_meta(&self.key("deploy_state"), &s)?;
         self.state = next;
         Ok(())
     }
@@ -650,13 +672,20 @@ pub fn event(level: Level, kind: &str, message: String) -> Event {
     }
 }
 
-/// The task that serves commands.
-pub struct DeployTask {
+/// One model slot on the deploy side (SPEC §8.8): what it runs and keeps, and the desired
+/// states it follows.
+pub struct SlotDeploy {
     pub deployer: Deployer,
-    pub rx: mpsc::Receiver<Held<IncomingCommand>>,
-    /// Desired states and chunks from the hub link.
-    pub rollouts: mpsc::Receiver<Held<crate::rollout::RolloutMessage>>,
     pub driver: crate::rollout::Driver,
+}
+
+/// The task that serves commands and follows every slot's desired states.
+pub struct DeployTask {
+    /// The model slots, the first the one the retained state names.
+    pub slots: Vec<SlotDeploy>,
+    pub rx: mpsc::Receiver<Held<IncomingCommand>>,
+    /// Desired states, key sets and chunks from the hub link.
+    pub rollouts: mpsc::Receiver<Held<crate::rollout::RolloutMessage>>,
     pub hub_state: watch::Receiver<ConnState>,
     pub client: AsyncClient,
     pub fleet: Name,
@@ -701,18 +730,22 @@ impl DeployTask {
                 c = self.rx.recv() => match c { Some(c) => c.into_inner(), None => break },
                 m = self.rollouts.recv() => {
                     if let Some(m) = m {
-                        self.driver.on_message(&mut self.deployer, &self.events, m.into_inner()).await;
+                        self.on_rollout(m.into_inner()).await;
                     }
                     continue;
                 }
                 changed = self.hub_state.changed() => {
                     if changed.is_ok() && *self.hub_state.borrow_and_update() == ConnState::Connected {
-                        self.driver.on_connected(&mut self.deployer).await;
+                        for s in &mut self.slots {
+                            s.driver.on_connected(&mut s.deployer).await;
+                        }
                     }
                     continue;
                 }
                 _ = tick.tick() => {
-                    self.driver.tick(&mut self.deployer, &self.events).await;
+                    for s in &mut self.slots {
+                        s.driver.tick(&mut s.deployer, &self.events).await;
+                    }
                     continue;
                 }
             };
@@ -732,7 +765,7 @@ impl DeployTask {
             let resp = Response {
                 ok,
                 message,
-                model: self.deployer.current(),
+                model: self.slots[0].deployer.current(),
                 code,
             };
             let topic = Topic::new(&self.fleet, &self.device, Channel::Response(cmd.id.clone()));
@@ -745,7 +778,46 @@ impl DeployTask {
                 warn!(error = %e, "could not queue command response");
             }
         }
-        self.driver.shutdown().await;
+        for s in &mut self.slots {
+            s.driver.shutdown().await;
+        }
+    }
+
+    /// A desired state goes to the slot whose topic it came on; a chunk to every slot (each
+    /// takes the chunks of what it fetches); a key set to the first slot, whose trust store the
+    /// others then share.
+    async fn on_rollout(&mut self, m: crate::rollout::RolloutMessage) {
+        let fleet = self.fleet.as_str();
+        if m.topic == protocol::keyset::keys_topic(fleet) {
+            let (first, rest) = self.slots.split_first_mut().expect("at least one slot");
+            first.driver.on_message(&mut first.deployer, &self.events, m).await;
+            for s in rest {
+                let counter = |d: &Deployer| d.key_set.as_ref().map(|k| k.counter);
+                if counter(&s.deployer) != counter(&first.deployer) {
+                    tokio::task::block_in_place(|| s.deployer.trust_as(&first.deployer));
+                }
+                s.driver.share_keys_error(first.driver.keys_error().cloned());
+            }
+        } else if let Some((object, _)) = protocol::rollout::parse_chunk_topic(fleet, &m.topic) {
+            // The slots that fetch it; if none does, the first, which unsubscribes it.
+            let wanted: Vec<bool> = self.slots.iter().map(|s| s.driver.fetches(object)).collect();
+            let none = !wanted.contains(&true);
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                if !(wanted[i] || (none && i == 0)) {
+                    continue;
+                }
+                // A copy shares the payload's bytes.
+                let copy = crate::rollout::RolloutMessage {
+                    topic: m.topic.clone(),
+                    payload: m.payload.clone(),
+                };
+                s.driver.on_message(&mut s.deployer, &self.events, copy).await;
+            }
+        } else if let Some(s) = self.slots.iter_mut().find(|s| s.driver.follows(&m.topic)) {
+            s.driver.on_message(&mut s.deployer, &self.events, m).await;
+        } else {
+            warn!(topic = %m.topic, "a rollout message on a topic no slot follows; ignored");
+        }
     }
 }
 

@@ -316,6 +316,8 @@ pub struct InferenceTask {
     pub max_batch: usize,
     pub max_id_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// How long this slot's inference calls take, for health.
+    pub latency: Arc<crate::metrics::Latencies>,
     /// Drift and samples of the active model.
     pub watch: Watch,
     /// Ticks of the operator's drift schedule (`drift.schedule`).
@@ -332,6 +334,8 @@ pub struct Watch {
     tracker: Option<drift::Tracker>,
     alerts: drift::Alerts,
     sampler: Sampler,
+    /// Where `lathe status` finds this slot's drift state in the store's meta table.
+    drift_key: String,
 }
 
 /// One inference call as the watch sees it: the rows (back to back), the model's outputs for
@@ -352,7 +356,7 @@ struct Ran<'a> {
 struct Made {
     records: Vec<Outgoing>,
     losses: Vec<Loss>,
-    meta: Vec<(&'static str, String)>,
+    meta: Vec<(String, String)>,
 }
 
 impl Made {
@@ -365,8 +369,10 @@ impl Made {
 }
 
 impl Watch {
-    pub fn new(drift: &crate::config::DriftConfig, samples: crate::config::SamplesConfig) -> Watch {
+    /// The watch of the model slot `slot` (`None`: the default slot).
+    pub fn new(drift: &crate::config::DriftConfig, samples: crate::config::SamplesConfig, slot: Option<&str>) -> Watch {
         Watch {
+            drift_key: crate::config::slot_key("drift", slot),
             policy: drift.enabled.then(|| drift.policy()),
             repeat_alert_ms: drift.repeat_alert_secs * 1000,
             model: None,
@@ -410,8 +416,10 @@ impl Watch {
                 window_start_ms: now,
                 last: None,
             };
-            made.meta
-                .push(("drift", serde_json::to_string(&state).expect("drift state serializes")));
+            made.meta.push((
+                self.drift_key.clone(),
+                serde_json::to_string(&state).expect("drift state serializes"),
+            ));
         }
     }
 
@@ -541,8 +549,10 @@ impl Watch {
                 window_start_ms: now,
                 last: Some(w),
             };
-            made.meta
-                .push(("drift", serde_json::to_string(&state).expect("drift state serializes")));
+            made.meta.push((
+                self.drift_key.clone(),
+                serde_json::to_string(&state).expect("drift state serializes"),
+            ));
         }
     }
 }
@@ -770,7 +780,7 @@ impl InferenceTask {
             .await
             .map(|(r, took)| {
                 if r.is_ok() {
-                    self.metrics.latency.record(took, (end - row) as u64);
+                    self.latency.record(took, (end - row) as u64);
                 }
                 r
             });

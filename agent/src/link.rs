@@ -70,19 +70,67 @@ impl Backoff {
 pub type BirthFn = Arc<dyn Fn() -> Vec<u8> + Send + Sync>;
 
 /// The PUBACK owed for a QoS 1 publish received with manual acks: sent once what it carried
-/// is durable.
-#[derive(Debug, Clone)]
+/// is durable. A reading that goes to several model slots is owed by each copy
+/// ([`PubAck::split`]): the PUBACK goes when the last copy is durable.
+#[derive(Debug)]
 pub struct PubAck {
+    owed: Arc<Owed>,
+    /// 0: this copy is not done yet; 1: done, another copy sends the PUBACK; 2: done, and
+    /// this copy sends it.
+    state: std::sync::atomic::AtomicU8,
+}
+
+#[derive(Debug)]
+struct Owed {
     client: AsyncClient,
     pkid: u16,
+    /// Copies not done yet.
+    copies: std::sync::atomic::AtomicUsize,
 }
 
 impl PubAck {
-    /// Queue the PUBACK; an error means the event loop's queue is full (retry later).
+    pub fn new(client: AsyncClient, pkid: u16) -> PubAck {
+        PubAck::copies(client, pkid, 1).pop().expect("one copy")
+    }
+
+    fn copies(client: AsyncClient, pkid: u16, n: usize) -> Vec<PubAck> {
+        let owed = Arc::new(Owed {
+            client,
+            pkid,
+            copies: n.into(),
+        });
+        (0..n)
+            .map(|_| PubAck {
+                owed: owed.clone(),
+                state: 0.into(),
+            })
+            .collect()
+    }
+
+    /// `n` copies of this PUBACK, one for each slot a reading goes to.
+    pub fn split(self, n: usize) -> Vec<PubAck> {
+        PubAck::copies(self.owed.client.clone(), self.owed.pkid, n)
+    }
+
+    /// This copy is done: queue the PUBACK if it is the last one; an error means the event
+    /// loop's queue is full (retry later).
     pub fn send(&self) -> Result<(), rumqttc::ClientError> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let mut state = self.state.load(std::sync::atomic::Ordering::Acquire);
+        if state == 0 {
+            state = if self.owed.copies.fetch_sub(1, AcqRel) == 1 {
+                2
+            } else {
+                1
+            };
+            self.state.store(state, std::sync::atomic::Ordering::Release);
+        }
+        if state == 1 {
+            return Ok(());
+        }
         let mut p = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
-        p.pkid = self.pkid;
-        self.client.try_ack(&p)
+        p.pkid = self.owed.pkid;
+        self.owed.client.try_ack(&p)
     }
 }
 
@@ -105,7 +153,8 @@ pub struct IncomingCommand {
 /// Where a link sends what it receives. A `None` route is not subscribed.
 #[derive(Clone, Default)]
 pub struct Routes {
-    pub readings: Option<queue::Sender<Reading>>,
+    /// Readings, to each model slot whose topic filters match.
+    pub readings: Vec<(Vec<String>, queue::Sender<Reading>)>,
     pub commands: Option<queue::Sender<IncomingCommand>>,
     pub acks: Option<mpsc::Sender<protocol::messages::Ack>>,
     /// Desired states (on these topics) and bundle chunks, for the deploy task.
@@ -426,16 +475,21 @@ impl Link {
     }
 
     fn reading(&self, p: rumqttc::Publish) {
-        let ack = (self.manual_acks && p.qos != QoS::AtMostOnce).then(|| PubAck {
-            client: self.client.clone(),
-            pkid: p.pkid,
-        });
-        let Some(tx) = &self.routes.readings else {
+        let ack = (self.manual_acks && p.qos != QoS::AtMostOnce).then(|| PubAck::new(self.client.clone(), p.pkid));
+        let slots: Vec<&queue::Sender<Reading>> = match &self.routes.readings[..] {
+            [(_, tx)] => vec![tx],
+            all => all
+                .iter()
+                .filter(|(filters, _)| filters.iter().any(|f| protocol::topic::filter::matches(f, &p.topic)))
+                .map(|(_, tx)| tx)
+                .collect(),
+        };
+        if slots.is_empty() {
             if let Some(a) = ack {
                 let _ = a.send();
             }
             return;
-        };
+        }
         if self.accepting.is_cancelled() {
             return;
         }
@@ -453,15 +507,25 @@ impl Link {
         }
         // Copied out of the receive buffer, so the queue's byte budget is what it really holds.
         let bytes = p.payload.len() + p.topic.len() + 64;
-        let r = Reading {
-            topic: p.topic,
-            payload: bytes::Bytes::copy_from_slice(&p.payload),
-            ack,
+        let payload = bytes::Bytes::copy_from_slice(&p.payload);
+        let mut acks: Vec<Option<PubAck>> = match ack {
+            Some(a) if slots.len() > 1 => a.split(slots.len()).into_iter().map(Some).collect(),
+            a => std::iter::once(a)
+                .chain(std::iter::repeat_with(|| None))
+                .take(slots.len())
+                .collect(),
         };
-        if let Err((r, _)) = tx.try_send(r, bytes) {
-            self.metrics.readings_dropped.inc();
-            self.refusals
-                .refuse(protocol::streams::READINGS, cause::QUEUE_FULL, r.ack);
+        for (tx, ack) in slots.into_iter().zip(acks.drain(..)) {
+            let r = Reading {
+                topic: p.topic.clone(),
+                payload: payload.clone(),
+                ack,
+            };
+            if let Err((r, _)) = tx.try_send(r, bytes) {
+                self.metrics.readings_dropped.inc();
+                self.refusals
+                    .refuse(protocol::streams::READINGS, cause::QUEUE_FULL, r.ack);
+            }
         }
     }
 
@@ -539,6 +603,23 @@ fn describe(e: &ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reading taken by two slots is acknowledged once, by the last copy done: the client's
+    /// request queue holds one request, so a send that finds it full is one that really sent.
+    #[test]
+    fn a_split_puback_is_sent_by_the_last_copy_only() {
+        let (client, _eventloop) = AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 1);
+        let copies = PubAck::new(client.clone(), 7).split(2);
+        assert!(copies[0].send().is_ok());
+        assert!(copies[0].send().is_ok(), "a copy done twice counts once");
+        // The queue is still empty: the first copy sent nothing. The probe fills it.
+        PubAck::new(client, 8).send().expect("the queue had room");
+        assert!(
+            copies[1].send().is_err(),
+            "the last copy sends, and finds the queue full"
+        );
+        assert!(copies[1].send().is_err(), "and tries again");
+    }
 
     #[test]
     fn backoff_grows_caps_and_resets() {

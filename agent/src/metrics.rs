@@ -11,7 +11,7 @@
 use crate::store::Loss;
 use protocol::messages::{Latency, ProcessHealth, StreamDepth, SystemHealth};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -134,12 +134,15 @@ pub struct Snapshot {
     /// Inference latency over the last health interval that had calls.
     #[serde(default)]
     pub latency: Option<Latency>,
+    /// The same, of the models of the other slots (SPEC §8.8).
+    #[serde(default)]
+    pub latencies: Vec<Latency>,
 }
 
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// How long inference calls take.
-    pub latency: Latencies,
+    /// How long inference calls of the first model slot take (each other slot has its own).
+    pub latency: Arc<Latencies>,
     /// The last system sample and the outbox per stream.
     pub snapshot: Mutex<Snapshot>,
     /// Reading messages received.

@@ -480,6 +480,7 @@ mod tests {
                 rollback: false,
                 bundle,
             },
+            slot: None,
         };
         VerifiedDesired {
             digest: protocol::sha256_hex(&desired.canonical_bytes()),
@@ -548,6 +549,12 @@ pub struct Settings {
     pub watch: Option<crate::trial::Rules>,
     /// Where an accepted key set is kept (SPEC §8.7).
     pub keyset_path: PathBuf,
+    /// The model slot this driver follows desired states for (SPEC §8.8); `None`: the default
+    /// slot.
+    pub slot: Option<String>,
+    /// Whether the device's retained state (SPEC §3.1) names this slot's model: the first
+    /// slot's.
+    pub announces: bool,
 }
 
 /// Tries of one chunk (a timeout or a corrupt copy) before the transfer fails.
@@ -693,13 +700,41 @@ impl Driver {
         }
     }
 
-    /// The topics signed documents come on: the device's own desired state, its groups', and
-    /// the fleet's key set.
-    pub fn desired_topics(fleet: &str, device: &str, groups: &[String]) -> Vec<String> {
-        let mut t = vec![rollout::device_desired_topic(fleet, device)];
-        t.extend(groups.iter().map(|g| rollout::group_desired_topic(fleet, g)));
-        t.push(protocol::keyset::keys_topic(fleet));
-        t
+    /// The topics a slot's desired states come on: the device's own and its groups', with the
+    /// slot's name added for a named slot (SPEC §8.8).
+    pub fn desired_topics(fleet: &str, device: &str, groups: &[String], slot: Option<&str>) -> Vec<String> {
+        std::iter::once(rollout::device_desired_topic(fleet, device))
+            .chain(groups.iter().map(|g| rollout::group_desired_topic(fleet, g)))
+            .map(|t| rollout::slot_topic(t, slot))
+            .collect()
+    }
+
+    /// Whether desired states on `topic` are for this driver's slot.
+    pub fn follows(&self, topic: &str) -> bool {
+        Driver::desired_topics(
+            self.fleet.as_str(),
+            self.device.as_str(),
+            &self.settings.groups,
+            self.settings.slot.as_deref(),
+        )
+        .iter()
+        .any(|t| t == topic)
+    }
+
+    /// Another slot's driver accepted or refused a key set: report the same.
+    pub fn share_keys_error(&mut self, e: Option<ReportedError>) {
+        self.keys_error = e;
+        self.report_due = true;
+    }
+
+    /// Whether this driver is fetching `object` (a bundle or its chunk index).
+    pub fn fetches(&self, object: &str) -> bool {
+        self.job.as_ref().is_some_and(|j| j.object() == object)
+    }
+
+    /// Why the last key set was refused, if it was.
+    pub fn keys_error(&self) -> Option<&ReportedError> {
+        self.keys_error.as_ref()
     }
 
     pub async fn on_message(&mut self, d: &mut Deployer, events: &Events, m: RolloutMessage) {
@@ -788,6 +823,7 @@ impl Driver {
                 fleet: self.fleet.as_str(),
                 device: self.device.as_str(),
                 groups: &self.settings.groups,
+                slot: self.settings.slot.as_deref(),
                 last_counter: self.state.last_counter(topic),
                 high_water: &|n: &str| d.state.installed_version(n),
                 active: &|n: &str| active.as_ref().filter(|a| a.name == n).map(|a| a.version),
@@ -1353,12 +1389,16 @@ impl Driver {
             groups: self.settings.groups.clone(),
             key_set: d.key_set.as_ref().map(|k| k.counter),
             keys_error: self.keys_error.clone(),
+            slot: self.settings.slot.clone(),
         }
     }
 
     fn publish_report(&mut self, d: &Deployer) {
         let r = self.report(d);
-        let topic = rollout::reported_topic(self.fleet.as_str(), self.device.as_str());
+        let topic = rollout::slot_topic(
+            rollout::reported_topic(self.fleet.as_str(), self.device.as_str()),
+            self.settings.slot.as_deref(),
+        );
         let payload = serde_json::to_vec(&r).expect("a report serializes");
         if self.client.try_publish(topic, QoS::AtLeastOnce, true, payload).is_ok() {
             self.report_due = false;
@@ -1366,8 +1406,11 @@ impl Driver {
         }
     }
 
-    /// The retained state (SPEC §3.1) names the active model.
+    /// The retained state (SPEC §3.1) names the active model of the first slot.
     async fn publish_state(&self, model: Option<protocol::messages::ModelRef>) {
+        if !self.settings.announces {
+            return;
+        }
         let topic = protocol::Topic::new(&self.fleet, &self.device, protocol::Channel::State);
         let state = crate::deploy::birth(model);
         if let Err(e) = self
@@ -1381,7 +1424,7 @@ impl Driver {
 
     fn persist(&self, d: &mut Deployer) {
         let s = serde_json::to_string(&self.state).expect("rollout state serializes");
-        if let Err(e) = d.store.set_meta("rollout_state", &s) {
+        if let Err(e) = d.store.set_meta(&d.key("rollout_state"), &s) {
             warn!(error = %e, "cannot save the rollout state");
         }
     }

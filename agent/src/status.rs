@@ -167,6 +167,16 @@ fn problem(problem: String, hint: &str) -> Problem {
     }
 }
 
+/// A model slot as `lathe status` shows it.
+#[derive(Debug, Serialize)]
+pub struct SlotReport {
+    /// The slot's name; empty for the default slot.
+    pub slot: String,
+    pub model: Option<Value>,
+    pub previous_model: Option<Value>,
+    pub drift: Option<crate::drift::DriftState>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub state_dir: String,
@@ -179,6 +189,9 @@ pub struct Report {
     pub connection: Value,
     /// The readings link, when the agent has input topics.
     pub inputs_connection: Value,
+    /// The model slot `model` and `drift` are of; empty for the default slot.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub slot: String,
     pub model: Option<Value>,
     pub previous_model: Option<Value>,
     /// The signed key set in force (`counter`, `keys`, `threshold`), if the device accepted
@@ -196,6 +209,10 @@ pub struct Report {
     pub last_sync: Option<Value>,
     /// Drift of the active model against its baseline: the last closed window.
     pub drift: Option<crate::drift::DriftState>,
+    /// The other model slots of a device that runs several models (SPEC §8.8); `model` and
+    /// `drift` are the first slot's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<SlotReport>,
     /// Problems a technician should know of; empty when all is well.
     pub problems: Vec<Problem>,
 }
@@ -325,18 +342,13 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
     let connection = stale(json("conn")?);
     let inputs_connection = stale(json("inputs_conn")?);
     let activity: Option<Activity> = meta("activity")?.and_then(|a| serde_json::from_str(&a).ok());
-    let deploy: DeployState = meta("deploy_state")?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    let as_value = |i: &Option<crate::deploy::Installed>| {
-        i.as_ref()
-            .map(|i| serde_json::json!({"name": i.name, "version": i.version, "file": i.file}))
-    };
-    let mut model = as_value(&deploy.active);
-    if let (Some(m), true) = (model.as_mut(), deploy.watching) {
-        // In its watch period: not committed yet (SPEC §8.4).
-        m["watching"] = Value::Bool(true);
+    let mut problems = vec![];
+    let mut slots = vec![];
+    for slot in slot_names(state_dir, meta("deploy_state")?.is_some()) {
+        slots.push(slot_report(&meta, slot, &mut problems)?);
     }
+    // The first slot is the one `model` and `drift` have always shown.
+    let first = slots.remove(0);
     let last_sync = json("last_ack")?;
     let last_sync = (!last_sync.is_null()).then_some(last_sync);
     let streams: Vec<StreamReport> = store
@@ -365,29 +377,6 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         })
         .collect();
     let acks_refused = meta("acks_refused")?.and_then(|v| v.parse().ok()).unwrap_or(0);
-    let drift: Option<crate::drift::DriftState> = meta("drift")?.and_then(|d| serde_json::from_str(&d).ok());
-
-    let mut problems = vec![];
-    // The drift state is of the model that last ran; after a deploy, until the new model's
-    // first reading, it speaks of the old one, and is shown as such, not as a problem.
-    let drift = drift.filter(|d| {
-        deploy
-            .active
-            .as_ref()
-            .is_some_and(|a| a.name == d.model.name && a.version == d.model.version)
-    });
-    if let Some(w) = drift.as_ref().and_then(|d| d.last.as_ref()) {
-        if w.status == crate::drift::Verdict::Alert {
-            problems.push(problem(
-                format!(
-                    "{} ({})",
-                    crate::drift::alert_message(w),
-                    ago(Some(w.end_ms))
-                ),
-                "compare recent inputs with the training data (lathe-hub export) and retrain, or check the sensors named",
-            ));
-        }
-    }
     const START: &str = "start it (systemctl start lathe); its log says why it stopped (journalctl -u lathe)";
     if running && !fresh {
         let since = heartbeat_age_s.map_or("since it started".into(), |a| format!("for {}", human_secs(a)));
@@ -434,12 +423,6 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
                 )),
             }
         }
-    }
-    if deploy.active.is_none() {
-        problems.push(problem(
-            "no model deployed".into(),
-            "deploy one from the hub: lathe-hub deploy --fleet F --device D --bundle FILE",
-        ));
     }
     let activity = activity.map(|a| {
         let [p, r, f] = a.last_minute();
@@ -517,25 +500,10 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
             ));
         }
     }
-    let rollout: crate::rollout::RolloutState = meta("rollout_state")?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    if let Some(e) = &rollout.error {
-        problems.push(problem(
-            format!("the last desired state was not applied ({}): {}", e.code, e.message),
-            "see lathe-hub rollout status; a new deploy or rollback signed by the hub replaces it",
-        ));
-    }
     if let Some(e) = meta("keys_error")?.filter(|e| !e.is_empty()) {
         problems.push(problem(
             format!("a key set was refused {e}"),
             "publish key sets signed by the keys this device trusts now (lathe-hub rollout keys --key …); if you published none, someone else writes to lathe/v1/<fleet>/@keys: restrict it in the broker's ACL",
-        ));
-    }
-    if let Some(w) = meta("policy_warning")?.filter(|w| !w.is_empty()) {
-        problems.push(problem(
-            w,
-            "deploy a bundle (and a desired state) signed to the current trust.keys_file and trust.threshold",
         ));
     }
     if let Some(last) = meta("acks_refused_ms")?.and_then(|v| v.parse::<u64>().ok()) {
@@ -564,8 +532,9 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         activity,
         connection,
         inputs_connection,
-        model,
-        previous_model: as_value(&deploy.previous),
+        slot: first.slot,
+        model: first.model,
+        previous_model: first.previous_model,
         key_set: std::fs::read(crate::config::keyset_path(state_dir))
             .ok()
             .and_then(|b| protocol::keyset::parse_body(&b).ok())
@@ -578,9 +547,106 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         disk_floor_bytes: t.min_free_bytes,
         losses,
         acks_refused,
-        drift,
+        drift: first.drift,
+        slots,
         last_sync,
         problems,
+    })
+}
+
+/// The model slots a state_dir holds (SPEC §8.8): the default one, unless only named slots
+/// (`slots/<slot>/`) have ever run there, then the named ones.
+fn slot_names(state_dir: &Path, default_used: bool) -> Vec<Option<String>> {
+    let mut named: Vec<String> = std::fs::read_dir(state_dir.join("slots"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    named.sort();
+    let mut out: Vec<Option<String>> = vec![];
+    if default_used || named.is_empty() {
+        out.push(None);
+    }
+    out.extend(named.into_iter().map(Some));
+    out
+}
+
+/// One model slot's model, drift and rollout as `lathe status` shows them, and its problems.
+fn slot_report(
+    meta: &dyn Fn(&str) -> Result<Option<String>, ReadError>,
+    slot: Option<String>,
+    problems: &mut Vec<Problem>,
+) -> Result<SlotReport, ReadError> {
+    let key = |base: &str| crate::config::slot_key(base, slot.as_deref());
+    let named = |what: String| match &slot {
+        Some(s) => format!("slot {s}: {what}"),
+        None => what,
+    };
+    let deploy: DeployState = meta(&key("deploy_state"))?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let as_value = |i: &Option<crate::deploy::Installed>| {
+        i.as_ref()
+            .map(|i| serde_json::json!({"name": i.name, "version": i.version, "file": i.file}))
+    };
+    let mut model = as_value(&deploy.active);
+    if let (Some(m), true) = (model.as_mut(), deploy.watching) {
+        // In its watch period: not committed yet (SPEC §8.4).
+        m["watching"] = Value::Bool(true);
+    }
+    let drift: Option<crate::drift::DriftState> = meta(&key("drift"))?.and_then(|d| serde_json::from_str(&d).ok());
+    // The drift state is of the model that last ran; after a deploy, until the new model's
+    // first reading, it speaks of the old one, and is shown as such, not as a problem.
+    let drift = drift.filter(|d| {
+        deploy
+            .active
+            .as_ref()
+            .is_some_and(|a| a.name == d.model.name && a.version == d.model.version)
+    });
+    if let Some(w) = drift.as_ref().and_then(|d| d.last.as_ref()) {
+        if w.status == crate::drift::Verdict::Alert {
+            problems.push(problem(
+                named(format!(
+                    "{} ({})",
+                    crate::drift::alert_message(w),
+                    ago(Some(w.end_ms))
+                )),
+                "compare recent inputs with the training data (lathe-hub export) and retrain, or check the sensors named",
+            ));
+        }
+    }
+    if deploy.active.is_none() {
+        problems.push(problem(
+            named("no model deployed".into()),
+            "deploy one from the hub: lathe-hub deploy --fleet F --device D --bundle FILE (--slot S for a named slot)",
+        ));
+    }
+    let rollout: crate::rollout::RolloutState = meta(&key("rollout_state"))?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    if let Some(e) = &rollout.error {
+        problems.push(problem(
+            named(format!(
+                "the last desired state was not applied ({}): {}",
+                e.code, e.message
+            )),
+            "see lathe-hub rollout status; a new deploy or rollback signed by the hub replaces it",
+        ));
+    }
+    if let Some(w) = meta(&key("policy_warning"))?.filter(|w| !w.is_empty()) {
+        problems.push(problem(
+            named(w),
+            "deploy a bundle (and a desired state) signed to the current trust.keys_file and trust.threshold",
+        ));
+    }
+    Ok(SlotReport {
+        slot: slot.unwrap_or_default(),
+        model,
+        previous_model: as_value(&deploy.previous),
+        drift,
     })
 }
 
@@ -664,11 +730,12 @@ pub fn render(r: &Report) -> String {
         Some(m) => format!("{} v{}", m["name"].as_str().unwrap_or("?"), m["version"]),
         None => "none".into(),
     };
-    s += &format!(
-        "model       {} (previous: {})\n",
-        model(&r.model),
-        model(&r.previous_model)
-    );
+    let slot = if r.slot.is_empty() {
+        "model      ".to_string()
+    } else {
+        format!("slot        {}:", r.slot)
+    };
+    s += &format!("{slot} {} (previous: {})\n", model(&r.model), model(&r.previous_model));
     if let Some(k) = &r.key_set {
         s += &format!(
             "trust       key set #{}: {} key(s), threshold {} (trust.keys_file is superseded)\n",
@@ -751,10 +818,22 @@ pub fn render(r: &Report) -> String {
     if r.acks_refused > 0 {
         s += &format!("acks        {} refused\n", r.acks_refused);
     }
-    if r.drift.is_none() && r.model.is_some() {
-        s += &format!("drift       {}: no reading since it became active\n", model(&r.model));
-    } else {
-        s += &render_drift(r.drift.as_ref());
+    let drift = |m: &Option<Value>, d: Option<&crate::drift::DriftState>| {
+        if d.is_none() && m.is_some() {
+            format!("drift       {}: no reading since it became active\n", model(m))
+        } else {
+            render_drift(d)
+        }
+    };
+    s += &drift(&r.model, r.drift.as_ref());
+    for x in &r.slots {
+        s += &format!(
+            "slot        {}: {} (previous: {})\n",
+            x.slot,
+            model(&x.model),
+            model(&x.previous_model)
+        );
+        s += &drift(&x.model, x.drift.as_ref());
     }
     for p in &r.problems {
         s += &format!("problem     {}\n            hint: {}\n", p.problem, p.hint);
@@ -783,7 +862,7 @@ fn render_health(h: &crate::metrics::Snapshot) -> String {
             human_secs(p.uptime_secs)
         );
     }
-    if let Some(l) = &h.latency {
+    for l in h.latency.iter().chain(&h.latencies) {
         s += &format!(
             "latency     {} v{}: p50 {} µs, p99 {} µs per call ({} calls, {} rows)\n",
             l.model.name, l.model.version, l.p50_us, l.p99_us, l.calls, l.rows

@@ -53,7 +53,7 @@ pub struct Append {
     pub losses: Vec<Loss>,
     pub acks: Vec<PubAck>,
     /// Small state for `lathe status` (key, JSON), written after the records.
-    pub meta: Vec<(&'static str, String)>,
+    pub meta: Vec<(String, String)>,
 }
 
 impl Append {
@@ -505,7 +505,7 @@ impl SyncTask {
         let mut live = vec![];
         let mut losses = std::mem::take(&mut run.unsaved);
         let mut acks = vec![];
-        let mut meta: Vec<(&str, String)> = vec![];
+        let mut meta: Vec<(String, String)> = vec![];
         for a in burst {
             for o in a.records {
                 live.push(o.live);
@@ -543,7 +543,7 @@ impl SyncTask {
             }
         }
         if !meta.is_empty() {
-            let pairs: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let pairs: Vec<(&str, &str)> = meta.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             if let Err(e) = tokio::task::block_in_place(|| self.store.set_meta_many(&pairs)) {
                 warn!(error = %e, "cannot write the drift state for lathe status");
             }

@@ -43,6 +43,9 @@ pub struct GroupEntry {
     /// Deploy to this share of the group first (`"10%"`), as `deploy --canary`.
     #[serde(default)]
     pub canary: Option<String>,
+    /// The model slot (SPEC §8.8), as `deploy --slot`; absent: the default slot.
+    #[serde(default)]
+    pub slot: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,20 +55,34 @@ pub struct DeviceEntry {
     pub bundle: PathBuf,
     #[serde(default)]
     pub rollback: bool,
+    #[serde(default)]
+    pub slot: Option<String>,
 }
 
-/// Where a desired state is published.
+/// Whom a desired state is for.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Target {
+pub enum Whom {
     Group(Name),
     Device(Name),
 }
 
+/// Where a desired state is published: for whom, and for which of their model slots (`None`:
+/// the default one).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Target {
+    pub whom: Whom,
+    pub slot: Option<Name>,
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Group(g) => write!(f, "group {g}"),
-            Target::Device(d) => write!(f, "device {d}"),
+        match &self.whom {
+            Whom::Group(g) => write!(f, "group {g}")?,
+            Whom::Device(d) => write!(f, "device {d}")?,
+        }
+        match &self.slot {
+            Some(s) => write!(f, " slot {s}"),
+            None => Ok(()),
         }
     }
 }
@@ -205,13 +222,37 @@ pub fn load(path: &Path) -> anyhow::Result<(Name, Vec<Declared>)> {
             .map(parse_percent)
             .transpose()
             .map_err(|e| anyhow::anyhow!("{}: group {name}: canary {e}", path.display()))?;
-        entry(Target::Group(name), &g.bundle, g.rollback, canary)?;
+        let slot = slot_name(path, g.slot.as_deref())?;
+        entry(
+            Target {
+                whom: Whom::Group(name),
+                slot,
+            },
+            &g.bundle,
+            g.rollback,
+            canary,
+        )?;
     }
     for d in &file.device {
         let id = Name::new(d.id.clone()).with_context(|| format!("{}: device", path.display()))?;
-        entry(Target::Device(id), &d.bundle, d.rollback, None)?;
+        let slot = slot_name(path, d.slot.as_deref())?;
+        entry(
+            Target {
+                whom: Whom::Device(id),
+                slot,
+            },
+            &d.bundle,
+            d.rollback,
+            None,
+        )?;
     }
     Ok((fleet, out))
+}
+
+fn slot_name(path: &Path, slot: Option<&str>) -> anyhow::Result<Option<Name>> {
+    slot.map(|s| Name::new(s.to_string()))
+        .transpose()
+        .with_context(|| format!("{}: slot", path.display()))
 }
 
 /// A percentage from 1 to 100, with or without `%`.
@@ -236,12 +277,17 @@ pub async fn current(
     let trust = TrustStore::new(signers.iter().map(|k| k.public_key()));
     let mut out = BTreeMap::new();
     for (topic, payload) in rollout::retained_desired(broker, fleet).await? {
-        let target = match protocol::rollout::parse_desired_topic(fleet.as_str(), &topic) {
-            Some(DesiredTopic::Group(g)) => Name::new(g.to_string()).map(Target::Group),
-            Some(DesiredTopic::Device(d)) => Name::new(d.to_string()).map(Target::Device),
-            None => continue,
+        let Some((whom, slot)) = protocol::rollout::parse_desired_topic(fleet.as_str(), &topic) else {
+            continue;
         };
-        let Ok(target) = target else { continue };
+        let whom = match whom {
+            DesiredTopic::Group(g) => Name::new(g.to_string()).map(Whom::Group),
+            DesiredTopic::Device(d) => Name::new(d.to_string()).map(Whom::Device),
+        };
+        let (Ok(whom), Ok(slot)) = (whom, slot.map(|s| Name::new(s.to_string())).transpose()) else {
+            continue;
+        };
+        let target = Target { whom, slot };
         if payload.is_empty() {
             continue;
         }
@@ -301,9 +347,9 @@ pub async fn apply(file: &Path, a: Apply<'_>) -> anyhow::Result<u8> {
             "{}: changed while apply ran",
             d.bundle.display()
         );
-        let (devices, group, wait_for) = match &d.target {
-            Target::Device(id) => (vec![id.clone()], None, vec![id.clone()]),
-            Target::Group(g) => (vec![], Some(g.clone()), vec![]),
+        let (devices, group, wait_for) = match &d.target.whom {
+            Whom::Device(id) => (vec![id.clone()], None, vec![id.clone()]),
+            Whom::Group(g) => (vec![], Some(g.clone()), vec![]),
         };
         println!("{}:", d.target);
         let r = rollout::run(rollout::Run {
@@ -317,6 +363,7 @@ pub async fn apply(file: &Path, a: Apply<'_>) -> anyhow::Result<u8> {
                 chunk_bytes: a.chunk_bytes,
                 expires_in_secs: a.expires_in_secs,
                 rollback: d.want.rollback,
+                slot: d.target.slot.clone(),
             },
             wait_for: if a.timeout.is_zero() { vec![] } else { wait_for },
             timeout: a.timeout,
@@ -346,11 +393,17 @@ mod tests {
     }
 
     fn group(g: &str) -> Target {
-        Target::Group(Name::new(g.to_string()).expect("name"))
+        Target {
+            whom: Whom::Group(Name::new(g.to_string()).expect("name")),
+            slot: None,
+        }
     }
 
     fn device(d: &str) -> Target {
-        Target::Device(Name::new(d.to_string()).expect("name"))
+        Target {
+            whom: Whom::Device(Name::new(d.to_string()).expect("name")),
+            slot: None,
+        }
     }
 
     fn declared(target: Target, version: u64) -> Declared {
@@ -438,7 +491,16 @@ mod tests {
             "fleet = \"p\"\n[[device]]\nid = \"d\"\nbundle = \"b\"\n",
             "not a bundle",
         );
+        check(
+            "fleet = \"p\"\n[[device]]\nid = \"d\"\nbundle = \"b\"\nslot = \"a/b\"\n",
+            "slot",
+        );
         std::fs::write(&f, "fleet = \"p\"\n").expect("write");
         assert!(load(&f).expect("empty fleet").1.is_empty());
+        let slotted = Target {
+            whom: Whom::Device(Name::new("press-7").expect("name")),
+            slot: Some(Name::new("rul").expect("name")),
+        };
+        assert_eq!(slotted.to_string(), "device press-7 slot rul");
     }
 }

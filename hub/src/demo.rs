@@ -230,6 +230,7 @@ min_rows = 200
                 chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
                 expires_in_secs: 86_400,
                 rollback: false,
+                slot: None,
             };
             rollout::run(rollout::Run {
                 broker: lathe::config::BrokerConfig::new("127.0.0.1", port),

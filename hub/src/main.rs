@@ -240,6 +240,10 @@ struct RolloutArgs {
     /// watch period; a canary that fails halts the rollout.
     #[arg(long, requires = "group", value_parser = lathe_hub::apply::parse_percent)]
     canary: Option<u8>,
+    /// The model slot to deploy to or roll back, on devices that run several models
+    /// (`[[models]]` in their config); without it, their default slot.
+    #[arg(long)]
+    slot: Option<String>,
 }
 
 impl RolloutArgs {
@@ -268,6 +272,7 @@ impl RolloutArgs {
             chunk_bytes: self.sign.chunk_bytes,
             expires_in_secs: self.sign.expires_in_days * 86_400,
             rollback,
+            slot: self.slot.clone().map(Name::new).transpose()?,
         };
         let size = (self.sign.chunk_bytes as usize + 4096).max(1 << 20);
         rollout::run(rollout::Run {
@@ -604,7 +609,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             if json {
                 let v: Vec<serde_json::Value> = states
                     .iter()
-                    .map(|((f, d), r)| serde_json::json!({"fleet": f, "device": d, "reported": r}))
+                    .map(|((f, d, s), r)| {
+                        let slot = (!s.is_empty()).then_some(s);
+                        serde_json::json!({"fleet": f, "device": d, "slot": slot, "reported": r})
+                    })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {

@@ -25,6 +25,8 @@ pub struct Plan<'a> {
     pub expires_in_secs: u64,
     /// A signed rollback: run this bundle's version although a higher one ran before.
     pub rollback: bool,
+    /// The model slot of the targets (SPEC §8.8); `None`: their default slot.
+    pub slot: Option<Name>,
 }
 
 /// A desired state, signed, with where it goes.
@@ -58,6 +60,7 @@ pub fn sign(plan: &Plan<'_>, now_ms: u64) -> anyhow::Result<Signed> {
             rollback: plan.rollback,
             bundle: blob,
         },
+        slot: plan.slot.as_ref().map(|s| s.to_string()),
     };
     let message = rollout::sign_desired(&desired, &plan.keys).map_err(|e| anyhow::anyhow!(e))?;
     let topics = match &plan.group {
@@ -68,6 +71,8 @@ pub fn sign(plan: &Plan<'_>, now_ms: u64) -> anyhow::Result<Signed> {
             .map(|d| rollout::device_desired_topic(plan.fleet.as_str(), d.as_str()))
             .collect(),
     };
+    let slot = plan.slot.as_ref().map(Name::as_str);
+    let topics = topics.into_iter().map(|t| rollout::slot_topic(t, slot)).collect();
     Ok(Signed {
         desired,
         message,
@@ -206,8 +211,9 @@ pub async fn publish_keys(
         return Ok(0);
     }
     let mut seen: BTreeMap<String, Reported> = BTreeMap::new();
-    let filter = format!("{}/{fleet}/+/reported", protocol::topic::ROOT);
-    watch_reported(broker, &filter, timeout, None, |_, device, r| {
+    // Every slot of a device reports the key set in force; any of them says.
+    let filters = rollout::reported_filters(Some(fleet.as_str()));
+    watch_reported(broker, &filters, timeout, None, |_, device, _, r| {
         if wait_for.iter().any(|d| d.as_str() == device) {
             seen.insert(device.to_string(), r);
         }
@@ -320,21 +326,25 @@ pub fn outcome(r: &Reported, counter: u64, model: &DesiredModel) -> Option<Outco
     (r.counter >= counter && r.phase == Phase::Idle && runs).then(|| Outcome::Done(r.clone()))
 }
 
-/// Read the retained reported states of a fleet's devices (all fleets when `None`), until
-/// `settle` passes without a new one or `timeout` passes.
+/// A device's model slot, as reported states are keyed: fleet, device, slot (empty for the
+/// default slot).
+pub type SlotKey = (String, String, String);
+
+/// Read the retained reported states of a fleet's devices (all fleets when `None`), of every
+/// slot, until `settle` passes without a new one or `timeout` passes.
 pub async fn reported(
     broker: &BrokerConfig,
     fleet: Option<&Name>,
     settle: Duration,
     timeout: Duration,
-) -> anyhow::Result<BTreeMap<(String, String), Reported>> {
-    let filter = match fleet {
-        Some(f) => format!("{}/{f}/+/reported", protocol::topic::ROOT),
-        None => rollout::all_reported(),
-    };
+) -> anyhow::Result<BTreeMap<SlotKey, Reported>> {
+    let filters = rollout::reported_filters(fleet.map(Name::as_str));
     let mut out = BTreeMap::new();
-    watch_reported(broker, &filter, timeout, Some(settle), |fleet, device, r| {
-        out.insert((fleet.to_string(), device.to_string()), r);
+    watch_reported(broker, &filters, timeout, Some(settle), |fleet, device, slot, r| {
+        out.insert(
+            (fleet.to_string(), device.to_string(), slot.unwrap_or("").to_string()),
+            r,
+        );
         false
     })
     .await?;
@@ -351,8 +361,11 @@ pub async fn wait(
     mut on_change: impl FnMut(&str, &Reported),
 ) -> anyhow::Result<BTreeMap<String, Option<Outcome>>> {
     let mut out: BTreeMap<String, Option<Outcome>> = devices.iter().map(|d| (d.to_string(), None)).collect();
-    let filter = format!("{}/{fleet}/+/reported", protocol::topic::ROOT);
-    watch_reported(broker, &filter, timeout, None, |_, device, r| {
+    let filter = rollout::slot_topic(
+        format!("{}/{fleet}/+/reported", protocol::topic::ROOT),
+        desired.slot.as_deref(),
+    );
+    watch_reported(broker, &[filter], timeout, None, |_, device, _, r| {
         if let Some(slot) = out.get_mut(device) {
             on_change(device, &r);
             *slot = outcome(&r, desired.counter, &desired.model);
@@ -363,28 +376,27 @@ pub async fn wait(
     Ok(out)
 }
 
-/// Subscribe to reported states and hand each to `seen(fleet, device, state)` until it returns
-/// true, `timeout` passes or, with `settle`, nothing new came for that long.
+/// Subscribe to reported states and hand each to `seen(fleet, device, slot, state)` until it
+/// returns true, `timeout` passes or, with `settle`, nothing new came for that long.
 async fn watch_reported(
     broker: &BrokerConfig,
-    filter: &str,
+    filters: &[String],
     timeout: Duration,
     settle: Option<Duration>,
-    mut seen: impl FnMut(&str, &str, Reported) -> bool,
+    mut seen: impl FnMut(&str, &str, Option<&str>, Reported) -> bool,
 ) -> anyhow::Result<()> {
     watch_topics(
         broker,
-        &[filter.to_string()],
+        filters,
         timeout,
         settle,
         rollout::MAX_REPORTED_BYTES,
         |topic, payload| {
-            let parts: Vec<&str> = topic.split('/').collect();
-            let [_, _, fleet, device, "reported"] = parts[..] else {
+            let Some((fleet, device, slot)) = rollout::parse_reported_topic(topic) else {
                 return false;
             };
             match serde_json::from_slice::<Reported>(payload) {
-                Ok(r) => seen(fleet, device, r),
+                Ok(r) => seen(fleet, device, slot, r),
                 Err(_) => false,
             }
         },
@@ -478,7 +490,7 @@ async fn watch_topics(
 }
 
 /// One line per device for `rollout status`.
-pub fn render(states: &BTreeMap<(String, String), Reported>) -> String {
+pub fn render(states: &BTreeMap<SlotKey, Reported>) -> String {
     let mut s = String::new();
     if states.is_empty() {
         return "no device has reported a rollout state\n".into();
@@ -488,7 +500,12 @@ pub fn render(states: &BTreeMap<(String, String), Reported>) -> String {
             .map(|m| format!("{} v{}", m.name, m.version))
             .unwrap_or_else(|| "none".into())
     };
-    for ((fleet, device), r) in states {
+    for ((fleet, device, slot), r) in states {
+        let slot = if slot.is_empty() {
+            String::new()
+        } else {
+            format!("[{slot}]")
+        };
         let phase = match r.phase {
             Phase::Idle => "idle",
             Phase::Downloading => "downloading",
@@ -497,7 +514,7 @@ pub fn render(states: &BTreeMap<(String, String), Reported>) -> String {
             Phase::Failed => "failed",
         };
         s += &format!(
-            "{fleet}/{device}  {phase:<11} active {}  previous {}",
+            "{fleet}/{device}{slot}  {phase:<11} active {}  previous {}",
             model(&r.active),
             model(&r.previous)
         );
@@ -576,10 +593,11 @@ async fn canary(r: Run<'_>, pct: u8, group: &Name) -> anyhow::Result<u8> {
         Duration::from_secs(5),
     )
     .await?;
+    let slot = r.plan.slot.as_ref().map_or("", Name::as_str);
     let members: Vec<Name> = known
         .iter()
-        .filter(|(_, rep)| rep.groups.iter().any(|g| g == group.as_str()))
-        .filter_map(|((_, device), _)| Name::new(device.clone()).ok())
+        .filter(|((_, _, s), rep)| s == slot && rep.groups.iter().any(|g| g == group.as_str()))
+        .filter_map(|((_, device, _), _)| Name::new(device.clone()).ok())
         .collect();
     anyhow::ensure!(
         !members.is_empty(),
@@ -603,6 +621,7 @@ async fn canary(r: Run<'_>, pct: u8, group: &Name) -> anyhow::Result<u8> {
         chunk_bytes: r.plan.chunk_bytes,
         expires_in_secs: r.plan.expires_in_secs,
         rollback: r.plan.rollback,
+        slot: r.plan.slot.clone(),
     };
     let signed = sign(&first, lathe::sync::now_ms())?;
     upload(&r.broker, &first, &signed, true).await?;
@@ -704,8 +723,23 @@ async fn settle(r: &Run<'_>, signed: &Signed, devices: &[Name]) -> anyhow::Resul
             }
             None => {
                 code = 1;
-                let now = last.get(&(r.plan.fleet.to_string(), device.to_string()));
+                let slot = r.plan.slot.as_ref().map_or("", Name::as_str);
+                let now = last.get(&(r.plan.fleet.to_string(), device.to_string(), slot.to_string()));
+                let others: Vec<&str> = last
+                    .keys()
+                    .filter(|(f, d, _)| *f == r.plan.fleet.as_str() && d == device)
+                    .map(|(_, _, s)| if s.is_empty() { "the default slot" } else { s.as_str() })
+                    .collect();
                 let why = match now {
+                    None if !others.is_empty() => format!(
+                        "it reports no {}, only {}: give the slot it runs this model in (--slot)",
+                        if slot.is_empty() {
+                            "default slot".to_string()
+                        } else {
+                            format!("slot {slot}")
+                        },
+                        others.join(", ")
+                    ),
                     None => "it has never reported a rollout state: offline, or not running a 1.4 agent".to_string(),
                     Some(rep) => {
                         let mut w = format!("phase {:?}", rep.phase).to_lowercase();
@@ -816,15 +850,18 @@ mod tests {
             ..Default::default()
         };
         let states = [
-            (("plant1".to_string(), "press-7".to_string()), watching),
-            (("plant1".to_string(), "press-8".to_string()), rolled_back),
+            (("plant1".to_string(), "press-7".to_string(), String::new()), watching),
+            (
+                ("plant1".to_string(), "press-8".to_string(), "rul".to_string()),
+                rolled_back,
+            ),
         ]
         .into();
         assert_eq!(
             render(&states),
             "plant1/press-7  watching    active bearing v3  previous bearing v2\n    \
              watching bearing v3: 45 s left, 120 rows, 1 failed, 0 non-finite, 4 out of range, p99 850 µs\n\
-             plant1/press-8  failed      active bearing v2  previous bearing v3  below v3 (rolled back)\n    \
+             plant1/press-8[rul]  failed      active bearing v2  previous bearing v3  below v3 (rolled back)\n    \
              last error (watch_failed): bearing v3 failed its watch period\n"
         );
     }

@@ -76,9 +76,13 @@ pub struct Health {
     /// The agent's own process (1.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessHealth>,
-    /// Inference latency of the active model since the previous health message (1.3).
+    /// Inference latency of the active model since the previous health message (1.3); of the
+    /// first slot's model on a device with several (1.6, SPEC §8.8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<Latency>,
+    /// The same, of the other slots' models (1.6), each named by its model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latencies: Vec<Latency>,
     /// Records waiting in the outbox, per stream (1.3).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbox: Vec<StreamDepth>,

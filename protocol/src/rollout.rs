@@ -44,6 +44,16 @@ pub fn group_desired_topic(fleet: &str, group: &str) -> String {
     format!("{}/{fleet}/@group/{group}/desired", crate::topic::ROOT)
 }
 
+/// The topic of a model slot (1.6, SPEC §8.8): a device running several models keeps each in a
+/// named slot, whose desired and reported states are at the device's or group's topic with
+/// `/<slot>` added; the default slot (a device with one model) uses the topic itself.
+pub fn slot_topic(topic: String, slot: Option<&str>) -> String {
+    match slot {
+        Some(s) => format!("{topic}/{s}"),
+        None => topic,
+    }
+}
+
 /// Whom a desired-state topic is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DesiredTopic<'a> {
@@ -51,28 +61,43 @@ pub enum DesiredTopic<'a> {
     Group(&'a str),
 }
 
-/// The filters that match every desired state of `fleet`: the devices' and the groups'.
-pub fn desired_filters(fleet: &str) -> [String; 2] {
+/// The filters that match every desired state of `fleet`: the devices' and the groups', of
+/// the default slot and of named slots.
+pub fn desired_filters(fleet: &str) -> [String; 4] {
+    let (root, fleet) = (crate::topic::ROOT, fleet);
     [
-        format!("{}/{fleet}/+/desired", crate::topic::ROOT),
-        format!("{}/{fleet}/@group/+/desired", crate::topic::ROOT),
+        format!("{root}/{fleet}/+/desired"),
+        format!("{root}/{fleet}/@group/+/desired"),
+        format!("{root}/{fleet}/+/desired/+"),
+        format!("{root}/{fleet}/@group/+/desired/+"),
     ]
 }
 
-/// Whom a desired-state topic of `fleet` is for, if it is one.
-pub fn parse_desired_topic<'a>(fleet: &str, topic: &'a str) -> Option<DesiredTopic<'a>> {
+/// Whom a desired-state topic of `fleet` is for, if it is one, and for which slot (`None`: the
+/// default slot).
+pub fn parse_desired_topic<'a>(fleet: &str, topic: &'a str) -> Option<(DesiredTopic<'a>, Option<&'a str>)> {
     let rest = topic
         .strip_prefix(crate::topic::ROOT)?
         .strip_prefix('/')?
         .strip_prefix(fleet)?
-        .strip_prefix('/')?
-        .strip_suffix("/desired")?;
-    match rest.strip_prefix("@group/") {
-        Some(g) if !g.is_empty() && !g.contains('/') => Some(DesiredTopic::Group(g)),
-        Some(_) => None,
-        None if !rest.is_empty() && !rest.contains('/') && !rest.starts_with('@') => Some(DesiredTopic::Device(rest)),
-        None => None,
-    }
+        .strip_prefix('/')?;
+    let (rest, slot) = match rest.strip_suffix("/desired") {
+        Some(r) => (r, None),
+        None => {
+            let (r, slot) = rest.rsplit_once("/desired/")?;
+            if crate::Name::new(slot.to_string()).is_err() {
+                return None;
+            }
+            (r, Some(slot))
+        }
+    };
+    let target = match rest.strip_prefix("@group/") {
+        Some(g) if !g.is_empty() && !g.contains('/') => DesiredTopic::Group(g),
+        Some(_) => return None,
+        None if !rest.is_empty() && !rest.contains('/') && !rest.starts_with('@') => DesiredTopic::Device(rest),
+        None => return None,
+    };
+    Some((target, slot))
 }
 
 /// Where a device reports its rollout state (retained, QoS 1).
@@ -80,9 +105,27 @@ pub fn reported_topic(fleet: &str, device: &str) -> String {
     format!("{}/{fleet}/{device}/reported", crate::topic::ROOT)
 }
 
-/// Every device's reported state in every fleet, for a hub.
-pub fn all_reported() -> String {
-    format!("{}/+/+/reported", crate::topic::ROOT)
+/// Every device's reported states in every fleet (`None`) or in one, of every slot, for a hub.
+pub fn reported_filters(fleet: Option<&str>) -> [String; 2] {
+    let (root, fleet) = (crate::topic::ROOT, fleet.unwrap_or("+"));
+    [
+        format!("{root}/{fleet}/+/reported"),
+        format!("{root}/{fleet}/+/reported/+"),
+    ]
+}
+
+/// The fleet, device and slot of a reported-state topic, if it is one.
+pub fn parse_reported_topic(topic: &str) -> Option<(&str, &str, Option<&str>)> {
+    let parts: Vec<&str> = topic
+        .strip_prefix(crate::topic::ROOT)?
+        .strip_prefix('/')?
+        .split('/')
+        .collect();
+    match parts[..] {
+        [fleet, device, "reported"] => Some((fleet, device, None)),
+        [fleet, device, "reported", slot] => Some((fleet, device, Some(slot))),
+        _ => None,
+    }
 }
 
 /// Where chunk `index` of an object is published (retained, QoS 1).
@@ -232,6 +275,10 @@ pub struct Desired {
     pub created: u64,
     pub expires: u64,
     pub model: DesiredModel,
+    /// The model slot this is for (1.6, SPEC §8.8); absent: the default slot. It must match
+    /// the slot of the topic it came on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
 }
 
 impl Desired {
@@ -249,6 +296,9 @@ impl Desired {
         }
         crate::Name::new(self.fleet.clone()).map_err(|e| format!("fleet: {e}"))?;
         crate::Name::new(self.model.name.clone()).map_err(|e| format!("model name: {e}"))?;
+        if let Some(s) = &self.slot {
+            crate::Name::new(s.clone()).map_err(|e| format!("slot: {e}"))?;
+        }
         match (&self.targets.devices[..], &self.targets.group) {
             ([], Some(g)) => {
                 crate::Name::new(g.clone()).map_err(|e| format!("group: {e}"))?;
@@ -282,6 +332,8 @@ pub enum DesiredError {
     Invalid(String),
     #[error("desired state is for {0}, not this device")]
     NotTargeted(String),
+    #[error("desired state is signed for {signed} but came on the topic of {topic}")]
+    WrongSlot { signed: String, topic: String },
     #[error("desired state #{counter} expired at {expires} (now {now}); sign a new one or check the clock")]
     Expired { counter: u64, expires: u64, now: u64 },
     #[error("desired state #{counter} is older than #{last}, already accepted: a replay")]
@@ -300,7 +352,7 @@ impl DesiredError {
             DesiredError::TooLarge(_) => "too_large",
             DesiredError::Envelope(e) => e.code(),
             DesiredError::Invalid(_) => "invalid_desired",
-            DesiredError::NotTargeted(_) => "not_targeted",
+            DesiredError::NotTargeted(_) | DesiredError::WrongSlot { .. } => "not_targeted",
             DesiredError::Expired { .. } => "expired",
             DesiredError::Replayed { .. } => "replayed",
             DesiredError::NotNewer { .. } => "not_newer",
@@ -318,6 +370,8 @@ pub struct DesiredPolicy<'a> {
     pub device: &'a str,
     /// The groups this device belongs to.
     pub groups: &'a [String],
+    /// The slot of the topic this came on (`None`: the default slot).
+    pub slot: Option<&'a str>,
     /// The highest counter accepted from the topic this came on.
     pub last_counter: Option<u64>,
     /// The highest version of a model name ever activated.
@@ -354,6 +408,13 @@ pub fn verify_desired(message: &[u8], policy: &DesiredPolicy<'_>) -> Result<Veri
             None => format!("device(s) {} of fleet {}", t.devices.join(", "), desired.fleet),
         };
         return Err(DesiredError::NotTargeted(whom));
+    }
+    if desired.slot.as_deref() != policy.slot {
+        let slot = |s: Option<&str>| s.map_or("the default slot".to_string(), |s| format!("slot {s}"));
+        return Err(DesiredError::WrongSlot {
+            signed: slot(desired.slot.as_deref()),
+            topic: slot(policy.slot),
+        });
     }
     if policy.now >= desired.expires {
         return Err(DesiredError::Expired {
@@ -506,6 +567,9 @@ pub struct Reported {
     /// Why the last key set that came was refused (1.5), until one is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys_error: Option<ReportedError>,
+    /// The model slot this report is about (1.6, SPEC §8.8); absent: the default slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
 }
 
 /// How a model in its watch period does so far (SPEC.md §8.4).
@@ -541,19 +605,41 @@ mod tests {
     fn desired_topics_round_trip() {
         let d = device_desired_topic("plant1", "press-7");
         let g = group_desired_topic("plant1", "line-2");
-        assert_eq!(parse_desired_topic("plant1", &d), Some(DesiredTopic::Device("press-7")));
-        assert_eq!(parse_desired_topic("plant1", &g), Some(DesiredTopic::Group("line-2")));
+        assert_eq!(
+            parse_desired_topic("plant1", &d),
+            Some((DesiredTopic::Device("press-7"), None))
+        );
+        assert_eq!(
+            parse_desired_topic("plant1", &g),
+            Some((DesiredTopic::Group("line-2"), None))
+        );
         assert_eq!(parse_desired_topic("plant2", &d), None, "another fleet");
+        assert_eq!(
+            parse_desired_topic("plant1", &slot_topic(d.clone(), Some("rul"))),
+            Some((DesiredTopic::Device("press-7"), Some("rul")))
+        );
+        assert_eq!(
+            parse_desired_topic("plant1", &slot_topic(g.clone(), Some("rul"))),
+            Some((DesiredTopic::Group("line-2"), Some("rul")))
+        );
+        let r = slot_topic(reported_topic("plant1", "press-7"), Some("rul"));
+        assert_eq!(parse_reported_topic(&r), Some(("plant1", "press-7", Some("rul"))));
+        assert_eq!(
+            parse_reported_topic(&reported_topic("plant1", "press-7")),
+            Some(("plant1", "press-7", None))
+        );
         for other in [
             reported_topic("plant1", "press-7"),
             chunk_topic("plant1", &"a".repeat(64), 0),
             "lathe/v1/plant1/@group/desired".to_string(),
             "lathe/v1/plant1/a/b/desired".to_string(),
             "lathe/v1/plant1/@keys/desired".to_string(),
+            "lathe/v1/plant1/press-7/desired/a/b".to_string(),
+            "lathe/v1/plant1/press-7/desired/".to_string(),
         ] {
             assert_eq!(parse_desired_topic("plant1", &other), None, "{other}");
         }
-        let [devices, groups] = desired_filters("plant1");
+        let [devices, groups, ..] = desired_filters("plant1");
         assert_eq!(devices, "lathe/v1/plant1/+/desired");
         assert_eq!(groups, "lathe/v1/plant1/@group/+/desired");
     }
@@ -582,6 +668,7 @@ mod tests {
                 rollback: false,
                 bundle,
             },
+            slot: None,
         }
     }
 
@@ -608,6 +695,7 @@ mod tests {
             fleet: "plant1",
             device: "press-7",
             groups: &c.groups,
+            slot: None,
             last_counter: c.last,
             high_water: &high_water,
             active: &act,
@@ -738,6 +826,7 @@ mod tests {
             fleet: "plant1",
             device: "press-7",
             groups: &[],
+            slot: None,
             last_counter: None,
             high_water: &none,
             active: &none,

@@ -196,6 +196,25 @@ pub mod filter {
         format!("{ROOT}/+/+/events")
     }
 
+    /// Whether the MQTT topic filter `f` matches `topic` (MQTT 3.1.1 §4.7: `+` is one level,
+    /// a final `#` the rest, including the parent level; a wildcard never matches a first
+    /// level that starts with `$`).
+    pub fn matches(f: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && (f.starts_with('+') || f.starts_with('#')) {
+            return false;
+        }
+        let (mut fl, mut tl) = (f.split('/'), topic.split('/'));
+        loop {
+            match (fl.next(), tl.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
     /// Whether an MQTT topic filter could match the root `lathe/v1` or any topic under it.
     pub fn overlaps_root(f: &str) -> bool {
         let mut levels = f.split('/');
@@ -229,6 +248,25 @@ mod tests {
             }
             (Err(_), Err(())) => {}
             (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        for (f, t, want) in [
+            ("plant/+/vibration", "plant/press-7/vibration", true),
+            ("plant/+/vibration", "plant/press-7/spindle", false),
+            ("plant/+/vibration", "plant/a/b/vibration", false),
+            ("plant/#", "plant", true),
+            ("plant/#", "plant/a/b", true),
+            ("#", "plant/a", true),
+            ("#", "$SYS/broker", false),
+            ("+/a", "$SYS/a", false),
+            ("plant/+", "plant/", true),
+            ("plant/a", "plant/a/b", false),
+            ("plant/a/b", "plant/a", false),
+        ] {
+            assert_eq!(filter::matches(f, t), want, "{f} on {t}");
         }
     }
 

@@ -107,6 +107,7 @@ fn signed_documents() -> (Vec<u8>, Vec<u8>, TrustStore) {
             rollback: false,
             bundle,
         },
+        slot: None,
     };
     let keys = protocol::keyset::KeySet {
         format: protocol::keyset::KEYS_FORMAT,
@@ -132,6 +133,7 @@ fn check_desired(bytes: &[u8], trust: &TrustStore) -> bool {
         fleet: "f",
         device: "d",
         groups: &[],
+        slot: None,
         last_counter: None,
         high_water: &none,
         active: &none,

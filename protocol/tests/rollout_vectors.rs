@@ -43,6 +43,7 @@ fn desired(bundle_file: &[u8]) -> Desired {
             rollback: false,
             bundle: blob,
         },
+        slot: None,
     }
 }
 
@@ -70,6 +71,27 @@ fn desired_cases(bundle_file: &[u8]) -> Vec<Case> {
         sign(&base, &[&s]),
         json!({"last_counter": base.counter + 1, "high_water": null, "active": null}),
         "replayed",
+    ));
+    // Model slots (1.6): `holds.slot` is the slot of the topic the message came on.
+    let mut slotted = base.clone();
+    slotted.slot = Some("rul".into());
+    v.push((
+        "desired-slot.json",
+        sign(&slotted, &[&s]),
+        json!({"last_counter": null, "high_water": null, "active": null, "slot": "rul"}),
+        "ok",
+    ));
+    v.push((
+        "desired-slot.json",
+        sign(&slotted, &[&s]),
+        fresh.clone(),
+        "not_targeted",
+    ));
+    v.push((
+        "desired-ok.json",
+        sign(&base, &[&s]),
+        json!({"last_counter": null, "high_water": null, "active": null, "slot": "rul"}),
+        "not_targeted",
     ));
     v.push((
         "desired-ok.json",
@@ -239,6 +261,7 @@ fn verdict(kind: &str, bytes: &[u8], trust: &TrustStore, doc: &Value, holds: &Va
                 fleet,
                 device: doc["device"].as_str().expect("device"),
                 groups: &groups,
+                slot: holds["slot"].as_str(),
                 last_counter: last,
                 high_water: &high_water,
                 active: &active,

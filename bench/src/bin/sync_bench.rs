@@ -587,6 +587,7 @@ fn deploy(
             chunk_bytes: protocol::rollout::DEFAULT_CHUNK_BYTES,
             expires_in_secs: 3600,
             rollback: false,
+            slot: None,
         },
         wait_for: vec![device],
         timeout,

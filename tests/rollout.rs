@@ -986,6 +986,22 @@ fn two_model_slots_are_deployed_and_rolled_back_on_their_own() {
         "predictions by model: {:?}",
         (0..30).map(predicted_by).collect::<Vec<_>>()
     );
+    // Health carries each slot's latency, named by its model.
+    let health = watch(
+        f.hub_broker.port,
+        &format!("lathe/v1/{FLEET}/{}/health", d.id),
+        "slot-health-watch",
+    );
+    let mut last = Value::Null;
+    let both = eventually(Duration::from_secs(20), || {
+        let (_, p) = health.recv_timeout(Duration::from_millis(500)).ok()?;
+        last = serde_json::from_slice(&p).ok()?;
+        (last["model"]["name"] == "bearing"
+            && last["latency"]["model"]["name"] == "bearing"
+            && last["latencies"][0]["model"]["name"] == "rul")
+            .then_some(())
+    });
+    assert!(both.is_some(), "health: {last}");
 
     // rul v2, then a rollback to v1: slot anomaly is not touched.
     let (code, out) = to_slot("deploy", &rul2, "rul");

@@ -239,6 +239,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         startup_events.extend(events);
     }
     let actives: Vec<SharedModel> = deployers.iter().map(|d| d.active.clone()).collect();
+    // The slots in the config's order, for `lathe status` ("" is the default slot).
+    let order: Vec<&str> = slots.iter().map(|s| s.name.as_deref().unwrap_or("")).collect();
+    deployers[0]
+        .store
+        .set_meta("slots", &serde_json::to_string(&order).expect("names serialize"))?;
 
     let w = Wires {
         readings: slots
@@ -247,9 +252,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             .collect(),
         commands: queue::channel(4, cfg.max_command_bytes()),
         rollouts: {
-            // The chunks asked for at once, and a few desired states.
-            let n = cfg.rollout.window + 4;
-            queue::channel(n, n * (cfg.max_chunk_bytes() as usize + 4096))
+            // The chunks every slot asks for at once, and every retained desired state (a
+            // slot's own and its groups') and the key set, which all come at a reconnect.
+            let chunks = slots.len() * cfg.rollout.window;
+            let signed = slots.len() * (1 + cfg.rollout.groups.len()) + 1;
+            queue::channel(
+                chunks + signed + 4,
+                chunks * (cfg.max_chunk_bytes() as usize + 4096) + signed * protocol::rollout::MAX_DESIRED_BYTES,
+            )
         },
         acks: mpsc::channel(64),
         outbox: queue::channel(OUTBOX_QUEUE, OUTBOX_QUEUE_BYTES),
@@ -575,6 +585,7 @@ fn rollout_driver(
     deployer: &mut Deployer,
     client: AsyncClient,
     announces: bool,
+    chunk_subs: crate::rollout::ChunkSubs,
 ) -> crate::rollout::Driver {
     let slot = deployer.slot.clone();
     let state = match deployer.store.get_meta(&deployer.key("rollout_state")) {
@@ -601,6 +612,7 @@ fn rollout_driver(
         announces,
     };
     let mut driver = crate::rollout::Driver::new(settings, fleet.clone(), device.clone(), client, state);
+    driver.chunk_subs = chunk_subs;
     driver.resume(deployer);
     driver
 }
@@ -625,10 +637,19 @@ fn producers(
     shutdown: &CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let mut set = JoinSet::new();
+    let chunk_subs = crate::rollout::ChunkSubs::default();
     let mut watched = vec![];
     let mut slots = vec![];
     for (i, ((mut deployer, rx), schedule)) in deployers.into_iter().zip(readings).zip(schedules).enumerate() {
-        let driver = rollout_driver(cfg, fleet, device, &mut deployer, client.clone(), i == 0);
+        let driver = rollout_driver(
+            cfg,
+            fleet,
+            device,
+            &mut deployer,
+            client.clone(),
+            i == 0,
+            chunk_subs.clone(),
+        );
         // The first slot's latency is the one health has always carried.
         let latency = if i == 0 {
             metrics.latency.clone()
@@ -688,6 +709,7 @@ async fn health(
 ) {
     let mut t = tokio::time::interval(every);
     let mut sampler = crate::system::Sampler::new();
+    let mut others: Vec<Option<protocol::messages::Latency>> = vec![None; slots.len()];
     loop {
         tokio::select! { _ = shutdown.cancelled() => break, _ = t.tick() => {} }
         let sampled = tokio::task::block_in_place(|| sampler.sample());
@@ -716,10 +738,16 @@ async fn health(
                 if i == 0 {
                     s.latency = Some(l);
                 } else {
-                    s.latencies.retain(|o| o.model.name != l.model.name);
-                    s.latencies.push(l);
+                    others[i] = Some(l);
                 }
             }
+            // Each other slot's last latency, while it is of the model the slot runs.
+            for (o, model) in others.iter_mut().zip(&models) {
+                if o.as_ref().is_some_and(|l| Some(&l.model) != model.as_ref()) {
+                    *o = None;
+                }
+            }
+            s.latencies = others.iter().flatten().cloned().collect();
             s.clone()
         };
         if !matches!(*conn.borrow(), ConnState::Connected | ConnState::Refused { .. }) {

@@ -728,7 +728,7 @@ impl Config {
         let mut seen = std::collections::BTreeSet::new();
         for (i, m) in self.models.iter().enumerate() {
             let field = format!("models[{i}]");
-            Name::new(m.slot.clone()).map_err(|e| (format!("{field}.slot"), e.to_string()))?;
+            protocol::rollout::check_slot(&m.slot).map_err(|e| (format!("{field}.slot"), e))?;
             if !seen.insert(m.slot.as_str()) {
                 return Err((format!("{field}.slot"), format!("slot {} is named twice", m.slot)));
             }
@@ -1069,6 +1069,11 @@ keys_file = "/etc/lathe/trust.keys"
         check(two, Ok(()));
         check(&format!("[inputs]\ntopics = [\"a\"]\n{two}"), Err("inputs.topics"));
         check("[[models]]\nslot = \"a b\"\ntopics = [\"x\"]\n", Err("models[0].slot"));
+        check("[[models]]\nslot = \"..\"\ntopics = [\"x\"]\n", Err("models[0].slot"));
+        check(
+            "[[models]]\nslot = \"desired\"\ntopics = [\"x\"]\n",
+            Err("models[0].slot"),
+        );
         check("[[models]]\nslot = \"a\"\ntopics = []\n", Err("models[0].topics"));
         check(
             "[[models]]\nslot = \"a\"\ntopics = [\"lathe/#\"]\n",

@@ -477,6 +477,13 @@ impl Link {
     fn reading(&self, p: rumqttc::Publish) {
         let ack = (self.manual_acks && p.qos != QoS::AtMostOnce).then(|| PubAck::new(self.client.clone(), p.pkid));
         let slots: Vec<&queue::Sender<Reading>> = match &self.routes.readings[..] {
+            // No readings on this link.
+            [] => {
+                if let Some(a) = ack {
+                    let _ = a.send();
+                }
+                return;
+            }
             [(_, tx)] => vec![tx],
             all => all
                 .iter()
@@ -484,12 +491,6 @@ impl Link {
                 .map(|(_, tx)| tx)
                 .collect(),
         };
-        if slots.is_empty() {
-            if let Some(a) = ack {
-                let _ = a.send();
-            }
-            return;
-        }
         if self.accepting.is_cancelled() {
             return;
         }
@@ -497,6 +498,11 @@ impl Link {
         if p.topic.starts_with(protocol::topic::ROOT) {
             // Never readings, whatever a filter matched.
             self.refusals.refuse(protocol::streams::READINGS, cause::MALFORMED, ack);
+            return;
+        }
+        if slots.is_empty() {
+            warn!(topic = %protocol::messages::echo(&p.topic, 128), "a reading whose topic matches no model slot's filters refused");
+            self.refusals.refuse(protocol::streams::READINGS, cause::NO_SLOT, ack);
             return;
         }
         if p.payload.len() > self.limits.reading_bytes {

@@ -490,6 +490,18 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_topic_is_unsubscribed_when_no_slot_waits_on_it() {
+        let subs = ChunkSubs::default();
+        subs.hold("t");
+        subs.hold("t");
+        assert!(!subs.release("t"), "another slot still waits on it");
+        assert!(subs.held("t"));
+        assert!(subs.release("t"));
+        assert!(!subs.held("t"));
+        assert!(subs.release("unknown"), "a topic nobody holds may go");
+    }
+
+    #[test]
     fn the_newest_desired_state_is_followed() {
         let mut s = RolloutState::default();
         let Decision::Follow(f) = s.decide("dev", &verified(5, 1)) else {
@@ -624,6 +636,43 @@ struct Watching {
     rules: crate::trial::Rules,
 }
 
+/// The chunk topics the device's slots wait on, and how many slots wait on each. Subscriptions
+/// belong to the one hub connection, not to a slot: a slot unsubscribes only from a topic no
+/// other slot waits on.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkSubs(std::sync::Arc<std::sync::Mutex<BTreeMap<String, usize>>>);
+
+impl ChunkSubs {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One more slot waits on `topic`.
+    fn hold(&self, topic: &str) {
+        *self.map().entry(topic.to_string()).or_insert(0) += 1;
+    }
+
+    /// One slot no longer waits on `topic`; whether none does now.
+    fn release(&self, topic: &str) -> bool {
+        let mut m = self.map();
+        match m.get_mut(topic) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                m.remove(topic);
+                true
+            }
+        }
+    }
+
+    /// Whether any slot waits on `topic`.
+    fn held(&self, topic: &str) -> bool {
+        self.map().contains_key(topic)
+    }
+}
+
 /// How often the reported state is refreshed while a model is watched.
 const WATCH_REPORT_EVERY: Duration = Duration::from_secs(10);
 
@@ -642,6 +691,8 @@ pub struct Driver {
     watching: Option<Watching>,
     /// Why the last key set was refused, until one is accepted.
     keys_error: Option<ReportedError>,
+    /// The chunk topics every slot's driver waits on (shared by the device's drivers).
+    pub chunk_subs: ChunkSubs,
 }
 
 impl Driver {
@@ -670,6 +721,7 @@ impl Driver {
             last_report: None,
             watching: None,
             keys_error: None,
+            chunk_subs: ChunkSubs::default(),
         }
     }
 
@@ -994,6 +1046,7 @@ impl Driver {
         for i in wanted {
             job.requested.insert(i, (Instant::now(), 1));
             let topic = rollout::chunk_topic(self.fleet.as_str(), &object, i);
+            self.chunk_subs.hold(&topic);
             if let Err(e) = self.client.subscribe(topic, QoS::AtLeastOnce).await {
                 warn!(error = %e, "cannot subscribe to a chunk");
             }
@@ -1004,14 +1057,18 @@ impl Driver {
         let topic = rollout::chunk_topic(self.fleet.as_str(), object, index);
         let Some(job) = self.job.as_mut().filter(|j| j.object() == object) else {
             debug!(%topic, "chunk of no transfer in progress; ignored");
-            let _ = self.client.unsubscribe(topic).await;
+            if !self.chunk_subs.held(&topic) {
+                let _ = self.client.unsubscribe(topic).await;
+            }
             return;
         };
         let Some((_, tries)) = job.requested.remove(&index) else {
             // Not asked for (a repeat, or someone else's request): nothing to do.
             return;
         };
-        let _ = self.client.unsubscribe(topic).await;
+        if self.chunk_subs.release(&topic) {
+            let _ = self.client.unsubscribe(topic).await;
+        }
         let result = match &mut job.fetch {
             Fetch::Index { transfer, bytes: buf } => transfer.check(index, bytes).map(|new| {
                 if new {
@@ -1046,6 +1103,7 @@ impl Driver {
             }
             job.requested.insert(index, (Instant::now(), tries + 1));
             let topic = rollout::chunk_topic(self.fleet.as_str(), object, index);
+            self.chunk_subs.hold(&topic);
             let _ = self.client.subscribe(topic, QoS::AtLeastOnce).await;
             return;
         }
@@ -1282,10 +1340,10 @@ impl Driver {
         if let Some(mut job) = self.job.take() {
             let object = job.object().to_string();
             for i in std::mem::take(&mut job.requested).into_keys() {
-                let _ = self
-                    .client
-                    .unsubscribe(rollout::chunk_topic(self.fleet.as_str(), &object, i))
-                    .await;
+                let topic = rollout::chunk_topic(self.fleet.as_str(), &object, i);
+                if self.chunk_subs.release(&topic) {
+                    let _ = self.client.unsubscribe(topic).await;
+                }
             }
             if let Fetch::Bundle(mut dl) = job.fetch {
                 let _ = tokio::task::block_in_place(|| dl.sync());
@@ -1347,7 +1405,11 @@ impl Driver {
     /// The hub connection is up again: its subscriptions went with the old one.
     pub async fn on_connected(&mut self, d: &mut Deployer) {
         if let Some(job) = self.job.as_mut() {
-            job.requested.clear();
+            let object = job.object().to_string();
+            for i in std::mem::take(&mut job.requested).into_keys() {
+                self.chunk_subs
+                    .release(&rollout::chunk_topic(self.fleet.as_str(), &object, i));
+            }
         }
         self.request_more().await;
         self.publish_report(d);

@@ -344,7 +344,12 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
     let activity: Option<Activity> = meta("activity")?.and_then(|a| serde_json::from_str(&a).ok());
     let mut problems = vec![];
     let mut slots = vec![];
-    for slot in slot_names(state_dir, meta("deploy_state")?.is_some()) {
+    // The slots the agent last ran with, in its config's order; else the ones on disk.
+    let names = match meta("slots")?.and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok()) {
+        Some(names) if !names.is_empty() => names.into_iter().map(|s| (!s.is_empty()).then_some(s)).collect(),
+        _ => slot_names(state_dir, meta("deploy_state")?.is_some()),
+    };
+    for slot in names {
         slots.push(slot_report(&meta, slot, &mut problems)?);
     }
     // The first slot is the one `model` and `drift` have always shown.
@@ -621,7 +626,10 @@ fn slot_report(
     if deploy.active.is_none() {
         problems.push(problem(
             named("no model deployed".into()),
-            "deploy one from the hub: lathe-hub deploy --fleet F --device D --bundle FILE (--slot S for a named slot)",
+            match slot {
+                None => "deploy one from the hub: lathe-hub deploy --fleet F --device D --bundle FILE",
+                Some(_) => "deploy one from the hub: lathe-hub deploy --fleet F --device D --slot S --bundle FILE",
+            },
         ));
     }
     let rollout: crate::rollout::RolloutState = meta(&key("rollout_state"))?

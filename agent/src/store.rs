@@ -81,6 +81,9 @@ pub mod cause {
     pub const QUEUE_FULL: &str = "queue_full";
     /// Readings that arrived while no model was active.
     pub const NO_MODEL: &str = "no_model";
+    /// Readings whose topic matched no model slot's filters (the broker sent them for a
+    /// filter the agent cannot match, such as a shared subscription's).
+    pub const NO_SLOT: &str = "no_slot";
     /// Readings whose inference failed.
     pub const INFERENCE_FAILED: &str = "inference_failed";
     /// A sample over `samples.max_per_minute`.

@@ -250,9 +250,9 @@ pub fn load(path: &Path) -> anyhow::Result<(Name, Vec<Declared>)> {
 }
 
 fn slot_name(path: &Path, slot: Option<&str>) -> anyhow::Result<Option<Name>> {
-    slot.map(|s| Name::new(s.to_string()))
-        .transpose()
-        .with_context(|| format!("{}: slot", path.display()))
+    let Some(s) = slot else { return Ok(None) };
+    protocol::rollout::check_slot(s).map_err(|e| anyhow::anyhow!("{}: slot: {e}", path.display()))?;
+    Ok(Some(Name::new(s.to_string())?))
 }
 
 /// A percentage from 1 to 100, with or without `%`.
@@ -292,6 +292,11 @@ pub async fn current(
             continue;
         }
         let c = match protocol::rollout::read_desired(&payload, &trust, 1, u64::MAX) {
+            Ok(VerifiedDesired { desired, .. })
+                if desired.slot.as_deref() != target.slot.as_ref().map(Name::as_str) =>
+            {
+                Current::Unverified("a desired state signed for another slot".into())
+            }
             Ok(VerifiedDesired { desired, .. }) => Current::Signed {
                 want: Want {
                     name: desired.model.name,

@@ -54,6 +54,19 @@ pub fn slot_topic(topic: String, slot: Option<&str>) -> String {
     }
 }
 
+/// Whether `s` can name a model slot: a *name* (§2) that is not a path of its own (`.`, `..`,
+/// or any name starting with `.`) and not `desired` or `reported`, which would make its topics
+/// ambiguous.
+pub fn check_slot(s: &str) -> Result<(), String> {
+    crate::Name::new(s.to_string()).map_err(|e| e.to_string())?;
+    if s.starts_with('.') || s == "desired" || s == "reported" {
+        return Err(format!(
+            "{s:?} cannot name a slot: it must not start with '.' or be desired or reported"
+        ));
+    }
+    Ok(())
+}
+
 /// Whom a desired-state topic is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DesiredTopic<'a> {
@@ -85,9 +98,7 @@ pub fn parse_desired_topic<'a>(fleet: &str, topic: &'a str) -> Option<(DesiredTo
         Some(r) => (r, None),
         None => {
             let (r, slot) = rest.rsplit_once("/desired/")?;
-            if crate::Name::new(slot.to_string()).is_err() {
-                return None;
-            }
+            check_slot(slot).ok()?;
             (r, Some(slot))
         }
     };
@@ -297,7 +308,7 @@ impl Desired {
         crate::Name::new(self.fleet.clone()).map_err(|e| format!("fleet: {e}"))?;
         crate::Name::new(self.model.name.clone()).map_err(|e| format!("model name: {e}"))?;
         if let Some(s) = &self.slot {
-            crate::Name::new(s.clone()).map_err(|e| format!("slot: {e}"))?;
+            check_slot(s).map_err(|e| format!("slot: {e}"))?;
         }
         match (&self.targets.devices[..], &self.targets.group) {
             ([], Some(g)) => {

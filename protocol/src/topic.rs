@@ -198,8 +198,13 @@ pub mod filter {
 
     /// Whether the MQTT topic filter `f` matches `topic` (MQTT 3.1.1 §4.7: `+` is one level,
     /// a final `#` the rest, including the parent level; a wildcard never matches a first
-    /// level that starts with `$`).
+    /// level that starts with `$`). A shared subscription's filter (`$share/<group>/<filter>`,
+    /// MQTT 5 §4.8.2) matches as its `<filter>`.
     pub fn matches(f: &str, topic: &str) -> bool {
+        let f = match f.strip_prefix("$share/").and_then(|r| r.split_once('/')) {
+            Some((_, inner)) => inner,
+            None => f,
+        };
         if topic.starts_with('$') && (f.starts_with('+') || f.starts_with('#')) {
             return false;
         }
@@ -265,6 +270,8 @@ mod tests {
             ("plant/+", "plant/", true),
             ("plant/a", "plant/a/b", false),
             ("plant/a/b", "plant/a", false),
+            ("$share/g/plant/+", "plant/a", true),
+            ("$share/g/plant/+", "plant/a/b", false),
         ] {
             assert_eq!(filter::matches(f, t), want, "{f} on {t}");
         }

@@ -10,6 +10,7 @@ pub mod link;
 pub mod logs;
 pub mod metrics;
 pub mod ml;
+pub mod npy;
 pub mod queue;
 pub mod rollout;
 pub mod samples;

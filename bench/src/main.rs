@@ -9,7 +9,10 @@
 //! The engines are timed in alternating rounds (see [`ROUNDS`]) and each figure is the median
 //! of its rounds, so that a noisy neighbour on a shared machine slows all of them alike.
 //!
-//! Usage: lathe-bench --ort-lib PATH [--secs S] [MODEL ...]   (models by corpus name)
+//! Tensor models (the convolutional fixtures in `fixtures/models`, `--cnn`) are timed for bare
+//! tract and onnxruntime: Lathe's engine takes rows of features only so far.
+//!
+//! Usage: lathe-bench --ort-lib PATH [--secs S] [--cnn] [MODEL ...]   (models by corpus name)
 //! `bench/run.sh` finds the library and runs it.
 
 use anyhow::{bail, Context, Result};
@@ -44,6 +47,11 @@ const DEFAULT_MODELS: &[&str] = &[
 ];
 
 const BATCH: usize = 256;
+
+/// The tensor models (`fixtures/models/<name>.onnx` with `<name>.inputs.npy`).
+const TENSOR_MODELS: &[&str] = &["image_cnn", "signal_cnn"];
+/// Samples per batch for tensor models.
+const TENSOR_BATCH: usize = 8;
 
 fn corpus() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus")
@@ -181,13 +189,80 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
     })
 }
 
+/// Bare tract (its plan optimised for a free batch axis, and one optimised for the batch size
+/// of the call) and onnxruntime on a tensor model: one sample per call, and batches of
+/// [`TENSOR_BATCH`]. Seconds per call: `[free, fixed, ort]` for one sample, then for a batch.
+fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
+    let path = dir.join(format!("{name}.onnx"));
+    let onnx = std::fs::read(&path).with_context(|| path.display().to_string())?;
+    let x =
+        lathe::npy::read_f32(&std::fs::read(dir.join(format!("{name}.inputs.npy")))?).map_err(anyhow::Error::msg)?;
+    let sample: Vec<usize> = x.shape[1..].to_vec();
+    let per: usize = sample.iter().product();
+    let n_in = x.shape[0];
+    let batch: Vec<f32> = (0..TENSOR_BATCH)
+        .flat_map(|i| x.values[(i % n_in) * per..(i % n_in + 1) * per].to_vec())
+        .collect();
+    let one = &batch[..per];
+    let shape = |n: usize| -> Vec<usize> { std::iter::once(n).chain(sample.iter().copied()).collect() };
+
+    let read = || tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(&onnx));
+    let mut m = read()?;
+    let n = m.symbols.sym("N");
+    let mut dims: TVec<TDim> = tvec![n.into()];
+    dims.extend(sample.iter().map(|d| TDim::from(*d as i64)));
+    m = m.with_input_fact(0, f32::fact(dims).into())?;
+    let plan = m.into_optimized()?.into_runnable()?;
+    let fixed = |n: usize| -> Result<Arc<TypedRunnableModel>> {
+        read()?
+            .with_input_fact(0, f32::fact(shape(n)).into())?
+            .into_optimized()?
+            .into_runnable()
+    };
+    let (fixed1, fixedb) = (fixed(1)?, fixed(TENSOR_BATCH)?);
+    let t1 = Tensor::from_shape(&shape(1), one)?;
+    let tb = Tensor::from_shape(&shape(TENSOR_BATCH), &batch)?;
+    let tract_run = |p: &Arc<TypedRunnableModel>, t: &Tensor| -> Result<()> {
+        p.run(tvec!(t.clone().into_tvalue()))?;
+        Ok(())
+    };
+
+    let session = std::cell::RefCell::new(
+        Session::builder()?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(1)?
+            .with_inter_threads(1)?
+            .with_parallel_execution(false)?
+            .commit_from_file(&path)?,
+    );
+    let input = session.borrow().inputs[0].name.clone();
+    let ort_run = |data: &[f32], n: usize| -> Result<()> {
+        let t = TensorRef::from_array_view((shape(n), data))?;
+        let _ = session.borrow_mut().run(ort::inputs![input.as_str() => t])?;
+        Ok(())
+    };
+    measure(
+        budget,
+        &mut [
+            &mut || tract_run(&plan, &t1),
+            &mut || tract_run(&fixed1, &t1),
+            &mut || ort_run(one, 1),
+            &mut || tract_run(&plan, &tb),
+            &mut || tract_run(&fixedb, &tb),
+            &mut || ort_run(&batch, TENSOR_BATCH),
+        ],
+    )
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut lib, mut secs, mut models) = (None::<PathBuf>, 0.5f64, vec![]);
+    let (mut lib, mut secs, mut models, mut cnn) = (None::<PathBuf>, 0.5f64, vec![], false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--ort-lib" => lib = args.next().map(PathBuf::from),
             "--secs" => secs = args.next().context("--secs needs a value")?.parse()?,
+            "--cnn" => cnn = true,
             m => models.push(m.to_string()),
         }
     }
@@ -195,10 +270,40 @@ fn main() -> Result<()> {
     ort::init_from(lib.display().to_string())
         .commit()
         .with_context(|| format!("loading {}", Path::new(&lib).display()))?;
+    let budget = Duration::from_secs_f64(secs);
+    if cnn {
+        println!(
+            "one thread; latency = mean of 1-sample calls; throughput = samples/s in {TENSOR_BATCH}-sample batches; median of {ROUNDS} alternating rounds"
+        );
+        println!("tract N: plan for a free batch axis; tract {TENSOR_BATCH}/1: plan for the call's batch size; ratio = tract N / onnxruntime");
+        println!(
+            "{:<12} {:>9} {:>9} {:>9} {:>6} | {:>9} {:>9} {:>9} {:>6}",
+            "model", "tract N", "tract 1", "ort µs", "ratio", "tract N", "tract 8", "ort s/s", "ratio"
+        );
+        for m in TENSOR_MODELS {
+            match bench_tensor(m, budget) {
+                Ok(t) => {
+                    let sps = |s: f64| format!("{:.0}", TENSOR_BATCH as f64 / s);
+                    println!(
+                        "{m:<12} {:>9.1} {:>9.1} {:>9.1} {:>6.2} | {:>9} {:>9} {:>9} {:>6.2}",
+                        t[0] * 1e6,
+                        t[1] * 1e6,
+                        t[2] * 1e6,
+                        t[0] / t[2],
+                        sps(t[3]),
+                        sps(t[4]),
+                        sps(t[5]),
+                        t[3] / t[5]
+                    );
+                }
+                Err(e) => println!("{m:<16} failed: {e:#}"),
+            }
+        }
+        return Ok(());
+    }
     if models.is_empty() {
         models = DEFAULT_MODELS.iter().map(|s| s.to_string()).collect();
     }
-    let budget = Duration::from_secs_f64(secs);
     println!(
         "one thread; latency = mean of 1-row calls; throughput = 256-row batches; median of {ROUNDS} alternating rounds; ratio = Lathe / onnxruntime"
     );

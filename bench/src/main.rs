@@ -122,6 +122,18 @@ fn rows_of(name: &str) -> Result<(Vec<f32>, usize)> {
     Ok((batch, width))
 }
 
+/// onnxruntime on one thread with all graph optimisations, and the name of its first input.
+fn ort_session(path: &Path) -> Result<(std::cell::RefCell<Session>, String)> {
+    let session = Session::builder()?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(1)?
+        .with_inter_threads(1)?
+        .with_parallel_execution(false)?
+        .commit_from_file(path)?;
+    let input = session.inputs[0].name.clone();
+    Ok((std::cell::RefCell::new(session), input))
+}
+
 fn bench(name: &str, budget: Duration) -> Result<Row> {
     let path = corpus().join(format!("{name}.onnx"));
     let onnx = std::fs::read(&path).with_context(|| path.display().to_string())?;
@@ -135,16 +147,7 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
     let mut ours1 = || engine.run(&r1).map(|_| ()).map_err(Into::into);
     let mut oursb = || engine.run(&rb).map(|_| ()).map_err(Into::into);
 
-    // onnxruntime, one thread, all graph optimisations.
-    let session = std::cell::RefCell::new(
-        Session::builder()?
-            .with_optimization_level(GraphOptimizationLevel::Level3)?
-            .with_intra_threads(1)?
-            .with_inter_threads(1)?
-            .with_parallel_execution(false)?
-            .commit_from_file(&path)?,
-    );
-    let input = session.borrow().inputs[0].name.clone();
+    let (session, input) = ort_session(&path)?;
     let ort_run = |data: &[f32], n: usize| -> Result<()> {
         let t = TensorRef::from_array_view(([n, width], data))?;
         let _ = session.borrow_mut().run(ort::inputs![input.as_str() => t])?;
@@ -228,15 +231,7 @@ fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
         Ok(())
     };
 
-    let session = std::cell::RefCell::new(
-        Session::builder()?
-            .with_optimization_level(GraphOptimizationLevel::Level3)?
-            .with_intra_threads(1)?
-            .with_inter_threads(1)?
-            .with_parallel_execution(false)?
-            .commit_from_file(&path)?,
-    );
-    let input = session.borrow().inputs[0].name.clone();
+    let (session, input) = ort_session(&path)?;
     let ort_run = |data: &[f32], n: usize| -> Result<()> {
         let t = TensorRef::from_array_view((shape(n), data))?;
         let _ = session.borrow_mut().run(ort::inputs![input.as_str() => t])?;

@@ -382,6 +382,14 @@ impl Watch {
         }
     }
 
+    /// Record the drift state for `lathe status`, under this slot's key.
+    fn record_state(&self, state: &drift::DriftState, made: &mut Made) {
+        made.meta.push((
+            self.drift_key.clone(),
+            serde_json::to_string(state).expect("drift state serializes"),
+        ));
+    }
+
     /// Follow the active model: a new one closes the old one's window and opens its own.
     fn follow(&mut self, model: &Option<Arc<ActiveModel>>, now: u64, made: &mut Made) {
         let same = match (&self.model, model) {
@@ -416,10 +424,7 @@ impl Watch {
                 window_start_ms: now,
                 last: None,
             };
-            made.meta.push((
-                self.drift_key.clone(),
-                serde_json::to_string(&state).expect("drift state serializes"),
-            ));
+            self.record_state(&state, made);
         }
     }
 
@@ -549,10 +554,7 @@ impl Watch {
                 window_start_ms: now,
                 last: Some(w),
             };
-            made.meta.push((
-                self.drift_key.clone(),
-                serde_json::to_string(&state).expect("drift state serializes"),
-            ));
+            self.record_state(&state, made);
         }
     }
 }

@@ -514,14 +514,11 @@ impl Link {
         // Copied out of the receive buffer, so the queue's byte budget is what it really holds.
         let bytes = p.payload.len() + p.topic.len() + 64;
         let payload = bytes::Bytes::copy_from_slice(&p.payload);
-        let mut acks: Vec<Option<PubAck>> = match ack {
-            Some(a) if slots.len() > 1 => a.split(slots.len()).into_iter().map(Some).collect(),
-            a => std::iter::once(a)
-                .chain(std::iter::repeat_with(|| None))
-                .take(slots.len())
-                .collect(),
+        let acks: Vec<Option<PubAck>> = match ack {
+            Some(a) => a.split(slots.len()).into_iter().map(Some).collect(),
+            None => slots.iter().map(|_| None).collect(),
         };
-        for (tx, ack) in slots.into_iter().zip(acks.drain(..)) {
+        for (tx, ack) in slots.into_iter().zip(acks) {
             let r = Reading {
                 topic: p.topic.clone(),
                 payload: payload.clone(),

@@ -1335,15 +1335,22 @@ impl Driver {
             .await;
     }
 
+    /// Forget the chunks `job` waits on; the topics of those no slot waits on any more, to
+    /// unsubscribe from.
+    fn release_requested(&self, job: &mut Job) -> Vec<String> {
+        let object = job.object().to_string();
+        std::mem::take(&mut job.requested)
+            .into_keys()
+            .map(|i| rollout::chunk_topic(self.fleet.as_str(), &object, i))
+            .filter(|topic| self.chunk_subs.release(topic))
+            .collect()
+    }
+
     /// Drop the job in progress, keeping what it fetched on disk.
     async fn stop_job(&mut self) {
         if let Some(mut job) = self.job.take() {
-            let object = job.object().to_string();
-            for i in std::mem::take(&mut job.requested).into_keys() {
-                let topic = rollout::chunk_topic(self.fleet.as_str(), &object, i);
-                if self.chunk_subs.release(&topic) {
-                    let _ = self.client.unsubscribe(topic).await;
-                }
+            for topic in self.release_requested(&mut job) {
+                let _ = self.client.unsubscribe(topic).await;
             }
             if let Fetch::Bundle(mut dl) = job.fetch {
                 let _ = tokio::task::block_in_place(|| dl.sync());
@@ -1404,12 +1411,10 @@ impl Driver {
 
     /// The hub connection is up again: its subscriptions went with the old one.
     pub async fn on_connected(&mut self, d: &mut Deployer) {
-        if let Some(job) = self.job.as_mut() {
-            let object = job.object().to_string();
-            for i in std::mem::take(&mut job.requested).into_keys() {
-                self.chunk_subs
-                    .release(&rollout::chunk_topic(self.fleet.as_str(), &object, i));
-            }
+        if let Some(mut job) = self.job.take() {
+            // Nothing to unsubscribe: the old connection's subscriptions are gone.
+            let _ = self.release_requested(&mut job);
+            self.job = Some(job);
         }
         self.request_more().await;
         self.publish_report(d);

@@ -250,9 +250,9 @@ pub fn load(path: &Path) -> anyhow::Result<(Name, Vec<Declared>)> {
 }
 
 fn slot_name(path: &Path, slot: Option<&str>) -> anyhow::Result<Option<Name>> {
-    let Some(s) = slot else { return Ok(None) };
-    protocol::rollout::check_slot(s).map_err(|e| anyhow::anyhow!("{}: slot: {e}", path.display()))?;
-    Ok(Some(Name::new(s.to_string())?))
+    slot.map(protocol::rollout::check_slot)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: slot: {e}", path.display()))
 }
 
 /// A percentage from 1 to 100, with or without `%`.

@@ -272,13 +272,12 @@ impl RolloutArgs {
             chunk_bytes: self.sign.chunk_bytes,
             expires_in_secs: self.sign.expires_in_days * 86_400,
             rollback,
-            slot: match &self.slot {
-                Some(s) => {
-                    protocol::rollout::check_slot(s).map_err(|e| anyhow::anyhow!("--slot: {e}"))?;
-                    Some(Name::new(s.clone())?)
-                }
-                None => None,
-            },
+            slot: self
+                .slot
+                .as_deref()
+                .map(protocol::rollout::check_slot)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--slot: {e}"))?,
         };
         let size = (self.sign.chunk_bytes as usize + 4096).max(1 << 20);
         rollout::run(rollout::Run {

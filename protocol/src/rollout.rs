@@ -54,17 +54,17 @@ pub fn slot_topic(topic: String, slot: Option<&str>) -> String {
     }
 }
 
-/// Whether `s` can name a model slot: a *name* (§2) that is not a path of its own (`.`, `..`,
-/// or any name starting with `.`) and not `desired` or `reported`, which would make its topics
-/// ambiguous.
-pub fn check_slot(s: &str) -> Result<(), String> {
-    crate::Name::new(s.to_string()).map_err(|e| e.to_string())?;
+/// `s` as the name of a model slot, if it can be one: a *name* (§2) that is not a path of its
+/// own (`.`, `..`, or any name starting with `.`) and not `desired` or `reported`, which would
+/// make its topics ambiguous.
+pub fn check_slot(s: &str) -> Result<crate::Name, String> {
+    let name = crate::Name::new(s.to_string()).map_err(|e| e.to_string())?;
     if s.starts_with('.') || s == "desired" || s == "reported" {
         return Err(format!(
             "{s:?} cannot name a slot: it must not start with '.' or be desired or reported"
         ));
     }
-    Ok(())
+    Ok(name)
 }
 
 /// Whom a desired-state topic is for.

@@ -298,7 +298,7 @@ impl Fleet {
     }
 
     /// `lathe-hub bundle pack` of `model` as `name` at `version` with `features` (comma
-    /// separated), signed with k1, into `<name>-<version>.lbundle`, with `extra` arguments;
+    /// separated; none packs a tensor model), signed with k1, into `<name>-<version>.lbundle`, with `extra` arguments;
     /// (exit code, output, bundle path).
     pub fn pack_model(
         &self,
@@ -320,13 +320,14 @@ impl Fleet {
             name,
             "--version",
             &version,
-            "--features",
-            features,
             "--key",
             key.to_str().expect("utf8"),
             "--out",
             bundle.to_str().expect("utf8"),
         ];
+        if !features.is_empty() {
+            args.extend_from_slice(&["--features", features]);
+        }
         args.extend_from_slice(extra);
         let (code, out, err) = run(&mut hub_cmd(&args));
         (code, format!("{out}{err}"), bundle)

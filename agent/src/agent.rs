@@ -640,6 +640,7 @@ fn producers(
     let chunk_subs = crate::rollout::ChunkSubs::default();
     let mut watched = vec![];
     let mut slots = vec![];
+    let configured = cfg.slots();
     for (i, ((mut deployer, rx), schedule)) in deployers.into_iter().zip(readings).zip(schedules).enumerate() {
         let driver = rollout_driver(
             cfg,
@@ -663,7 +664,14 @@ fn producers(
             outbox: outbox.clone(),
             live: cfg.predictions.publish,
             max_batch: cfg.inputs.max_batch,
-            max_id_bytes: cfg.inputs.max_id_bytes,
+            max_batch_bytes: cfg.inputs.max_batch_bytes,
+            limits: crate::inference::Limits {
+                max_id: cfg.inputs.max_id_bytes,
+                max_image_pixels: cfg.inputs.max_image_pixels,
+            },
+            binary: configured.get(i).map(|s| s.binary.clone()).unwrap_or_default(),
+            max_output_values: cfg.predictions.max_values,
+            top_k: cfg.predictions.top_k,
             metrics: metrics.clone(),
             latency,
             watch: Watch::new(&cfg.drift, cfg.samples.clone(), deployer.slot.as_deref()),

@@ -64,7 +64,18 @@ pub struct ModelSlotConfig {
     pub slot: String,
     /// MQTT topic filters that carry this slot's readings. A reading that matches the filters
     /// of several slots goes to each.
+    #[serde(default)]
     pub topics: Vec<String>,
+    /// MQTT topic filters whose readings are binary: raw float32 tensors or images (SPEC §3.7).
+    #[serde(default)]
+    pub binary_topics: Vec<String>,
+}
+
+fn default_max_values() -> usize {
+    64
+}
+fn default_top_k() -> usize {
+    5
 }
 
 /// The most model slots a device has.
@@ -74,7 +85,10 @@ pub const MAX_SLOTS: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
     pub name: Option<String>,
+    /// Every filter the slot's readings come on: JSON and binary.
     pub topics: Vec<String>,
+    /// The filters whose readings are binary.
+    pub binary: Vec<String>,
 }
 
 /// The key a slot keeps `base` under in the store's meta table: `base` for the default slot,
@@ -422,6 +436,9 @@ pub struct InputsConfig {
     /// MQTT topic filters that carry readings.
     #[serde(default)]
     pub topics: Vec<String>,
+    /// MQTT topic filters whose readings are binary: raw float32 tensors or images (SPEC §3.7).
+    #[serde(default)]
+    pub binary_topics: Vec<String>,
     #[serde(default)]
     pub qos: u8,
     /// A separate broker for readings (a local broker on the gateway). Without it, readings
@@ -443,12 +460,21 @@ pub struct InputsConfig {
     /// A reading's `id` echoed in its prediction is cut to this many bytes of JSON.
     #[serde(default = "default_max_id")]
     pub max_id_bytes: usize,
+    /// Bytes of input values (float32) run through the model in one call: a batch of wide
+    /// tensor rows is cut to fit, down to one row.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+    /// The most pixels an image reading may have; a larger one is refused before it is
+    /// decoded.
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
 }
 
 impl Default for InputsConfig {
     fn default() -> Self {
         InputsConfig {
             topics: vec![],
+            binary_topics: vec![],
             qos: 0,
             broker: None,
             queue: default_queue(),
@@ -456,8 +482,17 @@ impl Default for InputsConfig {
             max_batch: default_max_batch(),
             max_message_bytes: default_max_message(),
             max_id_bytes: default_max_id(),
+            max_batch_bytes: default_max_batch_bytes(),
+            max_image_pixels: default_max_image_pixels(),
         }
     }
+}
+
+fn default_max_batch_bytes() -> usize {
+    16 << 20
+}
+fn default_max_image_pixels() -> u64 {
+    1 << 22
 }
 
 fn default_queue() -> usize {
@@ -627,11 +662,22 @@ pub struct PredictionsConfig {
     pub publish: bool,
     #[serde(default)]
     pub qos: u8,
+    /// An output with at most this many values per row is sent whole (SPEC §3.5).
+    #[serde(default = "default_max_values")]
+    pub max_values: usize,
+    /// A wider output is sent as its `top_k` largest values with their indices.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
 }
 
 impl Default for PredictionsConfig {
     fn default() -> Self {
-        PredictionsConfig { publish: true, qos: 0 }
+        PredictionsConfig {
+            publish: true,
+            qos: 0,
+            max_values: default_max_values(),
+            top_k: default_top_k(),
+        }
     }
 }
 
@@ -716,10 +762,13 @@ impl Config {
             check_broker(b, "inputs.broker")?;
         }
         check_input_topics(&self.inputs.topics, "inputs.topics")?;
+        check_input_topics(&self.inputs.binary_topics, "inputs.binary_topics")?;
+        check_binary_topics(&self.inputs.topics, &self.inputs.binary_topics, "inputs.binary_topics")?;
         if self.models.len() > MAX_SLOTS {
             return Err(("models".into(), format!("at most {MAX_SLOTS} model slots")));
         }
-        if !self.models.is_empty() && !self.inputs.topics.is_empty() {
+        let default_topics = !self.inputs.topics.is_empty() || !self.inputs.binary_topics.is_empty();
+        if !self.models.is_empty() && default_topics {
             return Err((
                 "inputs.topics".into(),
                 "with [[models]], each model slot names its own topics; move these to a slot".into(),
@@ -732,13 +781,15 @@ impl Config {
             if !seen.insert(m.slot.as_str()) {
                 return Err((format!("{field}.slot"), format!("slot {} is named twice", m.slot)));
             }
-            if m.topics.is_empty() {
+            if m.topics.is_empty() && m.binary_topics.is_empty() {
                 return Err((
                     format!("{field}.topics"),
-                    "a model slot needs at least one topic filter".into(),
+                    "a model slot needs at least one topic filter (topics or binary_topics)".into(),
                 ));
             }
             check_input_topics(&m.topics, &format!("{field}.topics"))?;
+            check_input_topics(&m.binary_topics, &format!("{field}.binary_topics"))?;
+            check_binary_topics(&m.topics, &m.binary_topics, &format!("{field}.binary_topics"))?;
         }
         range("inputs.qos", self.inputs.qos as u64, 0, 1)?;
         range("inputs.queue", self.inputs.queue as u64, 1, 1 << 20)?;
@@ -751,6 +802,15 @@ impl Config {
             16 << 20,
         )?;
         range("inputs.max_id_bytes", self.inputs.max_id_bytes as u64, 16, 4096)?;
+        range(
+            "inputs.max_batch_bytes",
+            self.inputs.max_batch_bytes as u64,
+            64 << 10,
+            1 << 30,
+        )?;
+        range("inputs.max_image_pixels", self.inputs.max_image_pixels, 1, 1 << 26)?;
+        range("predictions.max_values", self.predictions.max_values as u64, 1, 65_536)?;
+        range("predictions.top_k", self.predictions.top_k as u64, 1, 1024)?;
         let readings_packet = self.inputs.broker.as_ref().unwrap_or(&self.broker).max_packet_bytes;
         if self.inputs.max_message_bytes + 65_536 > readings_packet {
             return Err((
@@ -897,18 +957,21 @@ impl Config {
 
     /// The model slots: the `[[models]]`, or else the default slot fed by `inputs.topics`.
     pub fn slots(&self) -> Vec<Slot> {
+        let slot = |name: Option<&String>, json: &[String], binary: &[String]| {
+            let mut topics = json.to_vec();
+            topics.extend(binary.iter().cloned());
+            Slot {
+                name: name.cloned(),
+                topics,
+                binary: binary.to_vec(),
+            }
+        };
         if self.models.is_empty() {
-            return vec![Slot {
-                name: None,
-                topics: self.inputs.topics.clone(),
-            }];
+            return vec![slot(None, &self.inputs.topics, &self.inputs.binary_topics)];
         }
         self.models
             .iter()
-            .map(|m| Slot {
-                name: Some(m.slot.clone()),
-                topics: m.topics.clone(),
-            })
+            .map(|m| slot(Some(&m.slot), &m.topics, &m.binary_topics))
             .collect()
     }
 
@@ -953,6 +1016,17 @@ pub fn keyset_path(state_dir: &Path) -> PathBuf {
 
 pub fn db_path(state_dir: &Path) -> PathBuf {
     state_dir.join("lathe.db")
+}
+
+/// A filter is for JSON readings or for binary ones, not both.
+fn check_binary_topics(json: &[String], binary: &[String], field: &str) -> Result<(), (String, String)> {
+    match binary.iter().find(|b| json.contains(b)) {
+        Some(b) => Err((
+            field.to_string(),
+            format!("{b:?} is listed in both topics and binary_topics; a filter carries JSON readings or binary ones"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Input topic filters must not reach Lathe's own topics.
@@ -1063,7 +1137,8 @@ keys_file = "/etc/lathe/trust.keys"
             plain.slots(),
             [Slot {
                 name: None,
-                topics: vec![]
+                topics: vec![],
+                binary: vec![]
             }]
         );
         check(two, Ok(()));
@@ -1075,6 +1150,25 @@ keys_file = "/etc/lathe/trust.keys"
             Err("models[0].slot"),
         );
         check("[[models]]\nslot = \"a\"\ntopics = []\n", Err("models[0].topics"));
+        check("[[models]]\nslot = \"cam\"\nbinary_topics = [\"cam/+/jpeg\"]\n", Ok(()));
+        check(
+            "[[models]]\nslot = \"cam\"\nbinary_topics = [\"lathe/#\"]\n",
+            Err("models[0].binary_topics"),
+        );
+        let cam = Config::parse(
+            &format!("{MINIMAL}[inputs]\ntopics = [\"a/#\"]\nbinary_topics = [\"cam/+\"]\n"),
+            Path::new("t.toml"),
+        )
+        .expect("binary topics");
+        assert_eq!(cam.slots()[0].topics, ["a/#", "cam/+"]);
+        assert_eq!(cam.slots()[0].binary, ["cam/+"]);
+        check(
+            "[inputs]\ntopics = [\"a/#\"]\nbinary_topics = [\"a/#\"]\n",
+            Err("both topics and binary_topics"),
+        );
+        check("[predictions]\nmax_values = 0\n", Err("predictions.max_values"));
+        check("[predictions]\ntop_k = 2000\n", Err("predictions.top_k"));
+        check("[inputs]\nmax_image_pixels = 0\n", Err("inputs.max_image_pixels"));
         check(
             "[[models]]\nslot = \"a\"\ntopics = [\"lathe/#\"]\n",
             Err("models[0].topics"),

@@ -574,14 +574,20 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
         version: m.version,
         message,
     };
-    let engine = Engine::load(v.model(), m.input.features.len()).map_err(|e| err(e.to_string()))?;
-    if engine.input_name() != m.input.name {
+    let tensors = m.tensors();
+    let shapes: Vec<Vec<usize>> = tensors
+        .iter()
+        .map(|t| t.shape.iter().map(|d| *d as usize).collect())
+        .collect();
+    let engine = Engine::load_shapes(v.model(), &shapes).map_err(|e| err(e.to_string()))?;
+    let declared: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    let actual: Vec<&str> = engine.inputs().iter().map(|i| i.name.as_str()).collect();
+    if declared != actual {
         return Err(err(format!(
-            "manifest input {:?} differs from the model's {:?}",
-            m.input.name,
-            engine.input_name()
+            "manifest inputs {declared:?} differ from the model's {actual:?}"
         )));
     }
+    let features = Features::for_manifest(m).map_err(err)?;
     let declared: Vec<(&str, &str)> = m
         .outputs
         .iter()
@@ -618,7 +624,7 @@ pub fn load_model(v: Verified) -> Result<ActiveModel, DeployError> {
     Ok(ActiveModel {
         trial: Trial::new(baseline.as_deref(), crate::trial::DEFAULT_RANGE_MARGIN),
         baseline,
-        features: Features::new(&v.manifest.input.features).accepting_missing(v.manifest.input.accepts_missing),
+        features,
         manifest: v.manifest,
         engine,
         signed_by: v.signed_by,

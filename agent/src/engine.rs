@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::dims;
 use tract_onnx::tract_hir::infer::Factoid;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +17,6 @@ pub enum EngineError {
     Load(String),
     #[error("model cannot run here: {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
     CannotRun(Vec<Problem>),
-    #[error("model input {name:?} takes {got} features; {want} were given")]
-    Features { name: String, got: String, want: usize },
     #[error("inference failed: {0}")]
     Run(String),
 }
@@ -30,12 +27,21 @@ pub enum EngineError {
 pub enum Problem {
     /// An operator the engine does not implement.
     Operator(UnsupportedOp),
-    /// Lathe feeds one input; the model takes these.
-    Inputs(Vec<String>),
+    /// The model takes these inputs; `given` were described (by the manifest).
+    Inputs { names: Vec<String>, given: usize },
     /// The input's element type is not float32.
     InputType { name: String, dtype: String },
-    /// The input is declared with a rank other than 2 (`[N, features]`).
-    InputRank { name: String, rank: usize },
+    /// The input is declared with a rank other than the described one (`[N, shape…]`).
+    InputRank { name: String, rank: usize, want: usize },
+    /// The input declares dimensions other than the described ones.
+    InputShape {
+        name: String,
+        /// The declared dimensions, batch axis first (`None`: free).
+        declared: Vec<Option<i64>>,
+        want: Vec<usize>,
+    },
+    /// The input's batch axis is fixed to more than one sample.
+    FixedBatch { name: String, batch: i64 },
     /// An output holds values that are not numbers (string class labels).
     OutputType { name: String, dtype: String },
     /// The model loads but fails on rows of the right width.
@@ -46,21 +52,43 @@ impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Problem::Operator(op) => write!(f, "operator {op} is not supported"),
-            Problem::Inputs(names) => write!(
+            Problem::Inputs { names, given } => write!(
                 f,
-                "the model has {} inputs ({}); Lathe feeds one float32 input of shape [N, features]: \
-                 export with a single input (skl2onnx: initial_types=[(\"X\", FloatTensorType([None, n]))])",
+                "the model has {} {} ({}) and {given} {} described: a tabular model has one \
+                 float32 input [N, features] (skl2onnx: initial_types=[(\"X\", FloatTensorType([None, n]))]), \
+                 a tensor model lists each of its inputs with its shape",
                 names.len(),
-                names.join(", ")
+                if names.len() == 1 { "input" } else { "inputs" },
+                names.join(", "),
+                if *given == 1 { "is" } else { "are" }
             ),
             Problem::InputType { name, dtype } => write!(
                 f,
                 "input {name:?} is {dtype}; Lathe feeds float32: export with a float32 input \
                  (skl2onnx: FloatTensorType, or X.astype(numpy.float32))"
             ),
-            Problem::InputRank { name, rank } => write!(
+            Problem::InputRank { name, rank, want } => write!(
                 f,
-                "input {name:?} has rank {rank}; Lathe feeds rows of shape [N, features]"
+                "input {name:?} has rank {rank}; it is described with rank {want} ([N, …]): \
+                 a tabular input is [N, features], a tensor input lists its shape"
+            ),
+            Problem::InputShape { name, declared, want } => match (&declared[..], &want[..]) {
+                ([_, Some(d)], [w]) => write!(f, "model input {name:?} takes {d} features; {w} were given"),
+                _ => write!(
+                    f,
+                    "input {name:?} is declared [{}]; it is described as [N, {}]",
+                    declared
+                        .iter()
+                        .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    want.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                ),
+            },
+            Problem::FixedBatch { name, batch } => write!(
+                f,
+                "input {name:?} has a fixed batch of {batch}; export it with a free batch axis \
+                 (torch.onnx.export(..., dynamic_axes={{\"{name}\": {{0: \"N\"}}}})) or a batch of 1"
             ),
             Problem::OutputType { name, dtype } => write!(
                 f,
@@ -182,20 +210,9 @@ fn declared_problems(proto: &tract_onnx::pb::ModelProto) -> Vec<Problem> {
         out.push(Problem::Fails("the file holds no graph".into()));
         return out;
     };
-    let inputs = graph_inputs(graph);
-    if inputs.len() != 1 {
-        out.push(Problem::Inputs(inputs.iter().map(|i| i.name.clone()).collect()));
-    } else {
-        let input = inputs[0];
+    for input in graph_inputs(graph) {
         match tensor_type(input) {
-            Some(t) if t.elem_type == FLOAT => {
-                if let Some(rank) = t.shape.as_ref().map(|s| s.dim.len()).filter(|r| *r != 2) {
-                    out.push(Problem::InputRank {
-                        name: input.name.clone(),
-                        rank,
-                    });
-                }
-            }
+            Some(t) if t.elem_type == FLOAT => {}
             t => out.push(Problem::InputType {
                 name: input.name.clone(),
                 dtype: t.map_or("non-tensor".into(), |t| onnx_dtype_name(t.elem_type)),
@@ -216,7 +233,7 @@ fn declared_problems(proto: &tract_onnx::pb::ModelProto) -> Vec<Problem> {
 /// Describe a model file: inputs, outputs, operators, and every reason it cannot run here.
 ///
 /// The check is [`Engine::load`]'s: the declared problems, then a load and a run on trial rows
-/// when the model declares its input width.
+/// when the model declares every input's dimensions after its batch axis.
 pub fn inspect(onnx: &[u8]) -> Result<ModelInfo, EngineError> {
     use tract_onnx::pb::tensor_shape_proto::dimension::Value as Dim;
     let proto = parse(onnx)?;
@@ -254,15 +271,11 @@ pub fn inspect(onnx: &[u8]) -> Result<ModelInfo, EngineError> {
     }
     let inputs: Vec<TensorInfo> = graph_inputs(&graph).into_iter().map(tensor).collect();
     let mut problems: Vec<String> = declared_problems(&proto).iter().map(|p| p.to_string()).collect();
-    let width = inputs
-        .first()
-        .and_then(|i| i.shape.last())
-        .and_then(|d| d.parse::<usize>().ok())
-        .filter(|w| *w > 0);
+    let shapes: Option<Vec<Vec<usize>>> = inputs.iter().map(declared_sample_shape).collect();
     let mut trial_run = false;
-    if let (true, Some(width)) = (problems.is_empty(), width) {
+    if let (true, Some(shapes)) = (problems.is_empty(), shapes) {
         trial_run = true;
-        if let Err(e) = Engine::load_proto(&proto, width) {
+        if let Err(e) = Engine::load_proto(&proto, &shapes) {
             problems.push(match e {
                 EngineError::CannotRun(list) => list.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "),
                 other => other.to_string(),
@@ -278,6 +291,14 @@ pub fn inspect(onnx: &[u8]) -> Result<ModelInfo, EngineError> {
         problems,
         trial_run,
     })
+}
+
+/// An input's dimensions after its batch axis, when the model declares all of them.
+pub fn declared_sample_shape(input: &TensorInfo) -> Option<Vec<usize>> {
+    let dims = input.shape.get(1..).filter(|d| !d.is_empty())?;
+    dims.iter()
+        .map(|d| d.parse::<usize>().ok().filter(|d| *d > 0))
+        .collect()
 }
 
 fn onnx_dtype_name(t: i32) -> String {
@@ -300,12 +321,32 @@ fn onnx_dtype_name(t: i32) -> String {
 /// Run states kept for reuse; more callers at once than this make their own.
 const POOLED_STATES: usize = 4;
 
+/// One input of a loaded model: its name and the dimensions after its batch axis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl Input {
+    /// Values in one sample of this input.
+    pub fn values(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
 /// A loaded, optimised model.
+///
+/// A row (a sample) is the values of every input for one batch item, back to back in input
+/// order, each input's values in row-major order: for a tabular model, its features.
 pub struct Engine {
     plan: Arc<TypedRunnableModel>,
     states: Mutex<Vec<TypedSimpleState>>,
+    /// Values per row, over every input.
     n_features: usize,
-    input_name: String,
+    inputs: Vec<Input>,
+    /// The model's batch axis is fixed to 1: rows run one at a time.
+    batch_of_one: bool,
     /// Shared, so that every result can name its columns without copying strings.
     output_names: Vec<Arc<str>>,
     output_types: Vec<String>,
@@ -314,7 +355,7 @@ pub struct Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("n_features", &self.n_features)
+            .field("inputs", &self.inputs)
             .field("outputs", &self.output_names)
             .finish()
     }
@@ -391,15 +432,23 @@ impl Engine {
     /// This is the one check that decides whether a model can run: every declared problem
     /// ([`Problem`]), then the optimised plan, then a run on trial rows of the right width.
     pub fn load(onnx: &[u8], n_features: usize) -> Result<Engine, EngineError> {
-        Engine::load_proto(&parse(onnx)?, n_features)
+        Engine::load_shapes(onnx, &[vec![n_features]])
     }
 
-    fn load_proto(proto: &tract_onnx::pb::ModelProto, n_features: usize) -> Result<Engine, EngineError> {
+    /// Load ONNX bytes for float32 inputs of shapes `[N, shape…]`, one per model input in the
+    /// model's order: the same check as [`Engine::load`], for any tensor inputs.
+    pub fn load_shapes(onnx: &[u8], shapes: &[Vec<usize>]) -> Result<Engine, EngineError> {
+        Engine::load_proto(&parse(onnx)?, shapes)
+    }
+
+    fn load_proto(proto: &tract_onnx::pb::ModelProto, shapes: &[Vec<usize>]) -> Result<Engine, EngineError> {
         let load = |e: TractError| EngineError::Load(format!("{e:#}"));
-        if n_features == 0 {
-            return Err(EngineError::Load("the model must take at least one feature".into()));
+        if shapes.is_empty() || shapes.iter().any(|s| s.is_empty() || s.contains(&0)) {
+            return Err(EngineError::Load(format!(
+                "every input needs at least one value per sample (shapes {shapes:?})"
+            )));
         }
-        let problems = declared_problems(proto);
+        let mut problems = declared_problems(proto);
         if !problems.is_empty() {
             return Err(EngineError::CannotRun(problems));
         }
@@ -416,28 +465,66 @@ impl Engine {
             tracing::debug!(opset, "ONNX operator set");
         }
         let mut model = crate::ml::onnx().model_for_proto_model(proto).map_err(load)?;
-        let input_name = model.node(model.inputs[0].node).name.clone();
-        // A declared last axis must match the manifest's feature count.
-        if let Ok(fact) = model.input_fact(0) {
-            let last = fact
+        let names: Vec<String> = model.inputs.iter().map(|o| model.node(o.node).name.clone()).collect();
+        if names.len() != shapes.len() {
+            problems.push(Problem::Inputs {
+                names: names.clone(),
+                given: shapes.len(),
+            });
+        }
+        if !problems.is_empty() {
+            return Err(EngineError::CannotRun(problems));
+        }
+        // Declared dimensions must be the described ones; a batch axis fixed to 1 runs rows
+        // one at a time.
+        let mut batch_of_one = false;
+        for (i, (name, shape)) in names.iter().zip(shapes).enumerate() {
+            let Ok(fact) = model.input_fact(i) else { continue };
+            let declared: Vec<Option<i64>> = fact
                 .shape
                 .dims()
-                .last()
-                .and_then(|d| d.concretize())
-                .and_then(|d| d.to_i64().ok())
-                .map(|d| d as usize);
-            if let Some(last) = last.filter(|l| *l != n_features) {
-                return Err(EngineError::Features {
-                    name: input_name,
-                    got: last.to_string(),
-                    want: n_features,
+                .map(|d| d.concretize().and_then(|d| d.to_i64().ok()))
+                .collect();
+            if fact.shape.is_open() {
+                continue;
+            }
+            if declared.len() != shape.len() + 1 {
+                problems.push(Problem::InputRank {
+                    name: name.clone(),
+                    rank: declared.len(),
+                    want: shape.len() + 1,
+                });
+                continue;
+            }
+            let differs = declared[1..]
+                .iter()
+                .zip(shape)
+                .any(|(d, s)| d.is_some_and(|d| d != *s as i64));
+            if differs {
+                problems.push(Problem::InputShape {
+                    name: name.clone(),
+                    declared: declared.clone(),
+                    want: shape.clone(),
                 });
             }
+            match declared[0] {
+                Some(1) => batch_of_one = true,
+                Some(b) => problems.push(Problem::FixedBatch {
+                    name: name.clone(),
+                    batch: b,
+                }),
+                None => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(EngineError::CannotRun(problems));
         }
         let n = model.symbols.sym("N");
-        model = model
-            .with_input_fact(0, f32::fact(dims!(n, n_features)).into())
-            .map_err(load)?;
+        for (i, shape) in shapes.iter().enumerate() {
+            let mut dims: TVec<TDim> = tvec![if batch_of_one { 1.into() } else { n.clone().into() }];
+            dims.extend(shape.iter().map(|d| TDim::from(*d as i64)));
+            model = model.with_input_fact(i, f32::fact(dims).into()).map_err(load)?;
+        }
         let typed = model.into_optimized().map_err(load)?;
         let mut output_names = vec![];
         let mut output_types = vec![];
@@ -465,13 +552,21 @@ impl Engine {
         let engine = Engine {
             plan,
             states: Mutex::new(vec![]),
-            n_features,
-            input_name,
+            n_features: shapes.iter().map(|s| s.iter().product::<usize>()).sum(),
+            inputs: names
+                .into_iter()
+                .zip(shapes)
+                .map(|(name, shape)| Input {
+                    name,
+                    shape: shape.clone(),
+                })
+                .collect(),
+            batch_of_one,
             output_names,
             output_types,
         };
         engine
-            .run(&trial_rows(n_features))
+            .run(&trial_rows(engine.n_features))
             .map_err(|e| EngineError::CannotRun(vec![Problem::Fails(e.to_string())]))?;
         Ok(engine)
     }
@@ -497,17 +592,23 @@ impl Engine {
         }
     }
 
+    /// Values per row, over every input: a tabular model's feature count.
     pub fn n_features(&self) -> usize {
         self.n_features
+    }
+
+    /// The model's inputs, in its order.
+    pub fn inputs(&self) -> &[Input] {
+        &self.inputs
     }
 
     pub fn output_names(&self) -> &[Arc<str>] {
         &self.output_names
     }
 
-    /// The model's input tensor name.
+    /// The model's first input tensor name: a tabular model's one input.
     pub fn input_name(&self) -> &str {
-        &self.input_name
+        &self.inputs[0].name
     }
 
     /// Output names with their element types (`float32`, `int64`, …).
@@ -528,32 +629,65 @@ impl Engine {
                 self.n_features
             )));
         }
-        let mut input = Tensor::zero::<f32>(&[rows.len(), self.n_features]).map_err(run_error)?;
-        if !rows.is_empty() {
-            let mut plain = input.try_as_plain_ram_mut().map_err(run_error)?;
-            let dst = plain.as_slice_mut::<f32>().map_err(run_error)?;
-            for (d, r) in dst.chunks_exact_mut(self.n_features).zip(rows) {
-                d.copy_from_slice(r);
-            }
-        }
-        self.run_tensor(input, rows.len())
+        self.run_rows(rows.len(), |i| rows[i].as_slice())
     }
 
     /// Run rows given back to back in one array of `rows * n_features` values.
     pub fn run_flat(&self, x: &[f32]) -> Result<Outputs, EngineError> {
-        if !x.len().is_multiple_of(self.n_features) {
-            return Err(EngineError::Run(format!(
-                "{} values do not make rows of {}",
-                x.len(),
-                self.n_features
-            )));
+        let w = self.n_features;
+        if !x.len().is_multiple_of(w) {
+            return Err(EngineError::Run(format!("{} values do not make rows of {w}", x.len())));
         }
-        let n = x.len() / self.n_features;
-        let input = Tensor::from_shape(&[n, self.n_features], x).map_err(run_error)?;
-        self.run_tensor(input, n)
+        self.run_rows(x.len() / w, |i| &x[i * w..(i + 1) * w])
     }
 
-    fn run_tensor(&self, input: Tensor, n: usize) -> Result<Outputs, EngineError> {
+    /// Run `n` rows, row `i` being `row(i)`: as one batch, or one at a time for a model whose
+    /// batch axis is fixed to 1.
+    fn run_rows<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
+        if !self.batch_of_one || n <= 1 {
+            return self.run_tensors(self.input_tensors(n, &row)?, n);
+        }
+        let mut all = self.run_tensors(self.input_tensors(1, |_| row(0))?, 1)?;
+        for i in 1..n {
+            let one = self.run_tensors(self.input_tensors(1, |_| row(i))?, 1)?;
+            for (c, o) in all.columns.iter_mut().zip(one.columns) {
+                if o.width != c.width {
+                    return Err(EngineError::Run(format!(
+                        "output {:?} has {} values for one row and {} for another",
+                        c.name, c.width, o.width
+                    )));
+                }
+                c.values.extend(o.values);
+            }
+            all.rows += 1;
+        }
+        Ok(all)
+    }
+
+    /// The input tensors `[n, shape…]` of `n` rows, each row holding every input's values.
+    fn input_tensors<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<TVec<TValue>, EngineError> {
+        let mut out = tvec![];
+        let mut offset = 0;
+        for input in &self.inputs {
+            let k = input.values();
+            let mut dims = Vec::with_capacity(input.shape.len() + 1);
+            dims.push(n);
+            dims.extend_from_slice(&input.shape);
+            let mut t = Tensor::zero::<f32>(&dims).map_err(run_error)?;
+            if n > 0 {
+                let mut plain = t.try_as_plain_ram_mut().map_err(run_error)?;
+                let dst = plain.as_slice_mut::<f32>().map_err(run_error)?;
+                for (i, d) in dst.chunks_exact_mut(k).enumerate() {
+                    d.copy_from_slice(&row(i)[offset..offset + k]);
+                }
+            }
+            out.push(t.into_tvalue());
+            offset += k;
+        }
+        Ok(out)
+    }
+
+    fn run_tensors(&self, inputs: TVec<TValue>, n: usize) -> Result<Outputs, EngineError> {
         let run = run_error;
         if n == 0 {
             return Ok(Outputs {
@@ -574,7 +708,7 @@ impl Engine {
             Some(s) => s,
             None => self.plan.spawn().map_err(run)?,
         };
-        let outputs = contained(|| state.run(tvec!(input.into_tvalue())))?.map_err(run)?;
+        let outputs = contained(|| state.run(inputs))?.map_err(run)?;
         if let Ok(mut pool) = self.states.lock() {
             if pool.len() < POOLED_STATES {
                 pool.push(state);
@@ -890,7 +1024,10 @@ mod tests {
     fn wrong_feature_count_is_refused() {
         let (onnx, _, _) = fixture("rul_linear");
         let err = Engine::load(&onnx, 3).expect_err("model takes 4 features");
-        assert_eq!(err.to_string(), "model input \"X\" takes 4 features; 3 were given");
+        assert_eq!(
+            err.to_string(),
+            "model cannot run here: model input \"X\" takes 4 features; 3 were given"
+        );
     }
 
     #[test]
@@ -990,12 +1127,18 @@ mod tests {
             4,
             "output \"label\" is string; Lathe supports integer class labels only",
         );
-        refused(
-            "dataframe_inputs",
-            5,
-            "the model has 5 inputs (rms, kurtosis, crest_factor, peak_hz, load)",
-        );
         refused("unsupported_op", 4, "com.example.lathe:FeatureHasher");
+        // A DataFrame export's five one-value inputs cannot be one tabular input, and run as
+        // a tensor model: inspect finds no problem with them.
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models/dataframe_inputs.onnx");
+        let onnx = std::fs::read(path).expect("fixture model");
+        let err = Engine::load(&onnx, 5).expect_err("five inputs").to_string();
+        assert!(
+            err.contains("the model has 5 inputs (rms, kurtosis, crest_factor, peak_hz, load) and 1 is described"),
+            "{err}"
+        );
+        let info = inspect(&onnx).expect("inspects");
+        assert!(info.problems.is_empty() && info.trial_run, "{:?}", info.problems);
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Readings in, predictions out.
 //!
-//! A reading is a JSON object whose members name the model's input features, or an array of
-//! such objects. It is deserialised straight into the feature row: members the model does
-//! not use are skipped without being buffered, and an optional `id` is echoed in the
-//! prediction, cut to `inputs.max_id_bytes`. A reading that lacks a feature, or gives one
-//! that is not a finite number, is refused and counted, and an `input_rejected` event says
-//! why (at most one a minute).
+//! A reading is a JSON object whose members name the model's input features (a tabular
+//! model) or its input tensors (a tensor model), or an array of such objects. It is
+//! deserialised straight into the row: members the model does not use are skipped without
+//! being buffered, and an optional `id` is echoed in the prediction, cut to
+//! `inputs.max_id_bytes`. A tensor is given as nested or flat arrays of numbers, as base64 of
+//! little-endian float32, or, for an image input, as a JPEG or PNG image. A reading on a
+//! binary topic is raw little-endian float32 rows, or an image. A reading that lacks a value,
+//! or gives one that is not a finite number or does not fit the input's shape, is refused and
+//! counted, and an `input_rejected` event says why (at most one a minute).
 //!
 //! The task drains queued readings until it has `max_batch` rows and runs them through the
 //! shared plan, `max_batch` rows per call, on a blocking thread, off the async runtime. The
@@ -14,13 +17,16 @@
 
 use crate::deploy::{event, ActiveModel, SharedModel};
 use crate::drift;
-use crate::engine::Outputs;
+use crate::engine::{Column, Outputs};
 use crate::link::{PubAck, Reading};
 use crate::metrics::Metrics;
 use crate::queue::Held;
 use crate::samples::{self, Sampler};
 use crate::store::{cause, Loss, NewRecord};
 use crate::sync::{now_ms, Append, Outbox, Outgoing};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use protocol::bundle::{ImagePlan, Manifest, TensorSchema};
 use protocol::messages::ModelRef;
 use protocol::messages::{Level, Prediction};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -34,21 +40,78 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// A model's feature names and where each goes in a row, built once per model.
+/// A model's inputs and where each value goes in a row, built once per model: the feature
+/// names of a tabular model, or the input tensors of a tensor model (manifest format 2).
 #[derive(Debug, Clone)]
 pub struct Features {
+    /// Feature names (tabular), or input names (tensors).
     names: Vec<String>,
     index: HashMap<String, usize>,
     /// A `null` feature is a missing value (NaN) rather than a refusal (SPEC §3.7).
     accepts_missing: bool,
+    /// A tensor model's inputs, in model order; empty for a tabular model.
+    tensors: Vec<TensorInput>,
+    /// Values in a row.
+    width: usize,
+}
+
+/// One input of a tensor model: where its values sit in a row, and how an image becomes it.
+#[derive(Debug, Clone)]
+pub struct TensorInput {
+    pub name: String,
+    /// The dimensions after the batch axis.
+    pub shape: Vec<usize>,
+    offset: usize,
+    values: usize,
+    image: Option<ImagePlan>,
 }
 
 impl Features {
+    /// A tabular model's features.
     pub fn new(names: &[String]) -> Features {
         Features {
             names: names.to_vec(),
             index: names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect(),
             accepts_missing: false,
+            tensors: vec![],
+            width: names.len(),
+        }
+    }
+
+    /// A tensor model's inputs.
+    pub fn tensors(inputs: &[TensorSchema]) -> Result<Features, String> {
+        let mut tensors = Vec::with_capacity(inputs.len());
+        let mut offset = 0;
+        for t in inputs {
+            let values = t.values();
+            tensors.push(TensorInput {
+                name: t.name.clone(),
+                shape: t.shape.iter().map(|d| *d as usize).collect(),
+                offset,
+                values,
+                image: t
+                    .image
+                    .as_ref()
+                    .map(|i| i.plan(&t.shape))
+                    .transpose()
+                    .map_err(|e| format!("input {:?}: {e}", t.name))?,
+            });
+            offset += values;
+        }
+        Ok(Features {
+            names: tensors.iter().map(|t| t.name.clone()).collect(),
+            index: tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect(),
+            accepts_missing: false,
+            tensors,
+            width: offset,
+        })
+    }
+
+    /// The inputs a verified manifest describes.
+    pub fn for_manifest(m: &Manifest) -> Result<Features, String> {
+        match m.features() {
+            Some(input) => Ok(Features::new(&input.features).accepting_missing(input.accepts_missing)),
+            None => Features::tensors(m.inputs.as_deref().unwrap_or_default()),
         }
     }
 
@@ -58,13 +121,29 @@ impl Features {
         self
     }
 
+    /// Values in a row: a tabular model's feature count, or a tensor model's values per
+    /// sample over every input.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.width
     }
 
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.width == 0
     }
+
+    /// A tensor model's inputs, in model order; empty for a tabular model.
+    pub fn inputs(&self) -> &[TensorInput] {
+        &self.tensors
+    }
+}
+
+/// What a reading may hold, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// An echoed `id` is cut to this many bytes of JSON (`inputs.max_id_bytes`).
+    pub max_id: usize,
+    /// The most pixels an image may have (`inputs.max_image_pixels`).
+    pub max_image_pixels: u64,
 }
 
 /// Rows parsed from readings: values back to back, and each row's echoed id (JSON).
@@ -86,12 +165,12 @@ impl Rows {
 
 /// Parse a reading into `out`, adding its rows; on error nothing is added. Returns the number
 /// of rows. The caller has checked the payload's size.
-pub fn parse_reading(payload: &[u8], features: &Features, max_id: usize, out: &mut Rows) -> Result<usize, String> {
+pub fn parse_reading(payload: &[u8], features: &Features, limits: &Limits, out: &mut Rows) -> Result<usize, String> {
     let (v0, i0) = (out.values.len(), out.ids.len());
     let mut de = serde_json::Deserializer::from_slice(payload);
     let result = ReadingSeed {
         features,
-        max_id,
+        limits,
         out: &mut *out,
     }
     .deserialize(&mut de)
@@ -110,9 +189,51 @@ pub fn parse_reading(payload: &[u8], features: &Features, max_id: usize, out: &m
     }
 }
 
+/// Parse a binary reading into `out` (SPEC §3.7): a JPEG or PNG image for a model whose one
+/// input is an image, or else rows of little-endian float32 values, back to back. On error
+/// nothing is added. Returns the number of rows.
+pub fn parse_binary(payload: &[u8], features: &Features, limits: &Limits, out: &mut Rows) -> Result<usize, String> {
+    let w = features.width;
+    let image = match features.tensors.as_slice() {
+        [t] => t.image.as_ref(),
+        _ => None,
+    };
+    if let (Some(plan), Some(_)) = (image, crate::image::kind(payload)) {
+        let start = out.values.len();
+        out.values.resize(start + w, 0.0);
+        if let Err(e) = crate::image::preprocess(payload, plan, limits.max_image_pixels, &mut out.values[start..]) {
+            out.values.truncate(start);
+            return Err(e);
+        }
+        out.ids.push(None);
+        return Ok(1);
+    }
+    let row_bytes = w * 4;
+    if payload.is_empty() || row_bytes == 0 || !payload.len().is_multiple_of(row_bytes) {
+        return Err(format!(
+            "a binary reading for this model is rows of {w} little-endian float32 values ({row_bytes} bytes each){}; this one has {} bytes",
+            if image.is_some() { ", or a JPEG or PNG image" } else { "" },
+            payload.len()
+        ));
+    }
+    let start = out.values.len();
+    for (i, b) in payload.chunks_exact(4).enumerate() {
+        let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let missing = v.is_nan() && features.accepts_missing;
+        if !v.is_finite() && !missing {
+            out.values.truncate(start);
+            return Err(format!("value {} of row {} is not finite ({v})", i % w, i / w));
+        }
+        out.values.push(v);
+    }
+    let n = payload.len() / row_bytes;
+    out.ids.extend(std::iter::repeat_n(None, n));
+    Ok(n)
+}
+
 struct ReadingSeed<'a> {
     features: &'a Features,
-    max_id: usize,
+    limits: &'a Limits,
     out: &'a mut Rows,
 }
 
@@ -133,7 +254,7 @@ impl<'de> Visitor<'de> for ReadingSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<usize, A::Error> {
         RowVisitor {
             features: self.features,
-            max_id: self.max_id,
+            limits: self.limits,
             out: self.out,
         }
         .visit_map(map)
@@ -145,7 +266,7 @@ impl<'de> Visitor<'de> for ReadingSeed<'_> {
         while seq
             .next_element_seed(RowVisitor {
                 features: self.features,
-                max_id: self.max_id,
+                limits: self.limits,
                 out: &mut *self.out,
             })?
             .is_some()
@@ -161,7 +282,7 @@ impl<'de> Visitor<'de> for ReadingSeed<'_> {
 
 struct RowVisitor<'a> {
     features: &'a Features,
-    max_id: usize,
+    limits: &'a Limits,
     out: &'a mut Rows,
 }
 
@@ -269,6 +390,9 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if !self.features.tensors.is_empty() {
+            return self.tensor_row(map);
+        }
         let n = self.features.len();
         let start = self.out.values.len();
         self.out.values.resize(start + n, f32::NAN);
@@ -277,7 +401,7 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
         while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
             if k == "id" {
                 let raw: &'de RawValue = map.next_value()?;
-                id = Some(bounded_id(raw, self.max_id));
+                id = Some(bounded_id(raw, self.limits.max_id));
             } else if let Some(&i) = self.features.index.get(k.as_ref()) {
                 if seen[i] {
                     return Err(de::Error::custom(format!(
@@ -307,6 +431,380 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
     }
 }
 
+impl<'a> RowVisitor<'a> {
+    /// A tensor model's row: one member per input, in any order.
+    fn tensor_row<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let start = self.out.values.len();
+        self.out.values.resize(start + self.features.width, 0.0);
+        let mut seen = vec![false; self.features.tensors.len()];
+        let mut id = None;
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            if k == "id" {
+                let raw: &'de RawValue = map.next_value()?;
+                id = Some(bounded_id(raw, self.limits.max_id));
+            } else if let Some(&i) = self.features.index.get(k.as_ref()) {
+                let t = &self.features.tensors[i];
+                if seen[i] {
+                    return Err(de::Error::custom(format!("input {:?} is given twice", t.name)));
+                }
+                seen[i] = true;
+                let at = start + t.offset;
+                map.next_value_seed(TensorValue {
+                    input: t,
+                    fill: Fill {
+                        name: &t.name,
+                        out: &mut self.out.values[at..at + t.values],
+                        pos: 0,
+                    },
+                    max_image_pixels: self.limits.max_image_pixels,
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(de::Error::custom(format!(
+                "input {:?} is missing",
+                self.features.tensors[i].name
+            )));
+        }
+        self.out.ids.push(id);
+        Ok(())
+    }
+}
+
+/// An input's values as they are read: written in order into its place in the row.
+struct Fill<'a> {
+    name: &'a str,
+    out: &'a mut [f32],
+    pos: usize,
+}
+
+impl Fill<'_> {
+    fn push<E: de::Error>(&mut self, x: f64) -> Result<(), E> {
+        let v = crate::engine::feature_value(x)
+            .ok_or_else(|| E::custom(format!("input {:?} holds a value out of float32 range", self.name)))?;
+        let len = self.out.len();
+        let slot = self
+            .out
+            .get_mut(self.pos)
+            .ok_or_else(|| E::custom(format!("input {:?} takes {len} values; more were given", self.name)))?;
+        *slot = v;
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn not_a_number<E: de::Error>(&self, what: &str) -> E {
+        E::custom(format!("input {:?} holds {what}, not a number", self.name))
+    }
+}
+
+/// An input tensor in a JSON reading: a number (an input of one value), an array (flat, or
+/// nested as the input's shape), or an object with `data`, `b64` (little-endian float32) or,
+/// for an image input, `image` (base64 of a JPEG or PNG file), and optionally `shape` and
+/// `dtype`.
+struct TensorValue<'a> {
+    input: &'a TensorInput,
+    fill: Fill<'a>,
+    max_image_pixels: u64,
+}
+
+impl TensorValue<'_> {
+    fn shape(&self) -> String {
+        format!("{:?}", self.input.shape)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for TensorValue<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TensorValue<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "a tensor of shape {} (an array, or an object with data, b64 or image)",
+            self.shape()
+        )
+    }
+
+    fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<(), E> {
+        if self.input.values != 1 {
+            return Err(E::custom(format!(
+                "input {:?} has shape {} ({} values); one number was given",
+                self.input.name,
+                self.shape(),
+                self.input.values
+            )));
+        }
+        self.fill.push(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Err(self.fill.not_a_number("a string"))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Err(self.fill.not_a_number("a boolean"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Err(self.fill.not_a_number("null"))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, seq: A) -> Result<(), A::Error> {
+        top_array(&mut self.fill, &self.input.shape, seq)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let name = &self.input.name;
+        let mut shape: Option<Vec<u64>> = None;
+        let mut given = 0;
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            match k.as_ref() {
+                "shape" => shape = Some(map.next_value()?),
+                "dtype" => {
+                    let d = map.next_value::<Key<'de>>()?.0;
+                    if d != "float32" {
+                        return Err(de::Error::custom(format!("input {name:?}: dtype {d:?} is not float32")));
+                    }
+                }
+                "data" => {
+                    given += 1;
+                    map.next_value_seed(ArraySeed {
+                        fill: &mut self.fill,
+                        dims: &self.input.shape,
+                    })?;
+                }
+                "b64" => {
+                    given += 1;
+                    let text = map.next_value::<Key<'de>>()?.0;
+                    let bytes = B64
+                        .decode(text.as_bytes())
+                        .map_err(|e| de::Error::custom(format!("input {name:?}: b64 is not base64: {e}")))?;
+                    if bytes.len() != self.fill.out.len() * 4 {
+                        return Err(de::Error::custom(format!(
+                            "input {name:?}: b64 holds {} bytes; shape {:?} takes {} float32 values ({} bytes)",
+                            bytes.len(),
+                            self.input.shape,
+                            self.fill.out.len(),
+                            self.fill.out.len() * 4
+                        )));
+                    }
+                    self.fill.pos = 0;
+                    for b in bytes.chunks_exact(4) {
+                        let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        if !v.is_finite() {
+                            return Err(de::Error::custom(format!(
+                                "input {name:?} holds a value that is not finite"
+                            )));
+                        }
+                        self.fill.push::<A::Error>(f64::from(v))?;
+                    }
+                }
+                "image" => {
+                    given += 1;
+                    let Some(plan) = &self.input.image else {
+                        return Err(de::Error::custom(format!(
+                            "input {name:?} is not an image input: give its values (data or b64)"
+                        )));
+                    };
+                    let text = map.next_value::<Key<'de>>()?.0;
+                    let bytes = B64
+                        .decode(text.as_bytes())
+                        .map_err(|e| de::Error::custom(format!("input {name:?}: image is not base64: {e}")))?;
+                    crate::image::preprocess(&bytes, plan, self.max_image_pixels, self.fill.out)
+                        .map_err(|e| de::Error::custom(format!("input {name:?}: {e}")))?;
+                    self.fill.pos = self.fill.out.len();
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if given != 1 {
+            return Err(de::Error::custom(format!(
+                "input {name:?}: give exactly one of data, b64{}",
+                if self.input.image.is_some() { " or image" } else { "" }
+            )));
+        }
+        if let Some(s) = shape {
+            let same = |s: &[u64]| s.iter().map(|d| *d as usize).eq(self.input.shape.iter().copied());
+            if !(same(&s) || (s.first() == Some(&1) && same(&s[1..]))) {
+                return Err(de::Error::custom(format!(
+                    "input {name:?}: shape {s:?} is not the input's shape {}",
+                    self.shape()
+                )));
+            }
+        }
+        if self.fill.pos != self.fill.out.len() {
+            return Err(de::Error::custom(format!(
+                "input {name:?} takes {} values; {} were given",
+                self.fill.out.len(),
+                self.fill.pos
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The values of a tensor as an array: flat (every value, in row-major order) or nested as its
+/// shape.
+fn top_array<'de, A: SeqAccess<'de>>(fill: &mut Fill<'_>, dims: &[usize], mut seq: A) -> Result<(), A::Error> {
+    let (mut numbers, mut arrays) = (0usize, 0usize);
+    while let Some(kind) = seq.next_element_seed(Item {
+        fill: &mut *fill,
+        rest: dims.get(1..).unwrap_or_default(),
+        flat_ok: arrays == 0,
+        array_ok: numbers == 0,
+    })? {
+        match kind {
+            ItemKind::Number => numbers += 1,
+            ItemKind::Array => arrays += 1,
+        }
+        if arrays > 0 && numbers > 0 {
+            return Err(de::Error::custom(format!(
+                "input {:?} mixes numbers and arrays",
+                fill.name
+            )));
+        }
+    }
+    if fill.pos != fill.out.len() || (arrays > 0 && arrays != dims[0]) {
+        return Err(de::Error::custom(format!(
+            "input {:?} takes {} values (shape {dims:?}); {} were given",
+            fill.name,
+            fill.out.len(),
+            fill.pos
+        )));
+    }
+    Ok(())
+}
+
+/// A tensor's `data` member: an array as [`top_array`] reads it.
+struct ArraySeed<'f, 'a> {
+    fill: &'f mut Fill<'a>,
+    dims: &'f [usize],
+}
+
+impl<'de> DeserializeSeed<'de> for ArraySeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ArraySeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of numbers")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        top_array(self.fill, self.dims, seq)
+    }
+}
+
+enum ItemKind {
+    Number,
+    Array,
+}
+
+/// One entry of a tensor array: a number (in a flat array, or on the last axis), or an array
+/// of the next axes.
+struct Item<'f, 'a> {
+    fill: &'f mut Fill<'a>,
+    /// The axes below this entry's array; empty on the last axis.
+    rest: &'f [usize],
+    /// A number is allowed here (a flat array at the top, or the last axis).
+    flat_ok: bool,
+    /// An array is allowed here (not after numbers at the top).
+    array_ok: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Item<'_, '_> {
+    type Value = ItemKind;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<ItemKind, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Item<'_, '_> {
+    type Value = ItemKind;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a number or an array of numbers")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<ItemKind, E> {
+        if !self.flat_ok {
+            return Err(E::custom(format!(
+                "input {:?}: a number where an array of {} was expected",
+                self.fill.name,
+                self.rest.first().copied().unwrap_or(0)
+            )));
+        }
+        self.fill.push(v).map(|()| ItemKind::Number)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<ItemKind, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<ItemKind, E> {
+        self.visit_f64(v as f64)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<ItemKind, E> {
+        Err(self.fill.not_a_number("a string"))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<ItemKind, E> {
+        Err(self.fill.not_a_number("a boolean"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<ItemKind, E> {
+        Err(self.fill.not_a_number("null"))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<ItemKind, A::Error> {
+        Err(self.fill.not_a_number("an object"))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ItemKind, A::Error> {
+        let Some((&n, below)) = self.rest.split_first() else {
+            return Err(de::Error::custom(format!(
+                "input {:?} is nested deeper than its shape",
+                self.fill.name
+            )));
+        };
+        if !self.array_ok {
+            return Err(de::Error::custom(format!(
+                "input {:?} mixes numbers and arrays",
+                self.fill.name
+            )));
+        }
+        let mut k = 0;
+        while k <= n
+            && seq
+                .next_element_seed(Item {
+                    fill: &mut *self.fill,
+                    rest: below,
+                    flat_ok: below.is_empty(),
+                    array_ok: true,
+                })?
+                .is_some()
+        {
+            k += 1;
+        }
+        if k != n {
+            return Err(de::Error::custom(format!(
+                "input {:?}: an axis of {n} entries has {}{k}",
+                self.fill.name,
+                if k > n { "more than " } else { "" }
+            )));
+        }
+        Ok(ItemKind::Array)
+    }
+}
+
 pub struct InferenceTask {
     pub rx: mpsc::Receiver<Held<Reading>>,
     pub active: SharedModel,
@@ -314,7 +812,15 @@ pub struct InferenceTask {
     /// Publish predictions live (once durable).
     pub live: bool,
     pub max_batch: usize,
-    pub max_id_bytes: usize,
+    /// Bytes of input values in one call: wide rows make smaller batches.
+    pub max_batch_bytes: usize,
+    pub limits: Limits,
+    /// Topic filters whose readings are binary (SPEC §3.7).
+    pub binary: Vec<String>,
+    /// Outputs with at most this many values per row are sent whole; wider ones as their
+    /// `top_k` largest values.
+    pub max_output_values: usize,
+    pub top_k: usize,
     pub metrics: Arc<Metrics>,
     /// How long this slot's inference calls take, for health.
     pub latency: Arc<crate::metrics::Latencies>,
@@ -579,11 +1085,31 @@ fn sample(
         reading_id,
         features: model
             .manifest
-            .input
+            .features()
+            .map(|input| {
+                input
+                    .features
+                    .iter()
+                    .zip(row)
+                    .map(|(n, v)| (n.as_str(), (!v.is_nan()).then_some(*v)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        inputs: model
             .features
+            .inputs()
             .iter()
-            .zip(row)
-            .map(|(n, v)| (n.as_str(), (!v.is_nan()).then_some(*v)))
+            .map(|t| {
+                let values = &row[t.offset..t.offset + t.values];
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (
+                    t.name.as_str(),
+                    samples::TensorSample {
+                        shape: t.shape.clone(),
+                        b64: B64.encode(bytes),
+                    },
+                )
+            })
             .collect(),
         outputs: outputs.iter().copied().collect(),
     };
@@ -654,13 +1180,14 @@ impl InferenceTask {
             };
             let mut events = vec![];
             let mut next = Some(first.into_inner());
+            let rows_per_call = model.as_ref().map_or(self.max_batch, |m| self.rows_per_call(m));
             while let Some(r) = next.take() {
                 let refused = match &model {
                     None => Some((
                         cause::NO_MODEL,
                         format!("reading on {} arrived with no model deployed", r.topic),
                     )),
-                    Some(m) => match parse_reading(&r.payload, &m.features, self.max_id_bytes, &mut batch.rows) {
+                    Some(m) => match self.parse(&r, m, &mut batch.rows) {
                         Ok(n) => {
                             match batch.sources.last_mut() {
                                 Some((t, k)) if **t == *r.topic => *k += n,
@@ -684,7 +1211,7 @@ impl InferenceTask {
                     }
                 }
                 batch.acks.extend(r.ack);
-                if batch.rows.len() < self.max_batch {
+                if batch.rows.len() < rows_per_call {
                     next = self.rx.try_recv().ok().map(Held::into_inner);
                 }
             }
@@ -717,6 +1244,26 @@ impl InferenceTask {
         }
         // The open window's rows are not kept across a restart: report what it has.
         self.close_window("shutdown").await;
+    }
+
+    /// The most rows run in one call for `model`: `max_batch`, fewer for wide rows so that a
+    /// call's input stays within `max_batch_bytes`, and at least one.
+    fn rows_per_call(&self, model: &ActiveModel) -> usize {
+        let row_bytes = model.features.len().max(1) * 4;
+        self.max_batch.min(self.max_batch_bytes / row_bytes).max(1)
+    }
+
+    /// Parse a reading as its topic says: binary, or JSON.
+    fn parse(&self, r: &Reading, m: &ActiveModel, rows: &mut Rows) -> Result<usize, String> {
+        if self
+            .binary
+            .iter()
+            .any(|f| protocol::topic::filter::matches(f, &r.topic))
+        {
+            parse_binary(&r.payload, &m.features, &self.limits, rows)
+        } else {
+            parse_reading(&r.payload, &m.features, &self.limits, rows)
+        }
     }
 
     /// Close the open drift window (on time, on schedule, at shutdown) and hand its records
@@ -765,8 +1312,9 @@ impl InferenceTask {
         let model_ref = model.model_ref();
         // Rows below this run one at a time: their batch failed as a whole.
         let mut one_by_one_until = 0usize;
+        let per_call = self.rows_per_call(&model);
         while row < rows.ids.len() {
-            let size = if row < one_by_one_until { 1 } else { self.max_batch };
+            let size = if row < one_by_one_until { 1 } else { per_call };
             let end = (row + size).min(rows.ids.len());
             let (m, v) = (model.clone(), values.clone());
             let (a, b) = (row * n_features, end * n_features);
@@ -851,16 +1399,20 @@ impl InferenceTask {
             };
             self.watch.rows(&ran, made);
             for (i, (id, source)) in rows.ids[row..end].iter().zip(&row_sources).enumerate() {
+                let (whole, wide): (Vec<&Column>, Vec<&Column>) = outputs
+                    .columns()
+                    .iter()
+                    .partition(|c| c.width <= self.max_output_values);
                 let pred = Prediction {
                     ts_ms,
                     model: &model_ref,
                     source,
                     reading_id: id.as_deref(),
-                    outputs: outputs
-                        .columns()
+                    outputs: whole.iter().map(|c| (&*c.name, c.row(i))).collect::<BTreeMap<_, _>>(),
+                    top: wide
                         .iter()
-                        .map(|c| (&*c.name, c.row(i)))
-                        .collect::<BTreeMap<_, _>>(),
+                        .map(|c| (&*c.name, protocol::messages::top_k(c.row(i), self.top_k)))
+                        .collect(),
                 };
                 out.push(Outgoing {
                     record: NewRecord {
@@ -908,13 +1460,18 @@ fn push_loss(losses: &mut Vec<Loss>, stream: &'static str, cause: &'static str, 
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        max_id: 64,
+        max_image_pixels: 1 << 20,
+    };
+
     fn feats() -> Features {
         Features::new(&["a".into(), "b".into()])
     }
 
     fn check(input: &str, expected: Result<Vec<f32>, &str>) {
         let mut rows = Rows::default();
-        match (parse_reading(input.as_bytes(), &feats(), 64, &mut rows), expected) {
+        match (parse_reading(input.as_bytes(), &feats(), &LIMITS, &mut rows), expected) {
             (Ok(n), Ok(want)) => {
                 assert_eq!(rows.values, want, "{input}");
                 assert_eq!(n * 2, want.len(), "{input}");
@@ -956,6 +1513,178 @@ mod tests {
         check(r#"{"\u0061": 5, "b": 6}"#, Ok(vec![5.0, 6.0]));
     }
 
+    fn schema(name: &str, shape: Vec<u64>) -> TensorSchema {
+        TensorSchema {
+            name: name.into(),
+            dtype: "float32".into(),
+            shape,
+            image: None,
+        }
+    }
+
+    /// A signal of shape [2, 3] and one more value.
+    fn tensor_feats() -> Features {
+        Features::tensors(&[schema("sig", vec![2, 3]), schema("k", vec![1])]).expect("inputs")
+    }
+
+    fn tensor(input: &str) -> Result<Vec<f32>, String> {
+        let mut rows = Rows::default();
+        match parse_reading(input.as_bytes(), &tensor_feats(), &LIMITS, &mut rows) {
+            Ok(n) => {
+                assert_eq!(rows.values.len(), n * 7, "{input}");
+                assert_eq!(rows.ids.len(), n, "{input}");
+                Ok(rows.values)
+            }
+            Err(e) => {
+                assert!(
+                    rows.values.is_empty() && rows.is_empty(),
+                    "{input}: a refused reading adds nothing"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    fn le(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn tensor_readings_take_nested_or_flat_arrays_and_base64() {
+        let want = Ok(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 9.0]);
+        assert_eq!(tensor(r#"{"k": 9, "sig": [[1,2,3],[4,5,6]]}"#), want);
+        assert_eq!(tensor(r#"{"sig": [1,2,3,4,5,6], "k": [9], "id": 3, "x": {}}"#), want);
+        assert_eq!(
+            tensor(r#"{"sig": {"shape": [1,2,3], "data": [1,2,3,4,5,6]}, "k": {"data": [9]}}"#),
+            want
+        );
+        let b64 = B64.encode(le(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
+        assert_eq!(
+            tensor(&format!(
+                r#"{{"sig": {{"b64": "{b64}", "dtype": "float32", "shape": [2,3]}}, "k": 9}}"#
+            )),
+            want
+        );
+        let two = tensor(r#"[{"sig": [1,2,3,4,5,6], "k": 9}, {"sig": [0,0,0,0,0,0], "k": 1}]"#).expect("two");
+        assert_eq!(two.len(), 14);
+        assert_eq!(two[13], 1.0);
+        let nan = B64.encode(le(&[1.0, 2.0, 3.0, 4.0, 5.0, f32::NAN]));
+        for (input, why) in [
+            (r#"{"sig": [1,2,3,4,5], "k": 9}"#.to_string(), "takes 6 values"),
+            (r#"{"sig": [1,2,3,4,5,6,7], "k": 9}"#.into(), "more were given"),
+            (
+                r#"{"sig": [[1,2,3],[4,5]], "k": 9}"#.into(),
+                "an axis of 3 entries has 2",
+            ),
+            (
+                r#"{"sig": [[1,2,3],[4,5,6],[7,8,9]], "k": 9}"#.into(),
+                "more were given",
+            ),
+            (
+                r#"{"sig": [[1,2,3],4,5,6], "k": 9}"#.into(),
+                "a number where an array of 3",
+            ),
+            (r#"{"sig": [1,2,3,[4],5,6], "k": 9}"#.into(), "mixes numbers and arrays"),
+            (r#"{"sig": [[[1],[2],[3]],[4,5,6]], "k": 9}"#.into(), "nested deeper"),
+            (r#"{"sig": [1,2,3,4,5,6]}"#.into(), "input \"k\" is missing"),
+            (r#"{"sig": [1,2,3,4,5,6], "k": 1, "k": 2}"#.into(), "given twice"),
+            (r#"{"sig": [1,2,3,4,5,"6"], "k": 9}"#.into(), "a string, not a number"),
+            (r#"{"sig": [1,2,3,4,5,null], "k": 9}"#.into(), "null, not a number"),
+            (r#"{"sig": [1,2,3,4,5,1e39], "k": 9}"#.into(), "out of float32 range"),
+            (r#"{"sig": 5, "k": 9}"#.into(), "one number was given"),
+            (
+                r#"{"sig": {"shape": [3,2], "data": [1,2,3,4,5,6]}, "k": 9}"#.into(),
+                "is not the input's shape",
+            ),
+            (r#"{"sig": {"b64": "AAAA"}, "k": 9}"#.into(), "b64 holds 3 bytes"),
+            (format!(r#"{{"sig": {{"b64": "{nan}"}}, "k": 9}}"#), "not finite"),
+            (
+                format!(r#"{{"sig": {{"data": [1,2,3,4,5,6], "b64": "{b64}"}}, "k": 9}}"#),
+                "exactly one of data, b64",
+            ),
+            (
+                r#"{"sig": {"shape": [2,3]}, "k": 9}"#.into(),
+                "exactly one of data, b64",
+            ),
+            (
+                r#"{"sig": {"data": [1,2,3,4,5,6], "dtype": "int8"}, "k": 9}"#.into(),
+                "not float32",
+            ),
+            (r#"{"sig": {"image": "AAAA"}, "k": 9}"#.into(), "not an image input"),
+        ] {
+            let e = tensor(&input).expect_err(&input);
+            assert!(e.contains(why), "{input}: {e:?} does not say {why:?}");
+        }
+    }
+
+    #[test]
+    fn binary_readings_are_raw_float32_rows() {
+        let f = tensor_feats();
+        let mut rows = Rows::default();
+        let two: Vec<f32> = (0..14).map(|i| i as f32).collect();
+        assert_eq!(parse_binary(&le(&two), &f, &LIMITS, &mut rows), Ok(2));
+        assert_eq!(rows.values, two);
+        assert!(rows.ids.len() == 2 && rows.ids.iter().all(Option::is_none));
+        let mut rows = Rows::default();
+        let e = parse_binary(&[0u8; 9], &f, &LIMITS, &mut rows).expect_err("not whole rows");
+        assert!(
+            e.contains("rows of 7 little-endian float32 values (28 bytes each)") && e.contains("9 bytes"),
+            "{e}"
+        );
+        assert!(!e.contains("JPEG"), "{e}");
+        let mut bad = two.clone();
+        bad[9] = f32::INFINITY;
+        let e = parse_binary(&le(&bad), &f, &LIMITS, &mut rows).expect_err("infinite");
+        assert!(e.contains("value 2 of row 1 is not finite"), "{e}");
+        assert!(rows.values.is_empty() && rows.is_empty());
+        // A tabular model's rows, with NaN as a missing value where the model takes them.
+        let tab = feats().accepting_missing(true);
+        assert_eq!(parse_binary(&le(&[1.0, f32::NAN]), &tab, &LIMITS, &mut rows), Ok(1));
+        assert!(parse_binary(&le(&[1.0, f32::NAN]), &feats(), &LIMITS, &mut rows).is_err());
+    }
+
+    #[test]
+    fn image_readings_are_decoded_as_the_manifest_says() {
+        let mut img = schema("img", vec![3, 2, 2]);
+        img.image = Some(protocol::bundle::ImageSchema {
+            channels: "bgr".into(),
+            layout: "nchw".into(),
+            mean: vec!["0".into(); 3],
+            std: vec!["1".into(); 3],
+        });
+        let f = Features::tensors(&[img]).expect("image input");
+        let mut png = vec![];
+        {
+            let mut e = png::Encoder::new(&mut png, 2, 2);
+            e.set_color(png::ColorType::Rgb);
+            e.set_depth(png::BitDepth::Eight);
+            let mut w = e.write_header().expect("header");
+            w.write_image_data(&[255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255])
+                .expect("data");
+        }
+        let mut rows = Rows::default();
+        assert_eq!(parse_binary(&png, &f, &LIMITS, &mut rows), Ok(1));
+        // Planes B, G, R of the pixels red, green, blue, white.
+        let want = [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+        assert_eq!(rows.values, want);
+        let json = format!(r#"{{"id": "cam-1", "img": {{"image": "{}"}}}}"#, B64.encode(&png));
+        let mut rows = Rows::default();
+        assert_eq!(parse_reading(json.as_bytes(), &f, &LIMITS, &mut rows), Ok(1));
+        assert_eq!(rows.values, want);
+        // Raw float rows still work on a binary topic; broken and oversized images do not.
+        let mut rows = Rows::default();
+        assert_eq!(parse_binary(&le(&want), &f, &LIMITS, &mut rows), Ok(1));
+        let e = parse_binary(b"\xff\xd8\xff\xe0 broken", &f, &LIMITS, &mut rows).expect_err("broken");
+        assert!(e.contains("JPEG"), "{e}");
+        let small = Limits {
+            max_image_pixels: 3,
+            ..LIMITS
+        };
+        let e = parse_binary(&png, &f, &small, &mut rows).expect_err("4 pixels");
+        assert!(e.contains("max_image_pixels"), "{e}");
+        assert_eq!(rows.values.len(), 12, "refused readings add nothing");
+    }
+
     #[test]
     fn repeated_troubles_are_reported_at_once_then_counted() {
         let mut r = Reports::default();
@@ -971,25 +1700,31 @@ mod tests {
     fn null_is_a_missing_value_for_a_model_that_takes_them() {
         let f = feats().accepting_missing(true);
         let mut rows = Rows::default();
-        parse_reading(br#"[{"a":null,"b":2},{"a":1,"b":3}]"#, &f, 64, &mut rows).expect("parses");
+        parse_reading(br#"[{"a":null,"b":2},{"a":1,"b":3}]"#, &f, &LIMITS, &mut rows).expect("parses");
         assert!(rows.values[0].is_nan());
         assert_eq!(rows.values[1..], [2.0, 1.0, 3.0]);
-        let e = parse_reading(br#"{"a":"x","b":2}"#, &f, 64, &mut rows).expect_err("still a number or null");
+        let e = parse_reading(br#"{"a":"x","b":2}"#, &f, &LIMITS, &mut rows).expect_err("still a number or null");
         assert!(e.contains("a string"), "{e}");
     }
 
     #[test]
     fn reading_ids_are_kept_and_cut() {
         let mut rows = Rows::default();
-        parse_reading(br#"{"a":1,"b":2,"id":"r-17"}"#, &feats(), 64, &mut rows).expect("parses");
+        parse_reading(br#"{"a":1,"b":2,"id":"r-17"}"#, &feats(), &LIMITS, &mut rows).expect("parses");
         assert_eq!(rows.ids[0].as_ref().map(|r| r.get()), Some(r#""r-17""#));
-        parse_reading(br#"{"a":1,"b":2,"id":{"line":3,"n":[1,2]}}"#, &feats(), 64, &mut rows).expect("parses");
+        parse_reading(
+            br#"{"a":1,"b":2,"id":{"line":3,"n":[1,2]}}"#,
+            &feats(),
+            &LIMITS,
+            &mut rows,
+        )
+        .expect("parses");
         assert_eq!(rows.ids[1].as_ref().map(|r| r.get()), Some(r#"{"line":3,"n":[1,2]}"#));
-        parse_reading(br#"{"a":1,"b":2}"#, &feats(), 64, &mut rows).expect("parses");
+        parse_reading(br#"{"a":1,"b":2}"#, &feats(), &LIMITS, &mut rows).expect("parses");
         assert!(rows.ids[2].is_none());
         // Regression: an echoed id of any size made a record larger than a packet.
         let long = format!(r#"{{"a":1,"b":2,"id":"{}"}}"#, "x".repeat(100_000));
-        parse_reading(long.as_bytes(), &feats(), 64, &mut rows).expect("parses");
+        parse_reading(long.as_bytes(), &feats(), &LIMITS, &mut rows).expect("parses");
         let id = rows.ids[3].as_ref().expect("id").get();
         assert!(id.len() <= 64, "{} bytes", id.len());
         assert!(id.contains("bytes)"), "{id}");
@@ -1002,7 +1737,7 @@ mod tests {
         #[test]
         fn arbitrary_readings_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
             let mut rows = Rows::default();
-            if parse_reading(&bytes, &feats(), 64, &mut rows).is_err() {
+            if parse_reading(&bytes, &feats(), &LIMITS, &mut rows).is_err() {
                 proptest::prop_assert!(rows.is_empty() && rows.values.is_empty());
             } else {
                 proptest::prop_assert_eq!(rows.values.len(), rows.len() * 2);
@@ -1012,7 +1747,7 @@ mod tests {
         #[test]
         fn json_shaped_readings_never_panic(s in r#"[\[\]{}":,a-b0-9 .e+-]{0,200}"#) {
             let mut rows = Rows::default();
-            let _ = parse_reading(s.as_bytes(), &feats(), 64, &mut rows);
+            let _ = parse_reading(s.as_bytes(), &feats(), &LIMITS, &mut rows);
         }
     }
 
@@ -1022,7 +1757,7 @@ mod tests {
     fn padding_is_skipped() {
         let pad = format!(r#"{{"pad":[{}],"a":1,"b":2}}"#, vec!["[0,0,0,0]"; 200_000].join(","));
         let mut rows = Rows::default();
-        assert_eq!(parse_reading(pad.as_bytes(), &feats(), 64, &mut rows), Ok(1));
+        assert_eq!(parse_reading(pad.as_bytes(), &feats(), &LIMITS, &mut rows), Ok(1));
         assert_eq!(rows.values, vec![1.0, 2.0]);
     }
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod deploy;
 pub mod drift;
 pub mod engine;
+pub mod image;
 pub mod inference;
 pub mod link;
 pub mod logs;

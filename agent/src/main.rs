@@ -36,16 +36,20 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum ModelCmd {
-    /// Run a model over the rows of a CSV file, exactly as the agent would.
+    /// Run a model over the rows of a CSV file, or over `.npy` tensors, exactly as the agent
+    /// would.
     ///
     /// MODEL is an ONNX file or a signed bundle (`.lbundle`). A bundle is verified with the
     /// trust store of `--config` and loaded as a deploy loads it; its manifest names the
-    /// features. The CSV's header row names the columns, which are matched to the features by
-    /// name; every cell must be a finite number.
+    /// features or describes the input tensors. A CSV's header row names the columns, which are
+    /// matched to the features by name; every cell must be a finite number. A tensor model takes
+    /// one float32 `.npy` file per input, in the model's input order, each of shape
+    /// `[samples, …]`.
     Run {
         model: PathBuf,
-        #[arg(long)]
-        input: PathBuf,
+        /// A CSV file, or one `.npy` file per model input (repeat --input).
+        #[arg(long, required = true)]
+        input: Vec<PathBuf>,
         /// The model's features, in its input order, comma-separated (ONNX files only; without
         /// it the CSV's columns are taken in header order).
         #[arg(long, value_delimiter = ',')]
@@ -223,9 +227,32 @@ impl Out {
     }
 }
 
-/// What `model run` runs: the engine, the features in its input order, and whether the model
-/// takes missing values.
-fn model_for_run(
+/// A bundle verified with the trust store of `config` and loaded as a deploy loads it.
+fn bundle_for_run(
+    path: &std::path::Path,
+    bytes: &[u8],
+    config: &std::path::Path,
+) -> Result<lathe::deploy::ActiveModel, String> {
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let cfg = Config::load(config).map_err(|e| {
+        at(&format_args!(
+            "a bundle is verified with the device's trust store: {e:#}; pass --config"
+        ))
+    })?;
+    let trust = lathe::agent::load_trust(&cfg).map_err(|e| at(&format_args!("{e:#}")))?;
+    let policy = protocol::bundle::Policy {
+        trust: &trust.store,
+        threshold: trust.threshold,
+        now: lathe::sync::now_ms() / 1000,
+        installed_version: &protocol::bundle::none_installed,
+    };
+    let verified = protocol::bundle::verify(bytes, &policy).map_err(|e| at(&e))?;
+    lathe::deploy::load_model(verified).map_err(|e| at(&e))
+}
+
+/// What `model run` runs on a CSV: the engine, the features in its input order, and whether
+/// the model takes missing values.
+fn model_for_csv(
     path: &std::path::Path,
     csv: &str,
     features: Option<Vec<String>>,
@@ -239,22 +266,11 @@ fn model_for_run(
                 &"a bundle's manifest names its features; --features is for ONNX files",
             ));
         }
-        let cfg = Config::load(config).map_err(|e| {
-            at(&format_args!(
-                "a bundle is verified with the device's trust store: {e:#}; pass --config"
-            ))
-        })?;
-        let trust = lathe::agent::load_trust(&cfg).map_err(|e| at(&format_args!("{e:#}")))?;
-        let policy = protocol::bundle::Policy {
-            trust: &trust.store,
-            threshold: trust.threshold,
-            now: lathe::sync::now_ms() / 1000,
-            installed_version: &protocol::bundle::none_installed,
+        let model = bundle_for_run(path, &bytes, config)?;
+        let Some(input) = model.manifest.features() else {
+            return Err(at(&"this bundle's model takes tensors: give one .npy file per input"));
         };
-        let verified = protocol::bundle::verify(&bytes, &policy).map_err(|e| at(&e))?;
-        let model = lathe::deploy::load_model(verified).map_err(|e| at(&e))?;
-        let features = model.manifest.input.features.clone();
-        let missing = model.manifest.input.accepts_missing;
+        let (features, missing) = (input.features.clone(), input.accepts_missing);
         return Ok((model.engine, features, missing));
     }
     let features = match features {
@@ -267,18 +283,79 @@ fn model_for_run(
     Ok((engine, features, missing))
 }
 
+/// `model run` on `.npy` tensors: the engine for their shapes, and the rows (every input's
+/// values of one sample, back to back).
+fn model_for_npy(
+    path: &std::path::Path,
+    inputs: &[PathBuf],
+    config: &std::path::Path,
+) -> Result<(lathe::engine::Engine, Vec<Vec<f32>>), String> {
+    let tensors = read_npy(inputs)?;
+    let (shapes, rows) = lathe::npy::rows(&tensors).map_err(|e| format!("--input: {e} (in --input order)"))?;
+    let bytes = read(path)?;
+    let engine = if bytes.starts_with(protocol::bundle::MAGIC) {
+        let engine = bundle_for_run(path, &bytes, config)?.engine;
+        let want: Vec<Vec<usize>> = engine.inputs().iter().map(|i| i.shape.clone()).collect();
+        if want != shapes {
+            let describe = |s: &[Vec<usize>]| {
+                s.iter()
+                    .map(|d| {
+                        format!(
+                            "[N, {}]",
+                            d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            };
+            return Err(format!(
+                "the input files hold {}; the bundle's model takes {}",
+                describe(&shapes),
+                describe(&want)
+            ));
+        }
+        engine
+    } else {
+        lathe::engine::Engine::load_shapes(&bytes, &shapes).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    Ok((engine, rows))
+}
+
+/// Read float32 `.npy` files.
+fn read_npy(paths: &[PathBuf]) -> Result<Vec<lathe::npy::Tensor>, String> {
+    paths
+        .iter()
+        .map(|p| lathe::npy::read_f32(&read(p)?).map_err(|e| format!("{}: {e}", p.display())))
+        .collect()
+}
+
 fn model_run(
     model: &std::path::Path,
-    input: &std::path::Path,
+    inputs: &[PathBuf],
     features: Option<Vec<String>>,
     config: &std::path::Path,
     json: bool,
 ) -> i32 {
     let run = || -> Result<(), String> {
-        let text = String::from_utf8(read(input)?).map_err(|_| format!("{}: not UTF-8 text", input.display()))?;
-        let (engine, features, missing) = model_for_run(model, &text, features, config)?;
-        let rows =
-            lathe::engine::parse_csv(&text, &features, missing).map_err(|e| format!("{}: {e}", input.display()))?;
+        let npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+        let (engine, rows) = if inputs.iter().any(npy) {
+            if !inputs.iter().all(npy) {
+                return Err("give one CSV file, or one .npy file per model input".into());
+            }
+            if features.is_some() {
+                return Err("--features names the columns of a CSV file; .npy inputs have none".into());
+            }
+            model_for_npy(model, inputs, config)?
+        } else {
+            let [input] = inputs else {
+                return Err("give one CSV file, or one .npy file per model input".into());
+            };
+            let text = String::from_utf8(read(input)?).map_err(|_| format!("{}: not UTF-8 text", input.display()))?;
+            let (engine, features, missing) = model_for_csv(model, &text, features, config)?;
+            let rows =
+                lathe::engine::parse_csv(&text, &features, missing).map_err(|e| format!("{}: {e}", input.display()))?;
+            (engine, rows)
+        };
         let outputs = engine.run(&rows).map_err(|e| format!("{}: {e}", model.display()))?;
         let mut out = Out::new();
         for i in 0..outputs.rows() {
@@ -344,7 +421,7 @@ fn model_inspect(model: &std::path::Path, json: bool) -> i32 {
                 out.line(format_args!("ok         loads and runs on trial rows"))?;
             } else {
                 out.line(format_args!(
-                    "ok         no problem declared; the input width is not declared, so the trial run happens at pack time"
+                    "ok         no problem declared; an input's dimensions are not all declared, so the trial run happens at pack time"
                 ))?;
             }
         }

@@ -15,6 +15,45 @@ pub struct Tensor {
     pub values: Vec<f32>,
 }
 
+/// Each input's shape after the sample axis, and the rows.
+pub type Rows = (Vec<Vec<usize>>, Vec<Vec<f32>>);
+
+/// Samples from one tensor per model input, each `[samples, …]` with the same number of
+/// samples: each input's shape after the sample axis, and the rows (every input's values of
+/// one sample, back to back, in input order), as the engine takes them.
+pub fn rows(tensors: &[Tensor]) -> Result<Rows, String> {
+    let Some(first) = tensors.first() else {
+        return Err("no input tensors".into());
+    };
+    for (i, t) in tensors.iter().enumerate() {
+        if t.shape.len() < 2 || t.shape[0] == 0 {
+            return Err(format!(
+                "input {i} has shape {:?}; it holds [samples, …] with at least one sample",
+                t.shape
+            ));
+        }
+        if t.shape[0] != first.shape[0] {
+            return Err(format!(
+                "input {i} has {} samples; input 0 has {}",
+                t.shape[0], first.shape[0]
+            ));
+        }
+    }
+    let n = first.shape[0];
+    let rows = (0..n)
+        .map(|i| {
+            tensors
+                .iter()
+                .flat_map(|t| {
+                    let k = t.values.len() / n;
+                    t.values[i * k..(i + 1) * k].iter().copied()
+                })
+                .collect()
+        })
+        .collect();
+    Ok((tensors.iter().map(|t| t.shape[1..].to_vec()).collect(), rows))
+}
+
 /// Read a `.npy` file's bytes.
 pub fn read_f32(bytes: &[u8]) -> Result<Tensor, String> {
     let rest = bytes

@@ -36,8 +36,21 @@ pub struct Sample<'a> {
     pub source: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reading_id: Option<&'a RawValue>,
+    /// A tabular model's features.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub features: BTreeMap<&'a str, Option<f32>>,
+    /// A tensor model's inputs (1.7).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<&'a str, TensorSample>,
     pub outputs: BTreeMap<&'a str, &'a [f64]>,
+}
+
+/// One input of a tensor model in a sample: its shape after the batch axis and its values as
+/// base64 of little-endian float32.
+#[derive(Debug, Serialize)]
+pub struct TensorSample {
+    pub shape: Vec<usize>,
+    pub b64: String,
 }
 
 /// A row held for a window that may alert. Its buffers are reused when a later row takes its

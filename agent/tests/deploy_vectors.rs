@@ -30,12 +30,13 @@ fn manifest() -> Manifest {
         created: 1_700_000_000,
         expires: 4_000_000_000,
         payloads: vec![],
-        input: InputSchema {
+        input: Some(InputSchema {
             name: "X".into(),
             dtype: "float32".into(),
             features: vec!["rms".into(), "kurtosis".into(), "crest_factor".into(), "peak_hz".into()],
             accepts_missing: false,
-        },
+        }),
+        inputs: None,
         outputs: vec![OutputSchema {
             name: "variable".into(),
             dtype: "float32".into(),
@@ -80,7 +81,13 @@ fn baseline(model: &[u8]) -> Baseline {
         name: "variable".into(),
         columns: vec![(0..rows.len()).map(|i| scores.row(i)[0]).collect()],
     }];
-    baseline::build(&manifest().input.features, &columns, outputs, baseline::DEFAULT_BINS).expect("builds")
+    baseline::build(
+        &manifest().input.expect("tabular").features,
+        &columns,
+        outputs,
+        baseline::DEFAULT_BINS,
+    )
+    .expect("builds")
 }
 
 fn bjson(b: &Baseline) -> Vec<u8> {
@@ -114,7 +121,7 @@ fn cases(model: &[u8], key: &SigningKey) -> Vec<(&'static str, Vec<u8>, &'static
     let mut dtype = manifest();
     dtype.outputs[0].dtype = "int64".into();
     let mut input = manifest();
-    input.input.name = "features".into();
+    input.input.as_mut().expect("tabular").name = "features".into();
     let mut renamed = manifest();
     renamed.outputs[0].name = "rul_hours".into();
     vec![

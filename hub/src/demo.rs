@@ -87,6 +87,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<u8> {
     let now = ops::now_secs();
     let (bundle, m) = ops::pack(
         ops::PackInput {
+            shapes: vec![],
+            image: None,
             name: "bearing-wear".into(),
             version: 1,
             model: MODEL.to_vec(),

@@ -301,6 +301,8 @@ fn read_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<SigningKey>> {
         .collect()
 }
 
+// Parsed once per run: the size of the pack variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum BundleCmd {
     /// Check the model runs, then build and sign a bundle.
@@ -311,12 +313,34 @@ enum BundleCmd {
         name: String,
         #[arg(long)]
         version: u64,
-        /// Input feature names in model order, comma separated.
-        #[arg(long, value_delimiter = ',', required_unless_present = "features_file")]
+        /// A tabular model's input feature names in model order, comma separated. Without
+        /// --features (or --features-file) the model is packed as a tensor model: its inputs,
+        /// with their shapes, are taken from the model.
+        #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
         /// A JSON array of feature names, instead of --features.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "features")]
         features_file: Option<PathBuf>,
+        /// A tensor input's dimensions after the batch axis, where the model does not declare
+        /// them: NAME=D1,D2,… (repeat for several inputs).
+        #[arg(long = "shape", value_parser = parse_shape)]
+        shapes: Vec<(String, Vec<usize>)>,
+        /// The input is an image (JPEG or PNG readings): its channels, `rgb`, `bgr` or `gray`.
+        #[arg(long, value_parser = ["rgb", "bgr", "gray"])]
+        image: Option<String>,
+        /// The image input, when the model has several inputs.
+        #[arg(long, requires = "image")]
+        image_input: Option<String>,
+        /// The image input's layout: `nchw` ([C, H, W]) or `nhwc` ([H, W, C]).
+        #[arg(long, default_value = "nchw", value_parser = ["nchw", "nhwc"], requires = "image")]
+        image_layout: String,
+        /// Per-channel means, comma separated: each value is (pixel / 255 - mean) / std.
+        /// Default 0.
+        #[arg(long, value_delimiter = ',', requires = "image")]
+        image_mean: Vec<String>,
+        /// Per-channel standard deviations, comma separated. Default 1.
+        #[arg(long, value_delimiter = ',', requires = "image")]
+        image_std: Vec<String>,
         /// Signing key file; repeat for several signatures.
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
@@ -331,11 +355,13 @@ enum BundleCmd {
         #[arg(long, default_value_t = protocol::baseline::DEFAULT_BINS as u64,
               value_parser = clap::value_parser!(u64).range(2..=protocol::baseline::MAX_BINS as u64))]
         baseline_bins: u64,
-        /// A CSV of self-test rows (header: feature names, matched by name). The model is run
-        /// on them now and the bundle carries the outputs; the agent runs the rows again before
-        /// it activates the bundle and refuses it (`selftest_failed`) if an output differs.
+        /// A CSV of self-test rows (header: feature names, matched by name), or for a tensor
+        /// model one float32 .npy file per input ([samples, …], repeat --selftest in input
+        /// order). The model is run on them now and the bundle carries the outputs; the agent
+        /// runs the rows again before it activates the bundle and refuses it
+        /// (`selftest_failed`) if an output differs.
         #[arg(long)]
-        selftest: Option<PathBuf>,
+        selftest: Vec<PathBuf>,
         /// Self-test tolerance: |got - expected| <= absolute + relative * |expected|.
         #[arg(long, default_value_t = protocol::selftest::Tolerance::default().absolute)]
         selftest_absolute: f64,
@@ -465,6 +491,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             version,
             features,
             features_file,
+            shapes,
+            image,
+            image_input,
+            image_layout,
+            image_mean,
+            image_std,
             keys,
             expires_in_days,
             baseline,
@@ -481,22 +513,55 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
             };
             let keys = read_keys(&keys)?;
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
-            let selftest = match selftest {
-                Some(path) => {
-                    let text = String::from_utf8(read(&path)?)
+            let tolerance = protocol::selftest::Tolerance {
+                absolute: selftest_absolute,
+                relative: selftest_relative,
+            };
+            let npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+            let selftest = match &selftest[..] {
+                [] => None,
+                paths if paths.iter().all(npy) => {
+                    let tensors = paths
+                        .iter()
+                        .map(|p| {
+                            lathe::npy::read_f32(&read(p)?).map_err(|e| anyhow::anyhow!("--selftest {}: {e}", p.display()))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let (shapes, rows) = lathe::npy::rows(&tensors).map_err(|e| anyhow::anyhow!("--selftest: {e}"))?;
+                    Some(ops::Selftest {
+                        rows,
+                        shapes: Some(shapes),
+                        tolerance,
+                    })
+                }
+                [path] if !features.is_empty() => {
+                    let text = String::from_utf8(read(path)?)
                         .map_err(|_| anyhow::anyhow!("{}: not UTF-8 text", path.display()))?;
                     let rows = lathe::engine::parse_csv(&text, &features, false)
                         .map_err(|e| anyhow::anyhow!("--selftest {}: {e}", path.display()))?;
                     Some(ops::Selftest {
                         rows,
-                        tolerance: protocol::selftest::Tolerance {
-                            absolute: selftest_absolute,
-                            relative: selftest_relative,
-                        },
+                        shapes: None,
+                        tolerance,
                     })
                 }
-                None => None,
+                _ => anyhow::bail!(
+                    "--selftest takes one CSV file for a tabular model (with --features), or one .npy file per input of a tensor model"
+                ),
             };
+            let image = image.map(|channels| {
+                let n = if channels == "gray" { 1 } else { 3 };
+                let or = |v: Vec<String>, d: &str| if v.is_empty() { vec![d.to_string(); n] } else { v };
+                (
+                    image_input,
+                    protocol::bundle::ImageSchema {
+                        channels,
+                        layout: image_layout,
+                        mean: or(image_mean, "0"),
+                        std: or(image_std, "1"),
+                    },
+                )
+            });
             let baseline = match baseline {
                 Some(path) => {
                     let text = String::from_utf8(read(&path)?)
@@ -516,6 +581,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 version,
                 model: read(&model)?,
                 features,
+                shapes,
+                image,
                 selftest,
                 baseline,
                 baseline_bins: baseline_bins as usize,
@@ -581,7 +648,22 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                     lathe::status::utc(m.created),
                     lathe::status::utc(m.expires)
                 );
-                println!("input      {} float32 [{}]", m.input.name, m.input.features.join(", "));
+                if let Some(input) = m.features() {
+                    println!("input      {} float32 [{}]", input.name, input.features.join(", "));
+                }
+                for t in m.inputs.iter().flatten() {
+                    let dims: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+                    println!("input      {} {} [N, {}]", t.name, t.dtype, dims.join(", "));
+                    if let Some(i) = &t.image {
+                        println!(
+                            "image      {} {} mean [{}] std [{}]",
+                            i.channels,
+                            i.layout,
+                            i.mean.join(", "),
+                            i.std.join(", ")
+                        );
+                    }
+                }
                 for o in &m.outputs {
                     println!("output     {} {}", o.name, o.dtype);
                 }
@@ -811,4 +893,20 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
     o.open(path)?.write_all(bytes)?;
     Ok(())
+}
+
+/// `--shape NAME=D1,D2,…`.
+fn parse_shape(text: &str) -> Result<(String, Vec<usize>), String> {
+    let (name, dims) = text
+        .split_once('=')
+        .ok_or("expected NAME=D1,D2,… (the input's dimensions after the batch axis)")?;
+    let dims = dims
+        .split(',')
+        .map(|d| d.trim().parse::<usize>().ok().filter(|d| *d > 0))
+        .collect::<Option<Vec<_>>>()
+        .ok_or("each dimension is a whole number above 0")?;
+    if name.is_empty() {
+        return Err("the input name is empty".into());
+    }
+    Ok((name.to_string(), dims))
 }

@@ -1,7 +1,7 @@
 //! Operator actions: pack a bundle, send a command to a device and wait for its answer.
 
 use lathe::engine::Engine;
-use protocol::bundle::{self, InputSchema, Manifest, OutputSchema, PayloadRef, Role};
+use protocol::bundle::{self, ImageSchema, InputSchema, Manifest, OutputSchema, PayloadRef, Role, TensorSchema};
 use protocol::keys::SigningKey;
 use protocol::messages::{Command, Response, State, Status};
 use protocol::selftest::Tolerance;
@@ -14,8 +14,15 @@ pub struct PackInput {
     pub name: String,
     pub version: u64,
     pub model: Vec<u8>,
+    /// A tabular model's feature names (manifest format 1). Empty for a tensor model, whose
+    /// inputs are taken from the model (format 2).
     pub features: Vec<String>,
-    /// Self-test rows, in feature order: the expected outputs are computed here (SPEC §4.8).
+    /// A tensor model's input shapes after the batch axis, by input name, where the model
+    /// does not declare them.
+    pub shapes: Vec<(String, Vec<usize>)>,
+    /// How an image becomes a tensor input: for the named input, or the model's only one.
+    pub image: Option<(Option<String>, ImageSchema)>,
+    /// Self-test rows: the expected outputs are computed here (SPEC §4.8).
     pub selftest: Option<Selftest>,
     /// Training rows, in feature order (NaN = missing): the drift baseline is computed from
     /// them and the model's outputs on them (SPEC §4.9).
@@ -28,7 +35,11 @@ pub struct PackInput {
 
 /// Rows for a self-test and the tolerance its outputs are checked with.
 pub struct Selftest {
+    /// Each row in the model's input order: features, or every input's values back to back.
     pub rows: Vec<Vec<f32>>,
+    /// The shape of each input in the rows, when they came from tensor files: checked
+    /// against the model's.
+    pub shapes: Option<Vec<Vec<usize>>>,
     pub tolerance: Tolerance,
 }
 
@@ -41,20 +52,50 @@ pub struct Selftest {
 pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, Manifest)> {
     let what = format!("{} v{}", input.name, input.version);
     let refuse = |e: &dyn std::fmt::Display| anyhow::anyhow!("refusing to sign {what}: {e}");
-    let engine = Engine::load(&input.model, input.features.len()).map_err(|e| refuse(&e))?;
+    let (engine, tabular, tensors) = if input.features.is_empty() {
+        let (engine, tensors) = tensor_inputs(&input).map_err(|e| refuse(&e))?;
+        (engine, None, Some(tensors))
+    } else {
+        if !input.shapes.is_empty() || input.image.is_some() {
+            anyhow::bail!("--shape and --image describe tensor inputs; a model packed with --features is tabular");
+        }
+        let engine = Engine::load(&input.model, input.features.len()).map_err(|e| refuse(&e))?;
+        let tabular = InputSchema {
+            name: engine.input_name().to_string(),
+            dtype: "float32".into(),
+            accepts_missing: engine.handles_missing(),
+            features: input.features.clone(),
+        };
+        (engine, Some(tabular), None)
+    };
+    if let (Some(t), Some(_)) = (&input.selftest, &tensors) {
+        let want: Vec<Vec<usize>> = engine.inputs().iter().map(|i| i.shape.clone()).collect();
+        match &t.shapes {
+            Some(s) if *s == want => {}
+            Some(s) => anyhow::bail!(
+                "self-test: the tensors have shapes {s:?} after the sample axis; the model's inputs are {want:?}"
+            ),
+            None => anyhow::bail!("self-test: a tensor model's self-test is one .npy file per input"),
+        }
+    }
+    if tensors.is_some() && input.baseline.is_some() {
+        anyhow::bail!(
+            "--baseline describes named features: a tensor model has none (drift is off for it); pack with --features for a tabular model"
+        );
+    }
     let manifest = Manifest {
-        format: bundle::MANIFEST_FORMAT,
+        format: if tabular.is_some() {
+            bundle::MANIFEST_FORMAT
+        } else {
+            bundle::TENSOR_FORMAT
+        },
         name: input.name,
         version: input.version,
         created: input.created,
         expires: input.expires,
         payloads: vec![],
-        input: InputSchema {
-            name: engine.input_name().to_string(),
-            dtype: "float32".into(),
-            accepts_missing: engine.handles_missing(),
-            features: input.features,
-        },
+        input: tabular,
+        inputs: tensors,
         outputs: engine
             .outputs()
             .iter()
@@ -104,6 +145,78 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
     Ok((bytes, m))
 }
 
+/// A tensor model's engine and inputs: shapes from the model, or from `--shape` where it does
+/// not declare them, and the image preprocessing.
+fn tensor_inputs(input: &PackInput) -> anyhow::Result<(Engine, Vec<TensorSchema>)> {
+    let info = lathe::engine::inspect(&input.model)?;
+    if let Some((name, _)) = input
+        .shapes
+        .iter()
+        .find(|(n, _)| !info.inputs.iter().any(|i| i.name == *n))
+    {
+        anyhow::bail!(
+            "--shape {name}: the model has no input {name:?} (its inputs: {})",
+            info.inputs
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut shapes = vec![];
+    for i in &info.inputs {
+        let shape = match input.shapes.iter().find(|(n, _)| *n == i.name) {
+            Some((_, s)) => s.clone(),
+            None => lathe::engine::declared_sample_shape(i).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "input {:?} is declared [{}]: give its dimensions after the batch axis with --shape {}=D1,D2,…                      (or --features for a tabular model)",
+                    i.name,
+                    i.shape.join(", "),
+                    i.name
+                )
+            })?,
+        };
+        shapes.push(shape);
+    }
+    let engine = Engine::load_shapes(&input.model, &shapes)?;
+    let target = match &input.image {
+        None => None,
+        Some((Some(name), _)) => Some(name.clone()),
+        Some((None, _)) => match engine.inputs() {
+            [only] => Some(only.name.clone()),
+            many => anyhow::bail!(
+                "the model has {} inputs: name the image one with --image-input",
+                many.len()
+            ),
+        },
+    };
+    if let Some(t) = &target {
+        if !engine.inputs().iter().any(|i| i.name == *t) {
+            anyhow::bail!("--image-input {t}: the model has no such input");
+        }
+    }
+    let tensors: Vec<TensorSchema> = engine
+        .inputs()
+        .iter()
+        .map(|i| TensorSchema {
+            name: i.name.clone(),
+            dtype: "float32".into(),
+            shape: i.shape.iter().map(|d| *d as u64).collect(),
+            image: (target.as_deref() == Some(i.name.as_str()))
+                .then(|| input.image.as_ref().map(|(_, s)| s.clone()))
+                .flatten(),
+        })
+        .collect();
+    for t in &tensors {
+        if let Some(image) = &t.image {
+            image
+                .plan(&t.shape)
+                .map_err(|e| anyhow::anyhow!("input {:?}: {e}", t.name))?;
+        }
+    }
+    Ok((engine, tensors))
+}
+
 /// Run the self-test rows and write `selftest.json` with the outputs as the expected values.
 fn selftest(engine: &Engine, manifest: &Manifest, t: &Selftest) -> anyhow::Result<Vec<u8>> {
     let test = lathe::deploy::make_selftest(engine, t.rows.clone(), t.tolerance)?;
@@ -122,7 +235,11 @@ fn baseline(engine: &Engine, manifest: &Manifest, rows: &[Vec<f32>], bins: usize
     if rows.is_empty() {
         anyhow::bail!("the training CSV has no rows");
     }
-    let width = manifest.input.features.len();
+    let features = &manifest
+        .features()
+        .ok_or_else(|| anyhow::anyhow!("a baseline needs named features"))?
+        .features;
+    let width = features.len();
     let columns: Vec<Vec<f64>> = (0..width)
         .map(|i| rows.iter().map(|r| f64::from(r[i])).collect())
         .collect();
@@ -172,7 +289,7 @@ fn baseline(engine: &Engine, manifest: &Manifest, rows: &[Vec<f32>], bins: usize
             }
         }
     }
-    let b = baseline::build(&manifest.input.features, &columns, outputs, bins).map_err(|e| anyhow::anyhow!(e))?;
+    let b = baseline::build(features, &columns, outputs, bins).map_err(|e| anyhow::anyhow!(e))?;
     b.check(manifest).map_err(|e| anyhow::anyhow!(e))?;
     Ok(serde_json::to_vec(&b)?)
 }

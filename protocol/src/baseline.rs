@@ -172,11 +172,14 @@ impl Baseline {
         if self.format != FORMAT {
             return Err(format!("format {} is not supported (expected {FORMAT})", self.format));
         }
+        let Some(input) = manifest.features() else {
+            return Err("a baseline describes named features: this model's inputs are tensors (format 2)".into());
+        };
         let names: Vec<&str> = self.features.iter().map(|f| f.name.as_str()).collect();
-        if names != manifest.input.features.iter().map(String::as_str).collect::<Vec<_>>() {
+        if names != input.features.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(format!(
                 "features {names:?} differ from the manifest's {:?} (same names, same order)",
-                manifest.input.features
+                input.features
             ));
         }
         for f in &self.features {

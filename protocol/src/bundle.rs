@@ -26,7 +26,16 @@ use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"LATHEB01";
 pub const PAYLOAD_TYPE: &str = "application/vnd.lathe.manifest.v1+json";
+/// The manifest format of a model with one tabular input (`input`, with feature names).
 pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format of a model with tensor inputs (`inputs`, with shapes; SPEC §4.4, 1.7).
+pub const TENSOR_FORMAT: u32 = 2;
+/// The most inputs a format 2 manifest lists.
+pub const MAX_INPUTS: usize = 8;
+/// The most dimensions an input has after its batch axis.
+pub const MAX_RANK: usize = 8;
+/// The most values one sample of a model holds, over all its inputs (16 MiB of float32).
+pub const MAX_SAMPLE_VALUES: usize = 1 << 22;
 /// The largest envelope a verifier accepts, in bytes.
 pub const MAX_ENVELOPE_LEN: usize = 1 << 20;
 /// The most signatures a verifier looks at.
@@ -69,6 +78,139 @@ pub struct InputSchema {
     pub accepts_missing: bool,
 }
 
+/// One input of a format 2 manifest (1.7): a tensor of shape `[N, shape…]` with a free batch
+/// axis `N`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSchema {
+    /// The model's input tensor name.
+    pub name: String,
+    /// Element type; `float32`.
+    pub dtype: String,
+    /// The dimensions after the batch axis, each at least 1.
+    pub shape: Vec<u64>,
+    /// How an image becomes this input, for an image input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSchema>,
+}
+
+impl TensorSchema {
+    /// Values in one sample of this input.
+    pub fn values(&self) -> usize {
+        self.shape.iter().map(|d| *d as usize).product()
+    }
+}
+
+/// How an image (JPEG or PNG) becomes an input tensor (SPEC §4.4, 1.7): it is decoded, resized
+/// to the input's height and width (bilinear, pixel centres aligned), its channels put in
+/// `channels` order and laid out as `layout` says, and each value is
+/// `(pixel / 255 - mean[c]) / std[c]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSchema {
+    /// `rgb`, `bgr` or `gray`.
+    pub channels: String,
+    /// `nchw` (the input's shape is `[C, H, W]`) or `nhwc` (`[H, W, C]`).
+    pub layout: String,
+    /// One decimal number per channel, as a string: canonical JSON has no fractions.
+    pub mean: Vec<String>,
+    /// One decimal number per channel, each above 0, as a string.
+    pub std: Vec<String>,
+}
+
+/// An [`ImageSchema`] checked against its input's shape, ready to use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePlan {
+    pub height: usize,
+    pub width: usize,
+    pub channels: Channels,
+    /// `true` for `nchw`, `false` for `nhwc`.
+    pub planar: bool,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channels {
+    Rgb,
+    Bgr,
+    Gray,
+}
+
+impl Channels {
+    pub fn count(self) -> usize {
+        match self {
+            Channels::Gray => 1,
+            _ => 3,
+        }
+    }
+}
+
+/// The largest height or width of an image input.
+pub const MAX_IMAGE_SIDE: u64 = 8192;
+
+impl ImageSchema {
+    /// Check the schema against the input's shape (after the batch axis).
+    pub fn plan(&self, shape: &[u64]) -> Result<ImagePlan, String> {
+        let channels = match self.channels.as_str() {
+            "rgb" => Channels::Rgb,
+            "bgr" => Channels::Bgr,
+            "gray" => Channels::Gray,
+            c => return Err(format!("image.channels {c:?} is not rgb, bgr or gray")),
+        };
+        let (planar, [c, h, w]) = match (self.layout.as_str(), shape) {
+            ("nchw", &[c, h, w]) => (true, [c, h, w]),
+            ("nhwc", &[h, w, c]) => (false, [c, h, w]),
+            ("nchw" | "nhwc", _) => {
+                return Err(format!(
+                    "an image input has 3 dimensions after the batch axis, not {shape:?}"
+                ))
+            }
+            (l, _) => return Err(format!("image.layout {l:?} is not nchw or nhwc")),
+        };
+        if c != channels.count() as u64 {
+            return Err(format!(
+                "image.channels {:?} has {} channel(s); the input's shape {shape:?} has {c}",
+                self.channels,
+                channels.count()
+            ));
+        }
+        if h > MAX_IMAGE_SIDE || w > MAX_IMAGE_SIDE {
+            return Err(format!("an image input is at most {MAX_IMAGE_SIDE} pixels on a side"));
+        }
+        let numbers = |what: &str, list: &[String], positive: bool| -> Result<Vec<f32>, String> {
+            if list.len() != channels.count() {
+                return Err(format!(
+                    "image.{what} has {} value(s); {} channel(s) need one each",
+                    list.len(),
+                    channels.count()
+                ));
+            }
+            list.iter()
+                .map(|t| {
+                    t.parse::<f32>()
+                        .ok()
+                        .filter(|v| t.len() <= 32 && v.is_finite() && (!positive || *v > 0.0))
+                        .ok_or_else(|| {
+                            format!(
+                                "image.{what} {t:?} is not a decimal number{}",
+                                if positive { " above 0" } else { "" }
+                            )
+                        })
+                })
+                .collect()
+        };
+        Ok(ImagePlan {
+            height: h as usize,
+            width: w as usize,
+            channels,
+            planar,
+            mean: numbers("mean", &self.mean, false)?,
+            std: numbers("std", &self.std, true)?,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSchema {
@@ -88,7 +230,12 @@ pub struct Manifest {
     /// Unix seconds; the bundle is refused at or after this time.
     pub expires: u64,
     pub payloads: Vec<PayloadRef>,
-    pub input: InputSchema,
+    /// Format 1: the one tabular input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputSchema>,
+    /// Format 2: the tensor inputs, in the model's input order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Vec<TensorSchema>>,
     pub outputs: Vec<OutputSchema>,
 }
 
@@ -99,12 +246,41 @@ impl Manifest {
         canonical::encode(&v).expect("a manifest holds integers only")
     }
 
+    /// The tabular input of a format 1 manifest: its feature names name the values of a row.
+    pub fn features(&self) -> Option<&InputSchema> {
+        self.input.as_ref()
+    }
+
+    /// Every input as a tensor, in model order: a format 1 input is `[N, len(features)]`.
+    pub fn tensors(&self) -> Vec<TensorSchema> {
+        match (&self.input, &self.inputs) {
+            (Some(i), _) => vec![TensorSchema {
+                name: i.name.clone(),
+                dtype: i.dtype.clone(),
+                shape: vec![i.features.len() as u64],
+                image: None,
+            }],
+            (None, Some(inputs)) => inputs.clone(),
+            (None, None) => vec![],
+        }
+    }
+
+    /// Values in one sample (one row), over every input in model order.
+    pub fn width(&self) -> usize {
+        self.tensors().iter().map(TensorSchema::values).sum()
+    }
+
     fn check(&self) -> Result<(), String> {
-        if self.format != MANIFEST_FORMAT {
-            return Err(format!(
-                "format {} is not supported (expected {MANIFEST_FORMAT})",
-                self.format
-            ));
+        match (self.format, &self.input, &self.inputs) {
+            (MANIFEST_FORMAT, Some(input), None) => check_tabular(input)?,
+            (TENSOR_FORMAT, None, Some(inputs)) => check_tensors(inputs)?,
+            (MANIFEST_FORMAT, _, _) => return Err("format 1 has `input` and no `inputs`".into()),
+            (TENSOR_FORMAT, _, _) => return Err("format 2 has `inputs` and no `input`".into()),
+            (f, _, _) => {
+                return Err(format!(
+                    "format {f} is not supported (expected {MANIFEST_FORMAT} or {TENSOR_FORMAT})"
+                ))
+            }
         }
         crate::topic::Name::new(self.name.clone()).map_err(|e| format!("name: {e}"))?;
         let count = |r: Role| self.payloads.iter().filter(|p| p.role == r).count();
@@ -119,20 +295,76 @@ impl Manifest {
                 return Err(format!("payload {:?}: sha256 must be 64 lowercase hex digits", p.name));
             }
         }
-        if self.input.features.is_empty() {
-            return Err("input.features is empty".into());
-        }
-        if self.input.dtype != "float32" {
-            return Err(format!(
-                "input.dtype {:?} is not supported (expected \"float32\")",
-                self.input.dtype
-            ));
-        }
         if self.expires <= self.created {
             return Err("expires must be after created".into());
         }
         Ok(())
     }
+}
+
+fn check_dtype(what: &str, dtype: &str) -> Result<(), String> {
+    if dtype != "float32" {
+        return Err(format!(
+            "{what}.dtype {dtype:?} is not supported (expected \"float32\")"
+        ));
+    }
+    Ok(())
+}
+
+fn check_tabular(input: &InputSchema) -> Result<(), String> {
+    if input.features.is_empty() {
+        return Err("input.features is empty".into());
+    }
+    if input.features.len() > MAX_SAMPLE_VALUES {
+        return Err(format!("input has more than {MAX_SAMPLE_VALUES} features"));
+    }
+    check_dtype("input", &input.dtype)
+}
+
+fn check_tensors(inputs: &[TensorSchema]) -> Result<(), String> {
+    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
+        return Err(format!("{} inputs; a manifest lists 1 to {MAX_INPUTS}", inputs.len()));
+    }
+    let mut total = 0usize;
+    for (i, t) in inputs.iter().enumerate() {
+        if t.name.is_empty() {
+            return Err(format!("inputs[{i}].name is empty"));
+        }
+        if inputs[..i].iter().any(|o| o.name == t.name) {
+            return Err(format!("input {:?} is listed twice", t.name));
+        }
+        check_dtype(&format!("input {:?}", t.name), &t.dtype)?;
+        if t.shape.is_empty() || t.shape.len() > MAX_RANK {
+            return Err(format!(
+                "input {:?} has {} dimensions after the batch axis; 1 to {MAX_RANK} are allowed",
+                t.name,
+                t.shape.len()
+            ));
+        }
+        let mut values = 1usize;
+        for d in &t.shape {
+            let d = usize::try_from(*d).ok().filter(|d| *d >= 1 && *d <= MAX_SAMPLE_VALUES);
+            values = d
+                .and_then(|d| values.checked_mul(d))
+                .filter(|v| *v <= MAX_SAMPLE_VALUES)
+                .ok_or_else(|| {
+                    format!(
+                        "input {:?} has shape {:?}; each dimension is at least 1 and a sample holds at most {MAX_SAMPLE_VALUES} values",
+                        t.name, t.shape
+                    )
+                })?;
+        }
+        if let Some(image) = &t.image {
+            image.plan(&t.shape).map_err(|e| format!("input {:?}: {e}", t.name))?;
+        }
+        total += values;
+        if total > MAX_SAMPLE_VALUES {
+            return Err(format!(
+                "the inputs hold more than {MAX_SAMPLE_VALUES} values per sample"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -606,12 +838,13 @@ mod tests {
             created: 1000,
             expires: 2000,
             payloads: vec![],
-            input: InputSchema {
+            input: Some(InputSchema {
                 name: "x".into(),
                 dtype: "float32".into(),
                 features: vec!["a".into()],
                 accepts_missing: false,
-            },
+            }),
+            inputs: None,
             outputs: vec![OutputSchema {
                 name: "y".into(),
                 dtype: "float32".into(),
@@ -738,6 +971,143 @@ mod tests {
         assert_eq!(*asked.borrow(), vec!["m".to_string()]);
         let old = pack(manifest(1), &[(model_ref(), b"onnx".to_vec())], &[&k]).expect("packs");
         assert_eq!(verify(&old, &p).expect_err("not newer").code(), "not_newer");
+    }
+
+    fn tensor_manifest(shapes: &[(&str, Vec<u64>)]) -> Manifest {
+        Manifest {
+            format: TENSOR_FORMAT,
+            input: None,
+            inputs: Some(
+                shapes
+                    .iter()
+                    .map(|(n, s)| TensorSchema {
+                        name: n.to_string(),
+                        dtype: "float32".into(),
+                        shape: s.clone(),
+                        image: None,
+                    })
+                    .collect(),
+            ),
+            ..manifest(1)
+        }
+    }
+
+    #[test]
+    fn tensor_manifests_are_checked() {
+        let (k, trust) = (key(4), TrustStore::new([key(4).public_key()]));
+        let p = Policy {
+            trust: &trust,
+            threshold: 1,
+            now: 1500,
+            installed_version: &none_installed,
+        };
+        let m = tensor_manifest(&[("image", vec![3, 64, 64]), ("meta", vec![2])]);
+        assert_eq!(m.width(), 3 * 64 * 64 + 2);
+        assert!(m.features().is_none());
+        let b = pack(m, &[(model_ref(), b"onnx".to_vec())], &[&k]).expect("packs");
+        let v = verify(&b, &p).expect("verifies");
+        assert_eq!(v.manifest.tensors()[0].shape, vec![3, 64, 64]);
+        // A format 1 manifest is the tensor [N, len(features)].
+        let t = manifest(1).tensors();
+        assert_eq!((t[0].name.as_str(), t[0].shape.clone()), ("x", vec![1]));
+
+        let refused = |m: Manifest, why: &str| {
+            let e = pack(m, &[(model_ref(), b"onnx".to_vec())], &[&k]).expect_err("refused");
+            assert!(e.contains(why), "{e:?} does not say {why:?}");
+        };
+        refused(tensor_manifest(&[]), "1 to 8");
+        refused(tensor_manifest(&[("a", vec![])]), "dimensions after the batch axis");
+        refused(tensor_manifest(&[("a", vec![3, 0])]), "at least 1");
+        refused(tensor_manifest(&[("a", vec![1 << 20, 1 << 20])]), "at most");
+        refused(tensor_manifest(&[("a", vec![2]), ("a", vec![2])]), "listed twice");
+        refused(
+            Manifest {
+                input: manifest(1).input,
+                ..tensor_manifest(&[("a", vec![2])])
+            },
+            "format 2 has `inputs` and no `input`",
+        );
+        refused(
+            Manifest {
+                format: 1,
+                ..tensor_manifest(&[("a", vec![2])])
+            },
+            "format 1 has `input`",
+        );
+        refused(
+            Manifest {
+                format: 3,
+                ..manifest(1)
+            },
+            "format 3 is not supported",
+        );
+        let mut bad = tensor_manifest(&[("a", vec![2])]);
+        bad.inputs.as_mut().expect("tensor inputs")[0].dtype = "uint8".into();
+        refused(bad, "dtype");
+    }
+
+    #[test]
+    fn image_inputs_are_checked_against_their_shape() {
+        let image = |channels: &str, layout: &str, mean: &[&str], std: &[&str]| ImageSchema {
+            channels: channels.into(),
+            layout: layout.into(),
+            mean: mean.iter().map(|s| s.to_string()).collect(),
+            std: std.iter().map(|s| s.to_string()).collect(),
+        };
+        let rgb = image(
+            "rgb",
+            "nchw",
+            &["0.485", "0.456", "0.406"],
+            &["0.229", "0.224", "0.225"],
+        );
+        let plan = rgb.plan(&[3, 32, 48]).expect("fits");
+        assert_eq!((plan.height, plan.width, plan.planar), (32, 48, true));
+        assert_eq!(plan.mean[0], 0.485);
+        let gray = image("gray", "nhwc", &["0"], &["1"]);
+        assert_eq!(gray.plan(&[20, 10, 1]).expect("fits").width, 10);
+        for (schema, shape, why) in [
+            (&rgb, vec![1, 32, 48], "has 3 channel(s)"),
+            (&rgb, vec![3, 32], "3 dimensions"),
+            (&gray, vec![20, 10, 3], "has 1 channel(s)"),
+            (&image("rgb", "chw", &["0"; 3], &["1"; 3]), vec![3, 2, 2], "layout"),
+            (&image("rgba", "nchw", &["0"; 3], &["1"; 3]), vec![3, 2, 2], "channels"),
+            (
+                &image("rgb", "nchw", &["0"; 2], &["1"; 3]),
+                vec![3, 2, 2],
+                "image.mean has 2",
+            ),
+            (
+                &image("rgb", "nchw", &["0"; 3], &["1", "0", "1"]),
+                vec![3, 2, 2],
+                "above 0",
+            ),
+            (
+                &image("rgb", "nchw", &["x"; 3], &["1"; 3]),
+                vec![3, 2, 2],
+                "not a decimal",
+            ),
+            (
+                &image("rgb", "nchw", &["0"; 3], &["1"; 3]),
+                vec![3, 9000, 2],
+                "at most 8192",
+            ),
+        ] {
+            let e = schema.plan(&shape).expect_err(why);
+            assert!(e.contains(why), "{e:?} does not say {why:?}");
+        }
+        // The manifest check applies it.
+        let mut m = tensor_manifest(&[("image", vec![3, 32, 48])]);
+        m.inputs.as_mut().expect("tensor inputs")[0].image = Some(gray.clone());
+        let e = pack(m, &[(model_ref(), b"onnx".to_vec())], &[&key(4)]).expect_err("gray into 3 channels");
+        assert!(e.contains("input \"image\": image.channels"), "{e}");
+    }
+
+    /// A format 1 manifest's signed bytes do not change with the format 2 members.
+    #[test]
+    fn tabular_manifests_keep_their_bytes() {
+        let text = String::from_utf8(manifest(1).canonical_bytes()).expect("UTF-8");
+        assert!(text.contains(r#""format":1,"input":{"#), "{text}");
+        assert!(!text.contains("inputs"), "{text}");
     }
 
     #[test]

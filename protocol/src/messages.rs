@@ -217,8 +217,28 @@ pub struct Prediction<'a> {
     /// The reading's own `id`, as JSON, when it had one (cut to a bounded length).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reading_id: Option<&'a RawValue>,
-    /// Each model output, flattened to numbers (labels included).
+    /// Each model output, flattened to numbers (labels included), when it has at most
+    /// `predictions.max_values` values per row.
     pub outputs: BTreeMap<&'a str, &'a [f64]>,
+    /// The wider outputs (1.7): their `predictions.top_k` largest values, as `[index, value]`
+    /// pairs, largest first (ties by lower index).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub top: BTreeMap<&'a str, Vec<(usize, f64)>>,
+}
+
+/// The `k` largest values of `values` as `(index, value)`, largest first, ties by lower index;
+/// NaN values are never picked.
+pub fn top_k(values: &[f64], k: usize) -> Vec<(usize, f64)> {
+    let mut best: Vec<(usize, f64)> = Vec::with_capacity(k + 1);
+    for (i, v) in values.iter().copied().enumerate() {
+        if v.is_nan() || (best.len() == k && best.last().is_none_or(|(_, w)| v <= *w)) {
+            continue;
+        }
+        let at = best.partition_point(|(_, w)| *w >= v);
+        best.insert(at, (i, v));
+        best.truncate(k);
+    }
+    best
 }
 
 /// One event: published live on `events` and stored as a record of stream `events`.
@@ -401,5 +421,14 @@ mod tests {
         check(0, 5, &[6, 7, 9], 7);
         check(10, 5, &[11], 11);
         check(4, 0, &[3, 5], 5);
+    }
+
+    #[test]
+    fn top_k_takes_the_largest_values_first() {
+        let v = [0.1, 0.7, f64::NAN, 0.7, -1.0, 0.2];
+        assert_eq!(top_k(&v, 3), vec![(1, 0.7), (3, 0.7), (5, 0.2)]);
+        assert_eq!(top_k(&v, 0), vec![]);
+        assert_eq!(top_k(&v, 10).len(), 5);
+        assert_eq!(top_k(&[], 2), vec![]);
     }
 }

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 pub const FORMAT: u32 = 1;
 /// Rows a self-test may hold: it runs on every activation, so it stays small.
 pub const MAX_ROWS: usize = 1024;
+/// Input values a self-test may hold over all its rows (a tensor model's rows are wide).
+pub const MAX_VALUES: usize = 1 << 22;
 
 /// How far an output may be from the expected value: `|got - want| <= absolute + relative * |want|`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -87,11 +89,17 @@ impl Selftest {
         if self.rows.is_empty() || self.rows.len() > MAX_ROWS {
             return Err(format!("{} rows; a self-test holds 1 to {MAX_ROWS}", self.rows.len()));
         }
-        let width = manifest.input.features.len();
+        let width = manifest.width();
+        if self.rows.len().saturating_mul(width) > MAX_VALUES {
+            return Err(format!(
+                "{} rows of {width} values; a self-test holds at most {MAX_VALUES} values",
+                self.rows.len()
+            ));
+        }
         for (i, r) in self.rows.iter().enumerate() {
             if r.len() != width {
                 return Err(format!(
-                    "row {i} has {} values; the manifest lists {width} features",
+                    "row {i} has {} values; the manifest's inputs take {width}",
                     r.len()
                 ));
             }
@@ -171,12 +179,13 @@ mod tests {
             created: 1,
             expires: 2,
             payloads: vec![],
-            input: InputSchema {
+            input: Some(InputSchema {
                 name: "X".into(),
                 dtype: "float32".into(),
                 features: vec!["a".into(), "b".into()],
                 accepts_missing: false,
-            },
+            }),
+            inputs: None,
             outputs: vec![
                 OutputSchema {
                     name: "label".into(),

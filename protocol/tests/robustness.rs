@@ -15,12 +15,13 @@ fn valid() -> (Vec<u8>, TrustStore) {
         created: 10,
         expires: 1 << 40,
         payloads: vec![],
-        input: InputSchema {
+        input: Some(InputSchema {
             name: "x".into(),
             dtype: "float32".into(),
             features: vec!["a".into(), "b".into()],
             accepts_missing: false,
-        },
+        }),
+        inputs: None,
         outputs: vec![OutputSchema {
             name: "y".into(),
             dtype: "float32".into(),

@@ -35,12 +35,13 @@ fn manifest(expires: u64) -> Manifest {
         created: 1_700_000_000,
         expires,
         payloads: vec![],
-        input: InputSchema {
+        input: Some(InputSchema {
             name: "X".into(),
             dtype: "float32".into(),
             features: vec!["rms".into(), "kurtosis".into(), "crest_factor".into(), "peak_hz".into()],
             accepts_missing: false,
-        },
+        }),
+        inputs: None,
         outputs: vec![OutputSchema {
             name: "variable".into(),
             dtype: "float32".into(),

@@ -255,6 +255,8 @@ fn write(bins: &Path, secs: u64, rates: Vec<u64>) -> Result<()> {
     let now = lathe_hub::ops::now_secs();
     let (bundle, _) = lathe_hub::ops::pack(
         lathe_hub::ops::PackInput {
+            shapes: vec![],
+            image: None,
             name: "bearing".into(),
             version: 1,
             model: MODEL.to_vec(),
@@ -383,6 +385,8 @@ fn rollout(bins: &Path, mib: usize) -> Result<()> {
     let now = lathe_hub::ops::now_secs();
     let (bundle, _) = lathe_hub::ops::pack(
         lathe_hub::ops::PackInput {
+            shapes: vec![],
+            image: None,
             name: "bearing".into(),
             version: 1,
             model: lathe_e2e::padded_model(MODEL, mib << 20),

@@ -218,6 +218,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             "trusting the key set this device accepted (trust.keys_file is superseded)"
         );
     }
+    // Where models run, decided before any is loaded.
+    let placement = crate::engine::place(cfg.engine.device);
+    match (&placement.reason, placement.requested) {
+        (None, _) => info!(device = %placement.used, "models run on the {}", placement.used),
+        (Some(why), crate::engine::Device::Cuda) => {
+            warn!(reason = %why, "engine.device is cuda, but models run on the CPU")
+        }
+        (Some(why), _) => info!(reason = %why, "models run on the CPU"),
+    }
     let slots = cfg.slots();
     let mut deployers = vec![];
     let mut startup_events = vec![];
@@ -244,6 +253,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     deployers[0]
         .store
         .set_meta("slots", &serde_json::to_string(&order).expect("names serialize"))?;
+    deployers[0].store.set_meta(
+        "engine",
+        &serde_json::to_string(placement).expect("a placement serializes"),
+    )?;
 
     let w = Wires {
         readings: slots
@@ -668,13 +681,19 @@ fn producers(
             limits: crate::inference::Limits {
                 max_id: cfg.inputs.max_id_bytes,
                 max_image_pixels: cfg.inputs.max_image_pixels,
+                max_values: cfg.inputs.max_batch_bytes / 4,
             },
             binary: configured.get(i).map(|s| s.binary.clone()).unwrap_or_default(),
             max_output_values: cfg.predictions.max_values,
             top_k: cfg.predictions.top_k,
             metrics: metrics.clone(),
             latency,
-            watch: Watch::new(&cfg.drift, cfg.samples.clone(), deployer.slot.as_deref()),
+            watch: Watch::new(
+                &cfg.drift,
+                cfg.samples.clone(),
+                deployer.slot.as_deref(),
+                cfg.outbox.max_record_bytes,
+            ),
             schedule,
         };
         set.spawn(inference.run(shutdown.clone()));

@@ -48,6 +48,8 @@ pub struct Config {
     #[serde(default)]
     pub samples: SamplesConfig,
     #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
     pub rollout: RolloutConfig,
     /// `[[models]]`: the model slots of a device that runs several models (SPEC §8.8). Without
     /// any, the device has one default slot, fed by `inputs.topics`.
@@ -76,6 +78,15 @@ fn default_max_values() -> usize {
 }
 fn default_top_k() -> usize {
     5
+}
+
+/// `[engine]`: where models run.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `cpu`, `cuda` or `auto` (the GPU when the build and the box have one).
+    #[serde(default)]
+    pub device: crate::engine::Device,
 }
 
 /// The most model slots a device has.
@@ -1018,15 +1029,20 @@ pub fn db_path(state_dir: &Path) -> PathBuf {
     state_dir.join("lathe.db")
 }
 
-/// A filter is for JSON readings or for binary ones, not both.
+/// A filter is for JSON readings or for binary ones, not both: a binary filter may not match a
+/// JSON one, nor be matched by it (read as a topic). Overlaps this cannot see go to the binary
+/// side.
 fn check_binary_topics(json: &[String], binary: &[String], field: &str) -> Result<(), (String, String)> {
-    match binary.iter().find(|b| json.contains(b)) {
-        Some(b) => Err((
-            field.to_string(),
-            format!("{b:?} is listed in both topics and binary_topics; a filter carries JSON readings or binary ones"),
-        )),
-        None => Ok(()),
+    use protocol::topic::filter::matches;
+    for b in binary {
+        if let Some(j) = json.iter().find(|j| matches(j, b) || matches(b, j)) {
+            return Err((
+                field.to_string(),
+                format!("{b:?} overlaps the JSON topic filter {j:?}; a topic carries JSON readings or binary ones"),
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Input topic filters must not reach Lathe's own topics.
@@ -1155,6 +1171,10 @@ keys_file = "/etc/lathe/trust.keys"
             "[[models]]\nslot = \"cam\"\nbinary_topics = [\"lathe/#\"]\n",
             Err("models[0].binary_topics"),
         );
+        check(
+            "[inputs]\ntopics = [\"a/#\"]\nbinary_topics = [\"a/b\"]\n",
+            Err("\"a/b\" overlaps the JSON topic filter \"a/#\""),
+        );
         let cam = Config::parse(
             &format!("{MINIMAL}[inputs]\ntopics = [\"a/#\"]\nbinary_topics = [\"cam/+\"]\n"),
             Path::new("t.toml"),
@@ -1164,9 +1184,14 @@ keys_file = "/etc/lathe/trust.keys"
         assert_eq!(cam.slots()[0].binary, ["cam/+"]);
         check(
             "[inputs]\ntopics = [\"a/#\"]\nbinary_topics = [\"a/#\"]\n",
-            Err("both topics and binary_topics"),
+            Err("overlaps the JSON topic filter"),
         );
         check("[predictions]\nmax_values = 0\n", Err("predictions.max_values"));
+        check("[engine]\ndevice = \"cuda\"\n", Ok(()));
+        check(
+            "[engine]\ndevice = \"gpu\"\n",
+            Err("unknown variant `gpu`, expected one of `cpu`, `cuda`, `auto`"),
+        );
         check("[predictions]\ntop_k = 2000\n", Err("predictions.top_k"));
         check("[inputs]\nmax_image_pixels = 0\n", Err("inputs.max_image_pixels"));
         check(

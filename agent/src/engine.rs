@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::{Runnable, State};
 use tract_onnx::tract_hir::infer::Factoid;
 
 #[derive(Debug, thiserror::Error)]
@@ -321,6 +322,110 @@ fn onnx_dtype_name(t: i32) -> String {
 /// Run states kept for reuse; more callers at once than this make their own.
 const POOLED_STATES: usize = 4;
 
+/// A tensor model whose weights take at most this many bytes also gets a plan for one sample
+/// (see [`Engine`]): twice the plans, so only for models this small.
+const MAX_SINGLE_PLAN_WEIGHTS: usize = 16 << 20;
+
+/// A runnable plan and the run states kept for it.
+struct Plan {
+    runnable: Box<dyn Runnable>,
+    states: Mutex<Vec<Box<dyn State>>>,
+}
+
+impl Plan {
+    fn new(runnable: Box<dyn Runnable>) -> Plan {
+        Plan {
+            runnable,
+            states: Mutex::new(vec![]),
+        }
+    }
+
+    fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>, EngineError> {
+        let pooled = self.states.lock().map(|mut s| s.pop()).unwrap_or(None);
+        let mut state = match pooled {
+            Some(s) => s,
+            None => self.runnable.spawn().map_err(run_error)?,
+        };
+        let outputs = contained(|| state.run(inputs))?.map_err(run_error)?;
+        if let Ok(mut pool) = self.states.lock() {
+            if pool.len() < POOLED_STATES {
+                pool.push(state);
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+/// Where models run (`engine.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// The CPU, always.
+    Cpu,
+    /// The GPU through tract's CUDA runtime; the CPU when there is none, said in the log and
+    /// in `lathe status`.
+    Cuda,
+    /// The GPU when this build has CUDA and the box a usable GPU, else the CPU.
+    #[default]
+    Auto,
+}
+
+/// Where models run on this box, decided once at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Placement {
+    /// What the config asked for.
+    pub requested: Device,
+    /// `cpu` or `cuda`.
+    pub used: String,
+    /// Why the GPU is not used, when it was asked for (`cuda` or `auto`) and is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+static PLACEMENT: std::sync::OnceLock<Placement> = std::sync::OnceLock::new();
+
+/// Decide where models run: the first call wins, and models loaded before any call (the
+/// hub's packer, `lathe model`) run on the CPU. Never fails: without a usable GPU, the CPU.
+pub fn place(requested: Device) -> &'static Placement {
+    PLACEMENT.get_or_init(|| {
+        let (used, reason) = match requested {
+            Device::Cpu => ("cpu", None),
+            // A CPU build has nothing to fall back from.
+            Device::Auto if !cfg!(feature = "cuda") => ("cpu", None),
+            Device::Cuda | Device::Auto => match gpu() {
+                Ok(_) => ("cuda", None),
+                Err(why) => ("cpu", Some(why)),
+            },
+        };
+        Placement {
+            requested,
+            used: used.into(),
+            reason,
+        }
+    })
+}
+
+fn placement() -> &'static Placement {
+    place(Device::Cpu)
+}
+
+/// tract's CUDA runtime, when this build has it and it finds a usable GPU and CUDA libraries.
+#[cfg(feature = "cuda")]
+fn gpu() -> Result<&'static dyn tract_onnx::tract_core::runtime::Runtime, String> {
+    // Linked for the runtime it registers.
+    use tract_cuda as _;
+    let rt = tract_onnx::tract_core::runtime::runtime_for_name("cuda")
+        .map_err(|e| format!("no usable GPU: {e:#}"))?
+        .ok_or("tract's CUDA runtime is not registered in this build")?;
+    rt.check().map_err(|e| format!("no usable GPU: {e:#}"))?;
+    Ok(rt)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu() -> Result<&'static dyn tract_onnx::tract_core::runtime::Runtime, String> {
+    Err("this lathe is built without GPU support (the `cuda` feature)".into())
+}
+
 /// One input of a loaded model: its name and the dimensions after its batch axis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Input {
@@ -339,9 +444,19 @@ impl Input {
 ///
 /// A row (a sample) is the values of every input for one batch item, back to back in input
 /// order, each input's values in row-major order: for a tabular model, its features.
+///
+/// A small tensor model on the CPU has two plans: one for a free batch axis and one optimised
+/// for a single sample, which tract runs faster. A call of one row takes the single-sample
+/// plan; a call of several rows takes whichever did the trial rows faster at load, the batch
+/// plan or the single-sample plan row by row (convolutions over images often run faster one
+/// image at a time).
 pub struct Engine {
-    plan: Arc<TypedRunnableModel>,
-    states: Mutex<Vec<TypedSimpleState>>,
+    plan: Plan,
+    single: Option<Plan>,
+    /// Several rows run one at a time on `single`: faster for this model at load.
+    per_row: bool,
+    /// `cpu` or `cuda`: where this model runs.
+    device: &'static str,
     /// Values per row, over every input.
     n_features: usize,
     inputs: Vec<Input>,
@@ -448,6 +563,17 @@ impl Engine {
                 "every input needs at least one value per sample (shapes {shapes:?})"
             )));
         }
+        let values = shapes.iter().try_fold(0usize, |total, s| {
+            s.iter()
+                .try_fold(1usize, |p, d| p.checked_mul(*d))
+                .and_then(|v| total.checked_add(v))
+        });
+        if values.is_none_or(|v| v > protocol::bundle::MAX_SAMPLE_VALUES) {
+            return Err(EngineError::Load(format!(
+                "the inputs {shapes:?} hold more than {} values per sample",
+                protocol::bundle::MAX_SAMPLE_VALUES
+            )));
+        }
         let mut problems = declared_problems(proto);
         if !problems.is_empty() {
             return Err(EngineError::CannotRun(problems));
@@ -519,13 +645,36 @@ impl Engine {
         if !problems.is_empty() {
             return Err(EngineError::CannotRun(problems));
         }
+        let weights: usize = proto.graph.as_ref().map_or(0, |g| {
+            g.initializer
+                .iter()
+                .map(|t| t.raw_data.len() + 4 * (t.float_data.len() + t.int32_data.len()) + 8 * t.int64_data.len())
+                .sum()
+        });
+        let tensor = shapes.iter().any(|s| s.len() >= 2);
+        let mut single = (tensor && !batch_of_one && weights <= MAX_SINGLE_PLAN_WEIGHTS && placement().used == "cpu")
+            .then(|| model.clone());
         let n = model.symbols.sym("N");
         for (i, shape) in shapes.iter().enumerate() {
-            let mut dims: TVec<TDim> = tvec![if batch_of_one { 1.into() } else { n.clone().into() }];
-            dims.extend(shape.iter().map(|d| TDim::from(*d as i64)));
-            model = model.with_input_fact(i, f32::fact(dims).into()).map_err(load)?;
+            let with = |batch: TDim| {
+                let mut dims: TVec<TDim> = tvec![batch];
+                dims.extend(shape.iter().map(|d| TDim::from(*d as i64)));
+                f32::fact(dims).into()
+            };
+            let batch = if batch_of_one { 1.into() } else { n.clone().into() };
+            model = model.with_input_fact(i, with(batch)).map_err(load)?;
+            if let Some(m) = single.take() {
+                single = Some(m.with_input_fact(i, with(1.into())).map_err(load)?);
+            }
         }
-        let typed = model.into_optimized().map_err(load)?;
+        // On the GPU, tract's CUDA runtime optimises the decluttered model its own way.
+        let (typed, gpu) = match (placement().used == "cuda").then(gpu) {
+            Some(Ok(rt)) => (
+                model.into_typed().map_err(load)?.into_decluttered().map_err(load)?,
+                Some(rt),
+            ),
+            _ => (model.into_optimized().map_err(load)?, None),
+        };
         let mut output_names = vec![];
         let mut output_types = vec![];
         let mut problems = vec![];
@@ -548,10 +697,28 @@ impl Engine {
         if !problems.is_empty() {
             return Err(EngineError::CannotRun(problems));
         }
-        let plan = typed.into_runnable().map_err(load)?;
-        let engine = Engine {
-            plan,
-            states: Mutex::new(vec![]),
+        let (plan, device): (Box<dyn Runnable>, &'static str) = match gpu {
+            Some(rt) => match rt.prepare(typed.clone()) {
+                Ok(plan) => (plan, "cuda"),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "the model cannot run on the GPU: it runs on the CPU");
+                    let plan = typed.into_optimized().map_err(load)?.into_runnable().map_err(load)?;
+                    (Box::new(plan), "cpu")
+                }
+            },
+            None => (Box::new(typed.into_runnable().map_err(load)?), "cpu"),
+        };
+        let single = match single {
+            Some(m) => Some(Plan::new(Box::new(
+                m.into_optimized().map_err(load)?.into_runnable().map_err(load)?,
+            ))),
+            None => None,
+        };
+        let mut engine = Engine {
+            plan: Plan::new(plan),
+            single,
+            per_row: false,
+            device,
             n_features: shapes.iter().map(|s| s.iter().product::<usize>()).sum(),
             inputs: names
                 .into_iter()
@@ -565,9 +732,33 @@ impl Engine {
             output_names,
             output_types,
         };
-        engine
-            .run(&trial_rows(engine.n_features))
-            .map_err(|e| EngineError::CannotRun(vec![Problem::Fails(e.to_string())]))?;
+        let trial = trial_rows(engine.n_features);
+        let fails = |e: EngineError| EngineError::CannotRun(vec![Problem::Fails(e.to_string())]);
+        let whole = engine.run(&trial).map_err(fails)?;
+        if engine.single.is_some() {
+            // The single-sample plan must give the batch plan's outputs. It also takes calls of
+            // several rows when, warm, it runs the trial rows faster one by one.
+            let row = |i: usize| trial[i].as_slice();
+            let looped = engine.run_each(trial.len(), row).map_err(fails)?;
+            if close_outputs(&looped, &whole) {
+                let timed = |f: &dyn Fn() -> Result<Outputs, EngineError>| {
+                    let started = std::time::Instant::now();
+                    f().map(|_| started.elapsed())
+                };
+                let batch = timed(&|| engine.run_batch(trial.len(), row)).map_err(fails)?;
+                let each = timed(&|| engine.run_each(trial.len(), row)).map_err(fails)?;
+                engine.per_row = each < batch;
+                tracing::debug!(
+                    ?batch,
+                    ?each,
+                    per_row = engine.per_row,
+                    "plans for a batch and for one sample"
+                );
+            } else {
+                tracing::debug!("the single-sample plan differs from the batch plan: not used");
+                engine.single = None;
+            }
+        }
         Ok(engine)
     }
 
@@ -595,6 +786,11 @@ impl Engine {
     /// Values per row, over every input: a tabular model's feature count.
     pub fn n_features(&self) -> usize {
         self.n_features
+    }
+
+    /// Where the model runs: `cpu` or `cuda`.
+    pub fn device(&self) -> &'static str {
+        self.device
     }
 
     /// The model's inputs, in its order.
@@ -642,14 +838,29 @@ impl Engine {
     }
 
     /// Run `n` rows, row `i` being `row(i)`: as one batch, or one at a time for a model whose
-    /// batch axis is fixed to 1.
+    /// batch axis is fixed to 1 or that runs faster so.
     fn run_rows<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
-        if !self.batch_of_one || n <= 1 {
-            return self.run_tensors(self.input_tensors(n, &row)?, n);
+        if n == 1 || self.batch_of_one || (self.per_row && self.single.is_some()) {
+            self.run_each(n, row)
+        } else {
+            self.run_batch(n, row)
         }
-        let mut all = self.run_tensors(self.input_tensors(1, |_| row(0))?, 1)?;
+    }
+
+    /// Run `n` rows as one batch on the batch plan.
+    fn run_batch<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
+        self.run_tensors(&self.plan, self.input_tensors(n, &row)?, n)
+    }
+
+    /// Run `n` rows one at a time, on the single-sample plan when there is one.
+    fn run_each<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
+        let plan = self.single.as_ref().unwrap_or(&self.plan);
+        if n == 0 {
+            return self.run_tensors(plan, tvec![], 0);
+        }
+        let mut all = self.run_tensors(plan, self.input_tensors(1, |_| row(0))?, 1)?;
         for i in 1..n {
-            let one = self.run_tensors(self.input_tensors(1, |_| row(i))?, 1)?;
+            let one = self.run_tensors(plan, self.input_tensors(1, |_| row(i))?, 1)?;
             for (c, o) in all.columns.iter_mut().zip(one.columns) {
                 if o.width != c.width {
                     return Err(EngineError::Run(format!(
@@ -687,7 +898,7 @@ impl Engine {
         Ok(out)
     }
 
-    fn run_tensors(&self, inputs: TVec<TValue>, n: usize) -> Result<Outputs, EngineError> {
+    fn run_tensors(&self, plan: &Plan, inputs: TVec<TValue>, n: usize) -> Result<Outputs, EngineError> {
         let run = run_error;
         if n == 0 {
             return Ok(Outputs {
@@ -703,17 +914,7 @@ impl Engine {
                     .collect(),
             });
         }
-        let pooled = self.states.lock().map(|mut s| s.pop()).unwrap_or(None);
-        let mut state = match pooled {
-            Some(s) => s,
-            None => self.plan.spawn().map_err(run)?,
-        };
-        let outputs = contained(|| state.run(inputs))?.map_err(run)?;
-        if let Ok(mut pool) = self.states.lock() {
-            if pool.len() < POOLED_STATES {
-                pool.push(state);
-            }
-        }
+        let outputs = plan.run(inputs)?;
         let mut columns = Vec::with_capacity(outputs.len());
         for (name, value) in self.output_names.iter().zip(outputs.iter()) {
             let shape = value.shape();
@@ -788,6 +989,21 @@ fn as_f64(t: &Tensor) -> TractResult<Vec<f64>> {
             view.iter().copied().collect()
         }
     })
+}
+
+/// Whether two runs of the same rows agree, as plans of one model optimised for different
+/// batch sizes do: same shapes, values within 1e-5 + 1e-4 relative.
+fn close_outputs(a: &Outputs, b: &Outputs) -> bool {
+    a.rows == b.rows
+        && a.columns.len() == b.columns.len()
+        && a.columns.iter().zip(&b.columns).all(|(x, y)| {
+            x.width == y.width
+                && x.values.len() == y.values.len()
+                && x.values
+                    .iter()
+                    .zip(&y.values)
+                    .all(|(p, q)| (p - q).abs() <= 1e-5 + 1e-4 * q.abs() || (p.is_nan() && q.is_nan()))
+        })
 }
 
 /// A feature value as the agent takes it from a reading: a number finite in float32.

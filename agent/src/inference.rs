@@ -144,6 +144,23 @@ pub struct Limits {
     pub max_id: usize,
     /// The most pixels an image may have (`inputs.max_image_pixels`).
     pub max_image_pixels: u64,
+    /// The most input values one reading message may make, over all its rows
+    /// (`inputs.max_batch_bytes` / 4): checked before each row is made.
+    pub max_values: usize,
+}
+
+impl Limits {
+    /// Refuse a message whose rows would hold more than `max_values` values once one more row
+    /// of `width` is added to the `made` it has. One row always fits.
+    fn room(&self, made: usize, width: usize) -> Result<(), String> {
+        if made > 0 && made + width > self.max_values {
+            return Err(format!(
+                "the reading holds more than {} input values (inputs.max_batch_bytes / 4); send fewer rows per message",
+                self.max_values
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Rows parsed from readings: values back to back, and each row's echoed id (JSON).
@@ -171,6 +188,7 @@ pub fn parse_reading(payload: &[u8], features: &Features, limits: &Limits, out: 
     let result = ReadingSeed {
         features,
         limits,
+        first: v0,
         out: &mut *out,
     }
     .deserialize(&mut de)
@@ -209,6 +227,9 @@ pub fn parse_binary(payload: &[u8], features: &Features, limits: &Limits, out: &
         return Ok(1);
     }
     let row_bytes = w * 4;
+    if payload.len() > row_bytes {
+        limits.room(row_bytes / 4, payload.len() / 4 - row_bytes / 4)?;
+    }
     if payload.is_empty() || row_bytes == 0 || !payload.len().is_multiple_of(row_bytes) {
         return Err(format!(
             "a binary reading for this model is rows of {w} little-endian float32 values ({row_bytes} bytes each){}; this one has {} bytes",
@@ -231,9 +252,26 @@ pub fn parse_binary(payload: &[u8], features: &Features, limits: &Limits, out: &
     Ok(n)
 }
 
+/// Parse a reading, binary or JSON, into `out`.
+fn parse_message(
+    payload: &[u8],
+    binary: bool,
+    features: &Features,
+    limits: &Limits,
+    out: &mut Rows,
+) -> Result<usize, String> {
+    if binary {
+        parse_binary(payload, features, limits, out)
+    } else {
+        parse_reading(payload, features, limits, out)
+    }
+}
+
 struct ReadingSeed<'a> {
     features: &'a Features,
     limits: &'a Limits,
+    /// Where this message's values start in `out`.
+    first: usize,
     out: &'a mut Rows,
 }
 
@@ -255,6 +293,7 @@ impl<'de> Visitor<'de> for ReadingSeed<'_> {
         RowVisitor {
             features: self.features,
             limits: self.limits,
+            first: self.first,
             out: self.out,
         }
         .visit_map(map)
@@ -267,6 +306,7 @@ impl<'de> Visitor<'de> for ReadingSeed<'_> {
             .next_element_seed(RowVisitor {
                 features: self.features,
                 limits: self.limits,
+                first: self.first,
                 out: &mut *self.out,
             })?
             .is_some()
@@ -283,6 +323,8 @@ impl<'de> Visitor<'de> for ReadingSeed<'_> {
 struct RowVisitor<'a> {
     features: &'a Features,
     limits: &'a Limits,
+    /// Where this message's values start in `out`.
+    first: usize,
     out: &'a mut Rows,
 }
 
@@ -395,6 +437,7 @@ impl<'de> Visitor<'de> for RowVisitor<'_> {
         }
         let n = self.features.len();
         let start = self.out.values.len();
+        self.limits.room(start - self.first, n).map_err(de::Error::custom)?;
         self.out.values.resize(start + n, f32::NAN);
         let mut seen = vec![false; n];
         let mut id = None;
@@ -435,6 +478,9 @@ impl<'a> RowVisitor<'a> {
     /// A tensor model's row: one member per input, in any order.
     fn tensor_row<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let start = self.out.values.len();
+        self.limits
+            .room(start - self.first, self.features.width)
+            .map_err(de::Error::custom)?;
         self.out.values.resize(start + self.features.width, 0.0);
         let mut seen = vec![false; self.features.tensors.len()];
         let mut id = None;
@@ -842,6 +888,9 @@ pub struct Watch {
     sampler: Sampler,
     /// Where `lathe status` finds this slot's drift state in the store's meta table.
     drift_key: String,
+    /// The largest record the outbox takes (`outbox.max_record_bytes`): a tensor model's
+    /// sample that could not fit is counted as lost before it is made.
+    max_record_bytes: usize,
 }
 
 /// One inference call as the watch sees it: the rows (back to back), the model's outputs for
@@ -876,8 +925,14 @@ impl Made {
 
 impl Watch {
     /// The watch of the model slot `slot` (`None`: the default slot).
-    pub fn new(drift: &crate::config::DriftConfig, samples: crate::config::SamplesConfig, slot: Option<&str>) -> Watch {
+    pub fn new(
+        drift: &crate::config::DriftConfig,
+        samples: crate::config::SamplesConfig,
+        slot: Option<&str>,
+        max_record_bytes: usize,
+    ) -> Watch {
         Watch {
+            max_record_bytes,
             drift_key: crate::config::slot_key("drift", slot),
             policy: drift.enabled.then(|| drift.policy()),
             repeat_alert_ms: drift.repeat_alert_secs * 1000,
@@ -975,7 +1030,9 @@ impl Watch {
                 .as_ref()
                 .and_then(|t| t.outside().get(i - range.start).copied());
             if let Some(reason) = self.sampler.pick(row, outputs, i, baseline, outside) {
-                if self.sampler.admit(ts_ms) {
+                if !model.features.inputs().is_empty() && tensor_sample_bytes(width) > self.max_record_bytes {
+                    push_loss(&mut made.losses, protocol::streams::SAMPLES, cause::OVERSIZE, 1);
+                } else if self.sampler.admit(ts_ms) {
                     let out: Vec<(&str, &[f64])> = outputs.columns().iter().map(|c| (&*c.name, c.row(i))).collect();
                     let data = sample(
                         model,
@@ -1063,6 +1120,11 @@ impl Watch {
             self.record_state(&state, made);
         }
     }
+}
+
+/// The least a tensor model's sample of `width` values takes as a record: its inputs in base64.
+fn tensor_sample_bytes(width: usize) -> usize {
+    (width * 4).div_ceil(3) * 4
 }
 
 /// A sample record (SPEC §6.5).
@@ -1187,7 +1249,7 @@ impl InferenceTask {
                         cause::NO_MODEL,
                         format!("reading on {} arrived with no model deployed", r.topic),
                     )),
-                    Some(m) => match self.parse(&r, m, &mut batch.rows) {
+                    Some(m) => match self.parse(&r, m, &mut batch.rows).await {
                         Ok(n) => {
                             match batch.sources.last_mut() {
                                 Some((t, k)) if **t == *r.topic => *k += n,
@@ -1253,17 +1315,28 @@ impl InferenceTask {
         self.max_batch.min(self.max_batch_bytes / row_bytes).max(1)
     }
 
-    /// Parse a reading as its topic says: binary, or JSON.
-    fn parse(&self, r: &Reading, m: &ActiveModel, rows: &mut Rows) -> Result<usize, String> {
-        if self
+    /// Parse a reading as its topic says, binary or JSON, into `rows`. A model that takes
+    /// images has its readings parsed off the async runtime: decoding is seconds of CPU at
+    /// worst.
+    async fn parse(&self, r: &Reading, m: &Arc<ActiveModel>, rows: &mut Rows) -> Result<usize, String> {
+        let binary = self
             .binary
             .iter()
-            .any(|f| protocol::topic::filter::matches(f, &r.topic))
-        {
-            parse_binary(&r.payload, &m.features, &self.limits, rows)
-        } else {
-            parse_reading(&r.payload, &m.features, &self.limits, rows)
+            .any(|f| protocol::topic::filter::matches(f, &r.topic));
+        if !m.features.inputs().iter().any(|t| t.image.is_some()) {
+            return parse_message(&r.payload, binary, &m.features, &self.limits, rows);
         }
+        let (m, payload, limits) = (m.clone(), r.payload.clone(), self.limits);
+        let parsed = tokio::task::spawn_blocking(move || {
+            let mut own = Rows::default();
+            parse_message(&payload, binary, &m.features, &limits, &mut own).map(|n| (n, own))
+        })
+        .await
+        .map_err(|e| format!("the reading's parser failed: {e}"))?;
+        let (n, own) = parsed?;
+        rows.values.extend(own.values);
+        rows.ids.extend(own.ids);
+        Ok(n)
     }
 
     /// Close the open drift window (on time, on schedule, at shutdown) and hand its records
@@ -1313,6 +1386,7 @@ impl InferenceTask {
         // Rows below this run one at a time: their batch failed as a whole.
         let mut one_by_one_until = 0usize;
         let per_call = self.rows_per_call(&model);
+        let tabular = model.features.inputs().is_empty();
         while row < rows.ids.len() {
             let size = if row < one_by_one_until { 1 } else { per_call };
             let end = (row + size).min(rows.ids.len());
@@ -1399,10 +1473,11 @@ impl InferenceTask {
             };
             self.watch.rows(&ran, made);
             for (i, (id, source)) in rows.ids[row..end].iter().zip(&row_sources).enumerate() {
+                // Only a tensor model's outputs are cut: a tabular one's keep their 1.6 shape.
                 let (whole, wide): (Vec<&Column>, Vec<&Column>) = outputs
                     .columns()
                     .iter()
-                    .partition(|c| c.width <= self.max_output_values);
+                    .partition(|c| tabular || c.width <= self.max_output_values);
                 let pred = Prediction {
                     ts_ms,
                     model: &model_ref,
@@ -1463,6 +1538,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_id: 64,
         max_image_pixels: 1 << 20,
+        max_values: 1 << 20,
     };
 
     fn feats() -> Features {
@@ -1641,6 +1717,34 @@ mod tests {
         let tab = feats().accepting_missing(true);
         assert_eq!(parse_binary(&le(&[1.0, f32::NAN]), &tab, &LIMITS, &mut rows), Ok(1));
         assert!(parse_binary(&le(&[1.0, f32::NAN]), &feats(), &LIMITS, &mut rows).is_err());
+    }
+
+    /// Regression: one message of many small rows (tiny images resized up) could make
+    /// gigabytes of input values; a message's rows are now bounded by `max_values`.
+    #[test]
+    fn a_message_makes_at_most_max_values_input_values() {
+        let small = Limits {
+            max_values: 14,
+            ..LIMITS
+        };
+        let f = tensor_feats();
+        let row = r#"{"sig": [1,2,3,4,5,6], "k": 9}"#;
+        let mut rows = Rows::default();
+        let two = format!("[{row},{row}]");
+        assert_eq!(parse_reading(two.as_bytes(), &f, &small, &mut rows), Ok(2));
+        let three = format!("[{row},{row},{row}]");
+        let e = parse_reading(three.as_bytes(), &f, &small, &mut rows).expect_err("21 values");
+        assert!(e.contains("more than 14 input values"), "{e}");
+        assert_eq!(rows.len(), 2, "the refused message added nothing");
+        // One row always fits, however wide.
+        let tiny = Limits {
+            max_values: 3,
+            ..LIMITS
+        };
+        assert_eq!(parse_reading(row.as_bytes(), &f, &tiny, &mut rows), Ok(1));
+        assert_eq!(parse_binary(&le(&[0.0; 7]), &f, &tiny, &mut rows), Ok(1));
+        let e = parse_binary(&le(&[0.0; 14]), &f, &tiny, &mut rows).expect_err("two binary rows");
+        assert!(e.contains("more than 3 input values"), "{e}");
     }
 
     #[test]

@@ -26,9 +26,9 @@ pub fn rows(tensors: &[Tensor]) -> Result<Rows, String> {
         return Err("no input tensors".into());
     };
     for (i, t) in tensors.iter().enumerate() {
-        if t.shape.len() < 2 || t.shape[0] == 0 {
+        if t.shape.len() < 2 || t.shape.contains(&0) {
             return Err(format!(
-                "input {i} has shape {:?}; it holds [samples, …] with at least one sample",
+                "input {i} has shape {:?}; it holds [samples, …] with at least one sample of at least one value",
                 t.shape
             ));
         }

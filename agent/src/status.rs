@@ -194,6 +194,9 @@ pub struct Report {
     pub slot: String,
     pub model: Option<Value>,
     pub previous_model: Option<Value>,
+    /// Where models run (`engine.device`), as the agent last decided at start-up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::engine::Placement>,
     /// The signed key set in force (`counter`, `keys`, `threshold`), if the device accepted
     /// one; otherwise it trusts `trust.keys_file`.
     pub key_set: Option<Value>,
@@ -354,6 +357,19 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
     }
     // The first slot is the one `model` and `drift` have always shown.
     let first = slots.remove(0);
+    let engine: Option<crate::engine::Placement> = meta("engine")?.and_then(|e| serde_json::from_str(&e).ok());
+    if let Some(e) = engine
+        .as_ref()
+        .filter(|e| e.requested == crate::engine::Device::Cuda && e.used != "cuda")
+    {
+        problems.push(problem(
+            format!(
+                "engine.device is cuda, but models run on the CPU: {}",
+                e.reason.as_deref().unwrap_or("the GPU is not used")
+            ),
+            "install the NVIDIA driver and the CUDA 12 libraries (cudart, cublas, nvrtc, cudnn), run the GPU build of lathe, then restart it; or set engine.device = \"cpu\"",
+        ));
+    }
     let last_sync = json("last_ack")?;
     let last_sync = (!last_sync.is_null()).then_some(last_sync);
     let streams: Vec<StreamReport> = store
@@ -540,6 +556,7 @@ pub fn report(state_dir: &Path, t: &Thresholds) -> Result<Report, ReadError> {
         slot: first.slot,
         model: first.model,
         previous_model: first.previous_model,
+        engine,
         key_set: std::fs::read(crate::config::keyset_path(state_dir))
             .ok()
             .and_then(|b| protocol::keyset::parse_body(&b).ok())
@@ -744,6 +761,10 @@ pub fn render(r: &Report) -> String {
         format!("slot        {}:", r.slot)
     };
     s += &format!("{slot} {} (previous: {})\n", model(&r.model), model(&r.previous_model));
+    if let Some(e) = &r.engine {
+        let why = e.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+        s += &format!("engine      {}{why}\n", e.used);
+    }
     if let Some(k) = &r.key_set {
         s += &format!(
             "trust       key set #{}: {} key(s), threshold {} (trust.keys_file is superseded)\n",
@@ -1101,6 +1122,49 @@ mod tests {
         assert!(
             text.contains("drift       m v2: no reading since it became active"),
             "{text}"
+        );
+    }
+
+    /// Where models run is shown; the GPU asked for and not used is a problem.
+    #[test]
+    fn the_engine_placement_is_shown() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(&crate::config::db_path(dir.path())).expect("open");
+        let mut placed = |requested, used: &str, reason: Option<&str>| {
+            let p = crate::engine::Placement {
+                requested,
+                used: used.into(),
+                reason: reason.map(str::to_string),
+            };
+            s.set_meta("engine", &serde_json::to_string(&p).expect("json"))
+                .expect("meta");
+            report(dir.path(), &Thresholds::default()).expect("report")
+        };
+        let r = placed(crate::engine::Device::Cuda, "cpu", Some("no usable GPU: no driver"));
+        assert!(
+            render(&r).contains("engine      cpu (no usable GPU: no driver)"),
+            "{}",
+            render(&r)
+        );
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.problem.contains("engine.device is cuda, but models run on the CPU")),
+            "{:?}",
+            r.problems
+        );
+        let r = placed(crate::engine::Device::Auto, "cpu", Some("no usable GPU: no driver"));
+        assert!(
+            !r.problems.iter().any(|p| p.problem.contains("engine")),
+            "{:?}",
+            r.problems
+        );
+        let r = placed(crate::engine::Device::Cuda, "cuda", None);
+        assert!(render(&r).contains("engine      cuda\n"), "{}", render(&r));
+        assert!(
+            !r.problems.iter().any(|p| p.problem.contains("engine")),
+            "{:?}",
+            r.problems
         );
     }
 

@@ -5,36 +5,24 @@
 //! `fixtures/images/` (made by `fixtures/images.py`) decode to Pillow's pixels and, through
 //! the bundle's preprocessing, give onnxruntime's outputs.
 
+mod common;
+
+use common::{cnn, models};
 use serde_json::Value;
 use std::path::PathBuf;
 
-fn models() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models")
-}
-
 fn check(name: &str) {
-    let dir = models();
-    let onnx = std::fs::read(dir.join(format!("{name}.onnx"))).expect("model");
-    let inputs = lathe::npy::read_f32(&std::fs::read(dir.join(format!("{name}.inputs.npy"))).expect("inputs"))
-        .expect("a float32 .npy");
-    let cases: Value =
-        serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.cases.json"))).expect("cases")).expect("json");
-    let shape: Vec<usize> = serde_json::from_value(cases["input"]["shape"].clone()).expect("shape");
-    assert_eq!(
-        inputs.shape, shape,
-        "{name}: the inputs are the ones the references were made from"
-    );
+    let common::Cnn {
+        onnx,
+        inputs,
+        output: out_name,
+        want,
+    } = cnn(name);
+    let shape = inputs.shape.clone();
 
     let engine = lathe::engine::Engine::load_shapes(&onnx, &[shape[1..].to_vec()]).expect("the engine loads it");
     let per_sample: usize = shape[1..].iter().product();
     let batch = shape[0];
-    let (out_name, out) = cases["outputs"]
-        .as_object()
-        .expect("outputs")
-        .iter()
-        .next()
-        .expect("an output");
-    let want: Vec<f64> = serde_json::from_value(out["values"].clone()).expect("values");
     let per_out = want.len() / batch;
     let compare = |got: &[f64], want: &[f64], what: &str| {
         assert_eq!(got.len(), want.len(), "{name} {what}: output length");
@@ -155,13 +143,9 @@ fn image_readings_decode_and_preprocess_as_onnxruntime_saw_them() {
 /// of the same model with a free batch.
 #[test]
 fn a_model_with_a_batch_of_one_runs_its_rows_one_at_a_time() {
-    let dir = models();
-    let onnx = std::fs::read(dir.join("signal_cnn_b1.onnx")).expect("model");
+    let onnx = std::fs::read(models().join("signal_cnn_b1.onnx")).expect("model");
     let engine = lathe::engine::Engine::load_shapes(&onnx, &[vec![1, 1024]]).expect("loads");
-    let inputs = lathe::npy::read_f32(&std::fs::read(dir.join("signal_cnn.inputs.npy")).expect("inputs")).expect("npy");
-    let cases: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("signal_cnn.cases.json")).expect("cases")).expect("json");
-    let want: Vec<f64> = serde_json::from_value(cases["outputs"]["rul"]["values"].clone()).expect("values");
+    let common::Cnn { inputs, want, .. } = cnn("signal_cnn");
     let got = engine.run_flat(&inputs.values).expect("four rows");
     assert_eq!(got.rows(), 4);
     for (g, w) in got.columns()[0].values.iter().zip(&want) {

@@ -192,9 +192,10 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
     })
 }
 
-/// Bare tract (its plan optimised for a free batch axis, and one optimised for the batch size
-/// of the call) and onnxruntime on a tensor model: one sample per call, and batches of
-/// [`TENSOR_BATCH`]. Seconds per call: `[free, fixed, ort]` for one sample, then for a batch.
+/// Lathe's engine, bare tract (its plan optimised for a free batch axis, and one optimised for
+/// the batch size of the call) and onnxruntime on a tensor model: one sample per call, and
+/// batches of [`TENSOR_BATCH`]. Seconds per call: `[lathe, free, fixed, ort]` for one sample,
+/// then for a batch.
 fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
     let path = dir.join(format!("{name}.onnx"));
@@ -224,6 +225,11 @@ fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
             .into_runnable()
     };
     let (fixed1, fixedb) = (fixed(1)?, fixed(TENSOR_BATCH)?);
+    let engine = lathe::engine::Engine::load_shapes(&onnx, std::slice::from_ref(&sample))?;
+    let lathe_run = |x: &[f32]| -> Result<()> {
+        engine.run_flat(x)?;
+        Ok(())
+    };
     let t1 = Tensor::from_shape(&shape(1), one)?;
     let tb = Tensor::from_shape(&shape(TENSOR_BATCH), &batch)?;
     let tract_run = |p: &Arc<TypedRunnableModel>, t: &Tensor| -> Result<()> {
@@ -240,9 +246,11 @@ fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
     measure(
         budget,
         &mut [
+            &mut || lathe_run(one),
             &mut || tract_run(&plan, &t1),
             &mut || tract_run(&fixed1, &t1),
             &mut || ort_run(one, 1),
+            &mut || lathe_run(&batch),
             &mut || tract_run(&plan, &tb),
             &mut || tract_run(&fixedb, &tb),
             &mut || ort_run(&batch, TENSOR_BATCH),
@@ -270,25 +278,37 @@ fn main() -> Result<()> {
         println!(
             "one thread; latency = mean of 1-sample calls; throughput = samples/s in {TENSOR_BATCH}-sample batches; median of {ROUNDS} alternating rounds"
         );
-        println!("tract N: plan for a free batch axis; tract {TENSOR_BATCH}/1: plan for the call's batch size; ratio = tract N / onnxruntime");
+        println!("lathe: the agent's engine; tract N: bare tract, plan for a free batch axis; tract {TENSOR_BATCH}/1: plan for the call's batch size; ratio = lathe / onnxruntime");
         println!(
-            "{:<12} {:>9} {:>9} {:>9} {:>6} | {:>9} {:>9} {:>9} {:>6}",
-            "model", "tract N", "tract 1", "ort µs", "ratio", "tract N", "tract 8", "ort s/s", "ratio"
+            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>6} | {:>9} {:>9} {:>9} {:>9} {:>6}",
+            "model",
+            "lathe µs",
+            "tract N",
+            "tract 1",
+            "ort µs",
+            "ratio",
+            "lathe s/s",
+            "tract N",
+            "tract 8",
+            "ort s/s",
+            "ratio"
         );
         for m in TENSOR_MODELS {
             match bench_tensor(m, budget) {
                 Ok(t) => {
                     let sps = |s: f64| format!("{:.0}", TENSOR_BATCH as f64 / s);
                     println!(
-                        "{m:<12} {:>9.1} {:>9.1} {:>9.1} {:>6.2} | {:>9} {:>9} {:>9} {:>6.2}",
+                        "{m:<12} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>6.2} | {:>9} {:>9} {:>9} {:>9} {:>6.2}",
                         t[0] * 1e6,
                         t[1] * 1e6,
                         t[2] * 1e6,
-                        t[0] / t[2],
-                        sps(t[3]),
+                        t[3] * 1e6,
+                        t[0] / t[3],
                         sps(t[4]),
                         sps(t[5]),
-                        t[3] / t[5]
+                        sps(t[6]),
+                        sps(t[7]),
+                        t[4] / t[7]
                     );
                 }
                 Err(e) => println!("{m:<16} failed: {e:#}"),

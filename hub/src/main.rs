@@ -562,6 +562,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                     },
                 )
             });
+            if baseline.is_some() && features.is_empty() {
+                anyhow::bail!(ops::TENSOR_BASELINE);
+            }
             let baseline = match baseline {
                 Some(path) => {
                     let text = String::from_utf8(read(&path)?)

@@ -43,6 +43,9 @@ pub struct Selftest {
     pub tolerance: Tolerance,
 }
 
+/// Why a tensor model is packed without a baseline.
+pub const TENSOR_BASELINE: &str = "--baseline describes named features: a tensor model has none (drift is off for it); pack with --features for a tabular model";
+
 /// Check that the model runs as the agent would run it, then build and sign the bundle.
 ///
 /// The check is the agent's ([`Engine::load`]: operators, input and output types, a run on
@@ -68,20 +71,19 @@ pub fn pack(input: PackInput, keys: &[&SigningKey]) -> anyhow::Result<(Vec<u8>, 
         };
         (engine, Some(tabular), None)
     };
-    if let (Some(t), Some(_)) = (&input.selftest, &tensors) {
+    if let Some(t) = &input.selftest {
         let want: Vec<Vec<usize>> = engine.inputs().iter().map(|i| i.shape.clone()).collect();
-        match &t.shapes {
-            Some(s) if *s == want => {}
-            Some(s) => anyhow::bail!(
+        match (&t.shapes, &tensors) {
+            (Some(s), _) if *s == want => {}
+            (Some(s), _) => anyhow::bail!(
                 "self-test: the tensors have shapes {s:?} after the sample axis; the model's inputs are {want:?}"
             ),
-            None => anyhow::bail!("self-test: a tensor model's self-test is one .npy file per input"),
+            (None, Some(_)) => anyhow::bail!("self-test: a tensor model's self-test is one .npy file per input"),
+            (None, None) => {}
         }
     }
     if tensors.is_some() && input.baseline.is_some() {
-        anyhow::bail!(
-            "--baseline describes named features: a tensor model has none (drift is off for it); pack with --features for a tabular model"
-        );
+        anyhow::bail!(TENSOR_BASELINE);
     }
     let manifest = Manifest {
         format: if tabular.is_some() {

@@ -175,6 +175,9 @@ struct SampleIn {
     reason: String,
     #[serde(default)]
     source: String,
+    /// A tabular model's; a tensor model's samples carry `inputs` instead, which an export
+    /// leaves out.
+    #[serde(default)]
     features: BTreeMap<String, Option<f64>>,
     outputs: BTreeMap<String, Vec<f64>>,
 }

@@ -327,8 +327,11 @@ fn check_tensors(inputs: &[TensorSchema]) -> Result<(), String> {
     }
     let mut total = 0usize;
     for (i, t) in inputs.iter().enumerate() {
-        if t.name.is_empty() {
-            return Err(format!("inputs[{i}].name is empty"));
+        if t.name.is_empty() || t.name == "id" {
+            return Err(format!(
+                "inputs[{i}].name is {:?}: a reading's `id` member is its id, not an input; rename the input",
+                t.name
+            ));
         }
         if inputs[..i].iter().any(|o| o.name == t.name) {
             return Err(format!("input {:?} is listed twice", t.name));
@@ -1020,6 +1023,7 @@ mod tests {
         refused(tensor_manifest(&[("a", vec![3, 0])]), "at least 1");
         refused(tensor_manifest(&[("a", vec![1 << 20, 1 << 20])]), "at most");
         refused(tensor_manifest(&[("a", vec![2]), ("a", vec![2])]), "listed twice");
+        refused(tensor_manifest(&[("id", vec![2])]), "not an input");
         refused(
             Manifest {
                 input: manifest(1).input,

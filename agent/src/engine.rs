@@ -445,22 +445,21 @@ impl Input {
 /// A row (a sample) is the values of every input for one batch item, back to back in input
 /// order, each input's values in row-major order: for a tabular model, its features.
 ///
-/// A small tensor model on the CPU has two plans: one for a free batch axis and one optimised
-/// for a single sample, which tract runs faster. A call of one row takes the single-sample
-/// plan; a call of several rows takes whichever did the trial rows faster at load, the batch
-/// plan or the single-sample plan row by row (convolutions over images often run faster one
-/// image at a time).
+/// A small tensor model on the CPU also gets a plan optimised for a single sample, which tract
+/// runs faster. Kept beside the batch plan, it takes calls of one row; when at load it ran the
+/// trial rows faster one by one than the batch plan ran them together (convolutions over
+/// images often do), it replaces the batch plan and every call runs row by row.
 pub struct Engine {
     plan: Plan,
+    /// A plan for one sample beside the batch plan, for one-row calls.
     single: Option<Plan>,
-    /// Several rows run one at a time on `single`: faster for this model at load.
-    per_row: bool,
     /// `cpu` or `cuda`: where this model runs.
     device: &'static str,
     /// Values per row, over every input.
     n_features: usize,
     inputs: Vec<Input>,
-    /// The model's batch axis is fixed to 1: rows run one at a time.
+    /// `plan` is for one sample (the model's batch axis is fixed to 1, or one by one was
+    /// faster): rows run one at a time.
     batch_of_one: bool,
     /// Shared, so that every result can name its columns without copying strings.
     output_names: Vec<Arc<str>>,
@@ -663,9 +662,8 @@ impl Engine {
             };
             let batch = if batch_of_one { 1.into() } else { n.clone().into() };
             model = model.with_input_fact(i, with(batch)).map_err(load)?;
-            if let Some(m) = single.take() {
-                single = Some(m.with_input_fact(i, with(1.into())).map_err(load)?);
-            }
+            // The single-sample plan is a speed-up: any failure to make it only drops it.
+            single = single.and_then(|m| m.with_input_fact(i, with(1.into())).ok());
         }
         // On the GPU, tract's CUDA runtime optimises the decluttered model its own way.
         let (typed, gpu) = match (placement().used == "cuda").then(gpu) {
@@ -698,26 +696,28 @@ impl Engine {
             return Err(EngineError::CannotRun(problems));
         }
         let (plan, device): (Box<dyn Runnable>, &'static str) = match gpu {
-            Some(rt) => match rt.prepare(typed.clone()) {
+            // tract's CUDA runtime panics when it cannot make a context: caught, it is a
+            // failure like any other, and the model runs on the CPU.
+            Some(rt) => match contained(|| rt.prepare(typed.clone())).and_then(|r| r.map_err(run_error)) {
                 Ok(plan) => (plan, "cuda"),
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "the model cannot run on the GPU: it runs on the CPU");
+                    tracing::warn!(error = %e, "the model cannot run on the GPU: it runs on the CPU");
                     let plan = typed.into_optimized().map_err(load)?.into_runnable().map_err(load)?;
                     (Box::new(plan), "cpu")
                 }
             },
             None => (Box::new(typed.into_runnable().map_err(load)?), "cpu"),
         };
-        let single = match single {
-            Some(m) => Some(Plan::new(Box::new(
-                m.into_optimized().map_err(load)?.into_runnable().map_err(load)?,
-            ))),
-            None => None,
-        };
+        let single = single.and_then(|m| match m.into_optimized().and_then(|t| t.into_runnable()) {
+            Ok(p) => Some(Plan::new(Box::new(p))),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "no plan for one sample");
+                None
+            }
+        });
         let mut engine = Engine {
             plan: Plan::new(plan),
             single,
-            per_row: false,
             device,
             n_features: shapes.iter().map(|s| s.iter().product::<usize>()).sum(),
             inputs: names
@@ -735,31 +735,45 @@ impl Engine {
         let trial = trial_rows(engine.n_features);
         let fails = |e: EngineError| EngineError::CannotRun(vec![Problem::Fails(e.to_string())]);
         let whole = engine.run(&trial).map_err(fails)?;
-        if engine.single.is_some() {
-            // The single-sample plan must give the batch plan's outputs. It also takes calls of
-            // several rows when, warm, it runs the trial rows faster one by one.
-            let row = |i: usize| trial[i].as_slice();
-            let looped = engine.run_each(trial.len(), row).map_err(fails)?;
-            if close_outputs(&looped, &whole) {
-                let timed = |f: &dyn Fn() -> Result<Outputs, EngineError>| {
-                    let started = std::time::Instant::now();
-                    f().map(|_| started.elapsed())
-                };
-                let batch = timed(&|| engine.run_batch(trial.len(), row)).map_err(fails)?;
-                let each = timed(&|| engine.run_each(trial.len(), row)).map_err(fails)?;
-                engine.per_row = each < batch;
-                tracing::debug!(
-                    ?batch,
-                    ?each,
-                    per_row = engine.per_row,
-                    "plans for a batch and for one sample"
-                );
-            } else {
-                tracing::debug!("the single-sample plan differs from the batch plan: not used");
-                engine.single = None;
+        if let Some(single) = engine.single.take() {
+            match engine.choose(single, &trial, &whole) {
+                Ok(per_row) => tracing::debug!(per_row, "a plan for one sample"),
+                Err(e) => tracing::debug!(error = %e, "no plan for one sample"),
             }
         }
         Ok(engine)
+    }
+
+    /// Keep the single-sample plan if it gives the batch plan's outputs on the trial rows:
+    /// for one-row calls, or, when warm it runs the trial rows faster one by one (the median of
+    /// three timings each way), for every call, in place of the batch plan, which is dropped.
+    /// Returns whether it replaced the batch plan.
+    fn choose(&mut self, single: Plan, trial: &[Vec<f32>], whole: &Outputs) -> Result<bool, EngineError> {
+        let row = |i: usize| trial[i].as_slice();
+        let each = |plan: &Plan| self.run_one_by_one(plan, trial.len(), row);
+        if !close_outputs(&each(&single)?, whole) {
+            return Err(EngineError::Run("its outputs differ from the batch plan's".into()));
+        }
+        let median = |f: &dyn Fn() -> Result<Outputs, EngineError>| -> Result<std::time::Duration, EngineError> {
+            let mut t = vec![];
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                f()?;
+                t.push(started.elapsed());
+            }
+            t.sort();
+            Ok(t[1])
+        };
+        let batch = median(&|| self.run_batch(trial.len(), row))?;
+        let one_by_one = median(&|| each(&single))?;
+        let per_row = one_by_one < batch;
+        if per_row {
+            self.plan = single;
+            self.batch_of_one = true;
+        } else {
+            self.single = Some(single);
+        }
+        Ok(per_row)
     }
 
     /// Whether the model handles missing values: on rows with a NaN in one feature (each
@@ -840,8 +854,8 @@ impl Engine {
     /// Run `n` rows, row `i` being `row(i)`: as one batch, or one at a time for a model whose
     /// batch axis is fixed to 1 or that runs faster so.
     fn run_rows<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
-        if n == 1 || self.batch_of_one || (self.per_row && self.single.is_some()) {
-            self.run_each(n, row)
+        if n == 1 || self.batch_of_one {
+            self.run_one_by_one(self.single.as_ref().unwrap_or(&self.plan), n, row)
         } else {
             self.run_batch(n, row)
         }
@@ -852,9 +866,13 @@ impl Engine {
         self.run_tensors(&self.plan, self.input_tensors(n, &row)?, n)
     }
 
-    /// Run `n` rows one at a time, on the single-sample plan when there is one.
-    fn run_each<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
-        let plan = self.single.as_ref().unwrap_or(&self.plan);
+    /// Run `n` rows one at a time on `plan`.
+    fn run_one_by_one<'a>(
+        &self,
+        plan: &Plan,
+        n: usize,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Result<Outputs, EngineError> {
         if n == 0 {
             return self.run_tensors(plan, tvec![], 0);
         }

@@ -209,6 +209,58 @@ fn cases(model: &[u8]) -> Vec<Case> {
         1,
         "invalid_manifest",
     ));
+
+    // Format 2 (1.7): tensor inputs, one of them an image with its signed preprocessing.
+    let tensor = |shape: Vec<u64>| {
+        let mut m = manifest(4_000_000_000);
+        m.format = bundle::TENSOR_FORMAT;
+        m.input = None;
+        m.inputs = Some(vec![
+            bundle::TensorSchema {
+                name: "image".into(),
+                dtype: "float32".into(),
+                shape,
+                image: Some(bundle::ImageSchema {
+                    channels: "rgb".into(),
+                    layout: "nchw".into(),
+                    mean: vec!["0.485".into(), "0.456".into(), "0.406".into()],
+                    std: vec!["0.229".into(), "0.224".into(), "0.225".into()],
+                }),
+            },
+            bundle::TensorSchema {
+                name: "speed".into(),
+                dtype: "float32".into(),
+                shape: vec![1],
+                image: None,
+            },
+        ]);
+        m
+    };
+    v.push(("tensor.lbundle", pack(tensor(vec![3, 64, 64]), &[&s]), None, 1, "ok"));
+    // An image schema that does not fit its input's shape, signed as is.
+    let mut bad: Value = serde_json::to_value(tensor(vec![3, 64, 64])).expect("to value");
+    bad["payloads"] = serde_json::to_value(&with_digest.payloads).expect("payloads");
+    bad["inputs"][0]["shape"] = json!([1, 64, 64]);
+    let bad = protocol::canonical::encode(&bad).expect("canonical");
+    v.push((
+        "tensor-image-shape.lbundle",
+        raw(bundle::PAYLOAD_TYPE, &bad, &[&s], model),
+        None,
+        1,
+        "invalid_manifest",
+    ));
+    // Format 2 with a format 1 `input`.
+    let mut both: Value = serde_json::to_value(tensor(vec![3, 64, 64])).expect("to value");
+    both["payloads"] = serde_json::to_value(&with_digest.payloads).expect("payloads");
+    both["input"] = serde_json::to_value(&manifest(4_000_000_000).input).expect("input");
+    let both = protocol::canonical::encode(&both).expect("canonical");
+    v.push((
+        "tensor-and-input.lbundle",
+        raw(bundle::PAYLOAD_TYPE, &both, &[&s], model),
+        None,
+        1,
+        "invalid_manifest",
+    ));
     v
 }
 

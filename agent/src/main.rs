@@ -290,7 +290,7 @@ fn model_for_npy(
     inputs: &[PathBuf],
     config: &std::path::Path,
 ) -> Result<(lathe::engine::Engine, Vec<Vec<f32>>), String> {
-    let tensors = read_npy(inputs)?;
+    let tensors = lathe::npy::read_files(inputs)?;
     let (shapes, rows) = lathe::npy::rows(&tensors).map_err(|e| format!("--input: {e} (in --input order)"))?;
     let bytes = read(path)?;
     let engine = if bytes.starts_with(protocol::bundle::MAGIC) {
@@ -321,14 +321,6 @@ fn model_for_npy(
     Ok((engine, rows))
 }
 
-/// Read float32 `.npy` files.
-fn read_npy(paths: &[PathBuf]) -> Result<Vec<lathe::npy::Tensor>, String> {
-    paths
-        .iter()
-        .map(|p| lathe::npy::read_f32(&read(p)?).map_err(|e| format!("{}: {e}", p.display())))
-        .collect()
-}
-
 fn model_run(
     model: &std::path::Path,
     inputs: &[PathBuf],
@@ -337,7 +329,7 @@ fn model_run(
     json: bool,
 ) -> i32 {
     let run = || -> Result<(), String> {
-        let npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+        let npy = |p: &PathBuf| lathe::npy::is_npy(p);
         let (engine, rows) = if inputs.iter().any(npy) {
             if !inputs.iter().all(npy) {
                 return Err("give one CSV file, or one .npy file per model input".into());

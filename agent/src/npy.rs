@@ -15,6 +15,22 @@ pub struct Tensor {
     pub values: Vec<f32>,
 }
 
+/// Whether `path` names a `.npy` file (by its extension, in any case).
+pub fn is_npy(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+}
+
+/// Read float32 `.npy` files; an error names the file.
+pub fn read_files(paths: &[std::path::PathBuf]) -> Result<Vec<Tensor>, String> {
+    paths
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            read_f32(&bytes).map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .collect()
+}
+
 /// Each input's shape after the sample axis, and the rows.
 pub type Rows = (Vec<Vec<usize>>, Vec<Vec<f32>>);
 

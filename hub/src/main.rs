@@ -517,16 +517,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<u8> {
                 absolute: selftest_absolute,
                 relative: selftest_relative,
             };
-            let npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
             let selftest = match &selftest[..] {
                 [] => None,
-                paths if paths.iter().all(npy) => {
-                    let tensors = paths
-                        .iter()
-                        .map(|p| {
-                            lathe::npy::read_f32(&read(p)?).map_err(|e| anyhow::anyhow!("--selftest {}: {e}", p.display()))
-                        })
-                        .collect::<anyhow::Result<Vec<_>>>()?;
+                paths if paths.iter().all(|p| lathe::npy::is_npy(p)) => {
+                    let tensors = lathe::npy::read_files(paths).map_err(|e| anyhow::anyhow!("--selftest {e}"))?;
                     let (shapes, rows) = lathe::npy::rows(&tensors).map_err(|e| anyhow::anyhow!("--selftest: {e}"))?;
                     Some(ops::Selftest {
                         rows,

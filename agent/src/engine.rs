@@ -540,6 +540,18 @@ impl Outputs {
     }
 }
 
+/// tract's plan for the CPU, with Lathe's direct convolutions and max pooling in place of
+/// tract's lowering where they apply ([`crate::ml::direct_cnn`]). Public for the benchmark,
+/// which times the same plan node by node.
+pub fn optimised(model: TypedModel) -> TractResult<TypedModel> {
+    let mut model = model.into_decluttered()?;
+    let direct = crate::ml::direct_cnn(&mut model)?;
+    if direct > 0 {
+        tracing::debug!(direct, "direct convolutions and pooling");
+    }
+    model.into_optimized()
+}
+
 impl Engine {
     /// Load ONNX bytes for rows of `n_features` float32 features, with a symbolic batch axis.
     ///
@@ -671,7 +683,7 @@ impl Engine {
                 model.into_typed().map_err(load)?.into_decluttered().map_err(load)?,
                 Some(rt),
             ),
-            _ => (model.into_optimized().map_err(load)?, None),
+            _ => (optimised(model.into_typed().map_err(load)?).map_err(load)?, None),
         };
         let mut output_names = vec![];
         let mut output_types = vec![];
@@ -702,19 +714,21 @@ impl Engine {
                 Ok(plan) => (plan, "cuda"),
                 Err(e) => {
                     tracing::warn!(error = %e, "the model cannot run on the GPU: it runs on the CPU");
-                    let plan = typed.into_optimized().map_err(load)?.into_runnable().map_err(load)?;
+                    let plan = optimised(typed).map_err(load)?.into_runnable().map_err(load)?;
                     (Box::new(plan), "cpu")
                 }
             },
             None => (Box::new(typed.into_runnable().map_err(load)?), "cpu"),
         };
-        let single = single.and_then(|m| match m.into_optimized().and_then(|t| t.into_runnable()) {
-            Ok(p) => Some(Plan::new(Box::new(p))),
-            Err(e) => {
-                tracing::debug!(error = %format!("{e:#}"), "no plan for one sample");
-                None
-            }
-        });
+        let single = single.and_then(
+            |m| match m.into_typed().and_then(optimised).and_then(|t| t.into_runnable()) {
+                Ok(p) => Some(Plan::new(Box::new(p))),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "no plan for one sample");
+                    None
+                }
+            },
+        );
         let mut engine = Engine {
             plan: Plan::new(plan),
             single,

@@ -9,10 +9,11 @@
 //! The engines are timed in alternating rounds (see [`ROUNDS`]) and each figure is the median
 //! of its rounds, so that a noisy neighbour on a shared machine slows all of them alike.
 //!
-//! Tensor models (the convolutional fixtures in `fixtures/models`, `--cnn`) are timed for bare
-//! tract and onnxruntime: Lathe's engine takes rows of features only so far.
+//! Tensor models (the convolutional fixtures in `fixtures/models`, `--cnn`) are timed for
+//! Lathe's engine, bare tract and onnxruntime; `--nodes` shows where the engine's time goes.
 //!
 //! Usage: lathe-bench --ort-lib PATH [--secs S] [--cnn] [MODEL ...]   (models by corpus name)
+//!        lathe-bench --nodes   (the time of each node of the engine's plan, tensor models)
 //! `bench/run.sh` finds the library and runs it.
 
 use anyhow::{bail, Context, Result};
@@ -258,6 +259,39 @@ fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
     )
 }
 
+/// The mean time of each node of the engine's CPU plan for one sample of a tensor model, over
+/// `calls` calls: where a model's time goes.
+fn node_times(name: &str, calls: u32) -> Result<Vec<(String, Duration)>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
+    let x =
+        lathe::npy::read_f32(&std::fs::read(dir.join(format!("{name}.inputs.npy")))?).map_err(anyhow::Error::msg)?;
+    let mut shape = x.shape.clone();
+    shape[0] = 1;
+    let per: usize = shape.iter().product();
+    let model = lathe::ml::onnx()
+        .model_for_path(dir.join(format!("{name}.onnx")))?
+        .with_input_fact(0, f32::fact(&shape).into())?
+        .into_typed()?;
+    let plan = tract_onnx::tract_core::plan::SimplePlan::new(lathe::engine::optimised(model)?)?;
+    let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
+    let input = Tensor::from_shape(&shape, &x.values[..per])?;
+    let mut times: Vec<(String, Duration)> = plan
+        .model()
+        .nodes()
+        .iter()
+        .map(|n| (format!("{} {}", n.op().name(), n.name), Duration::ZERO))
+        .collect();
+    for _ in 0..calls {
+        state.run_plan_with_eval(tvec!(input.clone().into_tvalue()), |ctx, op_state, node, inputs| {
+            let started = Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+            times[node.id].1 += started.elapsed();
+            out
+        })?;
+    }
+    Ok(times.into_iter().map(|(n, d)| (n, d / calls)).collect())
+}
+
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut lib, mut secs, mut models, mut cnn) = (None::<PathBuf>, 0.5f64, vec![], false);
@@ -266,6 +300,15 @@ fn main() -> Result<()> {
             "--ort-lib" => lib = args.next().map(PathBuf::from),
             "--secs" => secs = args.next().context("--secs needs a value")?.parse()?,
             "--cnn" => cnn = true,
+            "--nodes" => {
+                for m in TENSOR_MODELS {
+                    println!("{m}: mean µs per node of the engine's CPU plan, one sample, 2000 calls");
+                    for (node, t) in node_times(m, 2000)? {
+                        println!("{:>9.2}  {node}", t.as_secs_f64() * 1e6);
+                    }
+                }
+                return Ok(());
+            }
             m => models.push(m.to_string()),
         }
     }

@@ -7,6 +7,7 @@
 //! ArrayFeatureExtractor) expand into tract core operators. This module is the only place
 //! the engine's operator set is extended; [`onnx`] is the loader every part of Lathe uses.
 
+mod cnn;
 mod encoders;
 mod linear;
 mod post;
@@ -15,6 +16,7 @@ mod svm;
 mod transforms;
 mod trees;
 
+pub use cnn::direct as direct_cnn;
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core;

@@ -545,9 +545,12 @@ impl Outputs {
 /// which times the same plan node by node.
 pub fn optimised(model: TypedModel) -> TractResult<TypedModel> {
     let mut model = model.into_decluttered()?;
-    let direct = crate::ml::direct_cnn(&mut model)?;
-    if direct > 0 {
-        tracing::debug!(direct, "direct convolutions and pooling");
+    // A speed-up only: should swapping the operators fail, the model is left as it was and
+    // tract's own lowering runs.
+    match crate::ml::direct_cnn(&mut model) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(n, "direct convolutions and pooling"),
+        Err(e) => tracing::debug!(error = %format!("{e:#}"), "no direct convolutions"),
     }
     model.into_optimized()
 }

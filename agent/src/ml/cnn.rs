@@ -27,8 +27,20 @@ use tract_onnx::tract_core::tract_linalg::routines::{conv_w4_f32, ConvW4F32};
 
 /// Replace every eligible convolution and max pooling of `model` by [`DirectConv`] and
 /// [`DirectMaxPool`], and fuse a ReLU that follows a direct convolution into it; returns how
-/// many operators were replaced or fused.
+/// many operators were replaced or fused. On an error, `model` is left as it was.
 pub fn direct(model: &mut TypedModel) -> TractResult<usize> {
+    if !model.nodes().iter().any(|n| n.op_is::<Conv>() || n.op_is::<MaxPool>()) {
+        return Ok(0);
+    }
+    let mut swapped = model.clone();
+    let replaced = swap(&mut swapped)?;
+    if replaced > 0 {
+        *model = swapped;
+    }
+    Ok(replaced)
+}
+
+fn swap(model: &mut TypedModel) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -106,13 +118,41 @@ impl Geometry {
             out: two(&|a| padding[a].convoluted, 1),
         };
         let empty = |d: &[usize; 2]| d.contains(&0);
-        (geo.channels > 0 && !empty(&geo.input) && !empty(&geo.kernel) && !empty(&geo.stride) && !empty(&geo.out))
-            .then_some(geo)
+        let sizes =
+            (geo.channels > 0 && !empty(&geo.input) && !empty(&geo.kernel) && !empty(&geo.stride) && !empty(&geo.out))
+                .then_some(())
+                .and_then(|()| geo.sizes());
+        sizes.map(|_| geo)
     }
 
-    /// The input plane with its padding.
+    /// The padded input planes' size in values, and each window's reach along each axis,
+    /// computed without overflow; `None` when something does not fit in `isize` (such a
+    /// geometry keeps tract's lowering).
+    fn sizes(&self) -> Option<usize> {
+        let mut plane = self.channels;
+        for a in 0..2 {
+            let padded = self.input[a].checked_add(self.pad[a])?.checked_add(self.after[a])?;
+            plane = plane.checked_mul(padded)?;
+            (self.out[a] - 1)
+                .checked_mul(self.stride[a])?
+                .checked_add(self.kernel[a])?;
+        }
+        (plane <= isize::MAX as usize / 8).then_some(plane)
+    }
+
+    /// The input plane with its padding (its size is checked by [`Geometry::sizes`]).
     fn padded(&self) -> [usize; 2] {
         [0, 1].map(|a| self.input[a] + self.pad[a] + self.after[a])
+    }
+
+    /// Whether a tensor of `shape` is what this geometry takes, batch axis aside.
+    fn takes(&self, shape: &[usize]) -> bool {
+        let spatial = if self.rank == 1 {
+            &self.input[1..]
+        } else {
+            &self.input[..]
+        };
+        shape.len() == self.rank + 2 && shape[1] == self.channels && shape[2..] == *spatial
     }
 
     fn output_shape<D: Clone + From<usize>>(&self, n: D, channels: usize) -> TVec<D> {
@@ -247,6 +287,9 @@ impl DirectConv {
                 && model.outlet_fact(node.id.into())?.shape == model.outlet_fact(source)?.shape
             {
                 let floor = k.try_as_plain_ram()?.as_slice::<f32>()?[0];
+                if floor.is_nan() {
+                    return Ok(None);
+                }
                 return Ok(Some((
                     source.node,
                     DirectConv {
@@ -285,6 +328,7 @@ impl DirectConv {
         let plane_len = if padding { plane.len() } else { sample_in };
         ensure!(
             (ho - 1) * sh * wp + reach < plane_len
+                && self.offsets.iter().all(|o| *o >= 0)
                 && self.taps.len() == self.c_out.div_ceil(4) * 4 * n_taps
                 && self.bias.len() == self.c_out.div_ceil(4) * 4,
             "DirectConv: inconsistent geometry"
@@ -384,9 +428,9 @@ impl EvalOp for DirectConv {
         let kernel = conv_w4_f32().context("DirectConv needs the conv_w4 kernel")?;
         let shape = x.shape();
         ensure!(
-            shape.len() == self.geo.rank + 2,
-            "DirectConv: input of rank {}",
-            shape.len()
+            self.geo.takes(shape),
+            "DirectConv: an input of shape {shape:?}; expected {:?}",
+            self.geo
         );
         let n = shape[0];
         let x = x.try_as_plain_ram()?;
@@ -454,16 +498,17 @@ impl DirectMaxPool {
             "DirectMaxPool: unexpected tensor sizes"
         );
         // Each output row: the maximum over the window's input rows, point by point (`column`),
-        // then over each window's columns. Comparisons as `a > b` let the compiler use vector
-        // maximum instructions.
-        let max = |a: f32, b: f32| if a > b { a } else { b };
-        let mut column = vec![0f32; w];
+        // then over each window's columns. As tract and onnxruntime do, the maximum starts from
+        // the lowest finite value and takes a value only when it is greater, so NaN is never
+        // taken. `v > m` lets the compiler use vector maximum instructions.
+        let max = |m: f32, v: f32| if v > m { v } else { m };
+        let mut column = vec![f32::MIN; w];
         for (src, dst) in x.chunks_exact(h * w).zip(y.chunks_exact_mut(ho * wo)) {
             for (oy, row) in dst.chunks_exact_mut(wo).enumerate() {
                 let top = (oy * sh).saturating_sub(ph);
                 let bottom = (oy * sh + kh).saturating_sub(ph).min(h);
-                column.copy_from_slice(&src[top * w..][..w]);
-                for line in src[(top + 1) * w..bottom * w].chunks_exact(w) {
+                column.fill(f32::MIN);
+                for line in src[top * w..bottom * w].chunks_exact(w) {
                     for (c, v) in column.iter_mut().zip(line) {
                         *c = max(*c, *v);
                     }
@@ -471,18 +516,18 @@ impl DirectMaxPool {
                 if sw == 2 && kw == 2 && pw == 0 && wo * 2 <= w {
                     // The usual 2×2 pooling, pairs side by side: a loop the compiler vectorises.
                     for (o, pair) in row.iter_mut().zip(column.chunks_exact(2)) {
-                        *o = max(pair[0], pair[1]);
+                        *o = max(max(f32::MIN, pair[0]), pair[1]);
                     }
                 } else if sw == kw && pw == 0 && wo * sw <= w {
                     // Windows side by side.
                     for (o, window) in row.iter_mut().zip(column.chunks_exact(sw)) {
-                        *o = window.iter().fold(f32::NEG_INFINITY, |m, v| max(m, *v));
+                        *o = window.iter().fold(f32::MIN, |m, v| max(m, *v));
                     }
                 } else {
                     for (ox, o) in row.iter_mut().enumerate() {
                         let left = (ox * sw).saturating_sub(pw);
                         let right = (ox * sw + kw).saturating_sub(pw).min(w);
-                        *o = column[left..right].iter().fold(f32::NEG_INFINITY, |m, v| max(m, *v));
+                        *o = column[left..right].iter().fold(f32::MIN, |m, v| max(m, *v));
                     }
                 }
             }
@@ -513,9 +558,9 @@ impl EvalOp for DirectMaxPool {
         let x = args_1!(inputs);
         let shape = x.shape();
         ensure!(
-            shape.len() == self.geo.rank + 2,
-            "DirectMaxPool: input of rank {}",
-            shape.len()
+            self.geo.takes(shape),
+            "DirectMaxPool: an input of shape {shape:?}; expected {:?}",
+            self.geo
         );
         let n = shape[0];
         let x = x.try_as_plain_ram()?;
@@ -792,24 +837,67 @@ mod tests {
             let mut pooled = make()?.into_decluttered()?;
             assert_eq!(direct(&mut pooled)?, 1, "case {i}");
             let pooled = pooled.into_optimized()?;
-            for (batch, shift) in [(1, 0.0), (3, 0.0), (2, -2.0)] {
+            // A shift of the values; `special`: NaN and -inf here and there.
+            for (batch, shift, special) in [
+                (1, 0.0, false),
+                (3, 0.0, false),
+                (2, -2.0, false),
+                (2, 0.0, true),
+                (1, f32::NEG_INFINITY, false),
+            ] {
                 let mut shape = vec![batch, c];
                 shape.extend(&spatial);
                 let volume = shape.iter().product();
-                let data: Vec<f32> = values(volume, 17 + i as u64).iter().map(|v| v + shift).collect();
+                let mut data: Vec<f32> = values(volume, 17 + i as u64).iter().map(|v| v + shift).collect();
+                if special {
+                    for (j, v) in data.iter_mut().enumerate() {
+                        match (j % 7, j % 5) {
+                            (3, _) => *v = f32::NAN,
+                            (_, 1) => *v = f32::NEG_INFINITY,
+                            _ => {}
+                        }
+                    }
+                }
                 let input = tensor1(&data).into_shape(&shape)?;
                 let want = run(reference.clone(), &input)?;
                 let got = run(pooled.clone(), &input)?;
                 assert_eq!(got.shape(), want.shape(), "case {i}, batch {batch}");
                 let (got, want) = (got.try_as_plain_ram()?, want.try_as_plain_ram()?);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
-                    got.as_slice::<f32>()?,
-                    want.as_slice::<f32>()?,
-                    "case {i}, batch {batch}"
+                    bits(got.as_slice::<f32>()?),
+                    bits(want.as_slice::<f32>()?),
+                    "case {i}, batch {batch}, shift {shift}, special {special}"
                 );
             }
         }
         Ok(())
+    }
+
+    /// A geometry whose padded planes do not fit in memory's range is refused, not wrapped.
+    #[test]
+    fn huge_paddings_are_refused() {
+        let geo = Geometry {
+            rank: 2,
+            channels: 3,
+            input: [64, 64],
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad: [1, 1],
+            after: [1, 1],
+            out: [64, 64],
+        };
+        assert_eq!(geo.sizes(), Some(3 * 66 * 66));
+        let huge = Geometry {
+            pad: [usize::MAX / 2, 1],
+            ..geo.clone()
+        };
+        assert_eq!(huge.sizes(), None);
+        let wide = Geometry {
+            after: [1 << 40, 1 << 40],
+            ..geo
+        };
+        assert_eq!(wide.sizes(), None);
     }
 
     /// Convolutions the direct form does not take (two groups, a dilation) keep tract's lowering.

@@ -198,11 +198,8 @@ fn bench(name: &str, budget: Duration) -> Result<Row> {
 /// batches of [`TENSOR_BATCH`]. Seconds per call: `[lathe, free, fixed, ort]` for one sample,
 /// then for a batch.
 fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
-    let path = dir.join(format!("{name}.onnx"));
+    let (path, x) = tensor_fixture(name)?;
     let onnx = std::fs::read(&path).with_context(|| path.display().to_string())?;
-    let x =
-        lathe::npy::read_f32(&std::fs::read(dir.join(format!("{name}.inputs.npy")))?).map_err(anyhow::Error::msg)?;
     let sample: Vec<usize> = x.shape[1..].to_vec();
     let per: usize = sample.iter().product();
     let n_in = x.shape[0];
@@ -259,17 +256,23 @@ fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
     )
 }
 
+/// A convolutional fixture of `fixtures/models`: the model's path and its inputs.
+fn tensor_fixture(name: &str) -> Result<(PathBuf, lathe::npy::Tensor)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
+    let inputs = lathe::npy::read_files(&[dir.join(format!("{name}.inputs.npy"))]).map_err(anyhow::Error::msg)?;
+    let x = inputs.into_iter().next().context("one input file")?;
+    Ok((dir.join(format!("{name}.onnx")), x))
+}
+
 /// The mean time of each node of the engine's CPU plan for one sample of a tensor model, over
 /// `calls` calls: where a model's time goes.
 fn node_times(name: &str, calls: u32) -> Result<Vec<(String, Duration)>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
-    let x =
-        lathe::npy::read_f32(&std::fs::read(dir.join(format!("{name}.inputs.npy")))?).map_err(anyhow::Error::msg)?;
+    let (path, x) = tensor_fixture(name)?;
     let mut shape = x.shape.clone();
     shape[0] = 1;
     let per: usize = shape.iter().product();
     let model = lathe::ml::onnx()
-        .model_for_path(dir.join(format!("{name}.onnx")))?
+        .model_for_path(&path)?
         .with_input_fact(0, f32::fact(&shape).into())?
         .into_typed()?;
     let plan = tract_onnx::tract_core::plan::SimplePlan::new(lathe::engine::optimised(model)?)?;

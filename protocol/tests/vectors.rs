@@ -176,12 +176,16 @@ fn cases(model: &[u8]) -> Vec<Case> {
         1,
         "wrong_payload_type",
     ));
-    let mut no_model: Value = serde_json::to_value(&with_digest).expect("to value");
-    no_model["payloads"][0]["role"] = json!("baseline");
-    let no_model = protocol::canonical::encode(&no_model).expect("canonical");
+    // A manifest edited as JSON, then signed as is (canonical, whatever it says).
+    let edited = |m: &Manifest, edit: &dyn Fn(&mut Value)| {
+        let mut value = serde_json::to_value(m).expect("to value");
+        edit(&mut value);
+        let body = protocol::canonical::encode(&value).expect("canonical");
+        raw(bundle::PAYLOAD_TYPE, &body, &[&s], model)
+    };
     v.push((
         "no-model.lbundle",
-        raw(bundle::PAYLOAD_TYPE, &no_model, &[&s], model),
+        edited(&with_digest, &|m| m["payloads"][0]["role"] = json!("baseline")),
         None,
         1,
         "invalid_manifest",
@@ -198,28 +202,29 @@ fn cases(model: &[u8]) -> Vec<Case> {
         "malformed_envelope",
     ));
     // The digest's case is fixed (§4.4): uppercase hex is not the manifest's format.
-    let mut upper: Value = serde_json::to_value(&with_digest).expect("to value");
-    let digest = upper["payloads"][0]["sha256"].as_str().expect("digest").to_uppercase();
-    upper["payloads"][0]["sha256"] = json!(digest);
-    let upper = protocol::canonical::encode(&upper).expect("canonical");
+    let upper = |m: &mut Value| {
+        let digest = m["payloads"][0]["sha256"].as_str().expect("digest").to_uppercase();
+        m["payloads"][0]["sha256"] = json!(digest);
+    };
     v.push((
         "uppercase-digest.lbundle",
-        raw(bundle::PAYLOAD_TYPE, &upper, &[&s], model),
+        edited(&with_digest, &upper),
         None,
         1,
         "invalid_manifest",
     ));
 
     // Format 2 (1.7): tensor inputs, one of them an image with its signed preprocessing.
-    let tensor = |shape: Vec<u64>| {
-        let mut m = manifest(4_000_000_000);
+    // Built on the manifest with the model's digest, so that it can also be signed as is.
+    let tensor = || {
+        let mut m = with_digest.clone();
         m.format = bundle::TENSOR_FORMAT;
         m.input = None;
         m.inputs = Some(vec![
             bundle::TensorSchema {
                 name: "image".into(),
                 dtype: "float32".into(),
-                shape,
+                shape: vec![3, 64, 64],
                 image: Some(bundle::ImageSchema {
                     channels: "rgb".into(),
                     layout: "nchw".into(),
@@ -236,27 +241,20 @@ fn cases(model: &[u8]) -> Vec<Case> {
         ]);
         m
     };
-    v.push(("tensor.lbundle", pack(tensor(vec![3, 64, 64]), &[&s]), None, 1, "ok"));
+    v.push(("tensor.lbundle", pack(tensor(), &[&s]), None, 1, "ok"));
     // An image schema that does not fit its input's shape, signed as is.
-    let mut bad: Value = serde_json::to_value(tensor(vec![3, 64, 64])).expect("to value");
-    bad["payloads"] = serde_json::to_value(&with_digest.payloads).expect("payloads");
-    bad["inputs"][0]["shape"] = json!([1, 64, 64]);
-    let bad = protocol::canonical::encode(&bad).expect("canonical");
     v.push((
         "tensor-image-shape.lbundle",
-        raw(bundle::PAYLOAD_TYPE, &bad, &[&s], model),
+        edited(&tensor(), &|m| m["inputs"][0]["shape"] = json!([1, 64, 64])),
         None,
         1,
         "invalid_manifest",
     ));
     // Format 2 with a format 1 `input`.
-    let mut both: Value = serde_json::to_value(tensor(vec![3, 64, 64])).expect("to value");
-    both["payloads"] = serde_json::to_value(&with_digest.payloads).expect("payloads");
-    both["input"] = serde_json::to_value(&manifest(4_000_000_000).input).expect("input");
-    let both = protocol::canonical::encode(&both).expect("canonical");
+    let input = serde_json::to_value(&with_digest.input).expect("input");
     v.push((
         "tensor-and-input.lbundle",
-        raw(bundle::PAYLOAD_TYPE, &both, &[&s], model),
+        edited(&tensor(), &|m| m["input"] = input.clone()),
         None,
         1,
         "invalid_manifest",

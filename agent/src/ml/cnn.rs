@@ -155,6 +155,32 @@ impl Geometry {
         shape.len() == self.rank + 2 && shape[1] == self.channels && shape[2..] == *spatial
     }
 
+    /// The evaluation both operators share: the one input checked against this geometry, an
+    /// output of `channels` channels, and `run(x, y, samples)` to fill it.
+    fn eval(
+        &self,
+        op: &str,
+        inputs: TVec<TValue>,
+        channels: usize,
+        run: impl FnOnce(&[f32], &mut [f32], usize) -> TractResult<()>,
+    ) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let shape = x.shape();
+        ensure!(
+            self.takes(shape),
+            "{op}: an input of shape {shape:?}; expected {self:?}"
+        );
+        let n = shape[0];
+        let x = x.try_as_plain_ram()?;
+        let mut y = Tensor::zero::<f32>(&self.output_shape(n, channels))?;
+        run(
+            x.as_slice::<f32>()?,
+            y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+            n,
+        )?;
+        Ok(tvec!(y.into_tvalue()))
+    }
+
     fn output_shape<D: Clone + From<usize>>(&self, n: D, channels: usize) -> TVec<D> {
         let mut shape: TVec<D> = tvec![n, channels.into()];
         if self.rank == 2 {
@@ -424,24 +450,9 @@ impl EvalOp for DirectConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
         let kernel = conv_w4_f32().context("DirectConv needs the conv_w4 kernel")?;
-        let shape = x.shape();
-        ensure!(
-            self.geo.takes(shape),
-            "DirectConv: an input of shape {shape:?}; expected {:?}",
-            self.geo
-        );
-        let n = shape[0];
-        let x = x.try_as_plain_ram()?;
-        let mut y = Tensor::zero::<f32>(&self.geo.output_shape(n, self.c_out))?;
-        self.run(
-            kernel,
-            x.as_slice::<f32>()?,
-            y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-            n,
-        )?;
-        Ok(tvec!(y.into_tvalue()))
+        self.geo
+            .eval("DirectConv", inputs, self.c_out, |x, y, n| self.run(kernel, x, y, n))
     }
 }
 
@@ -555,22 +566,10 @@ impl EvalOp for DirectMaxPool {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        let shape = x.shape();
-        ensure!(
-            self.geo.takes(shape),
-            "DirectMaxPool: an input of shape {shape:?}; expected {:?}",
-            self.geo
-        );
-        let n = shape[0];
-        let x = x.try_as_plain_ram()?;
-        let mut y = Tensor::zero::<f32>(&self.geo.output_shape(n, self.geo.channels))?;
-        self.run(
-            x.as_slice::<f32>()?,
-            y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-            n * self.geo.channels,
-        )?;
-        Ok(tvec!(y.into_tvalue()))
+        let channels = self.geo.channels;
+        self.geo.eval("DirectMaxPool", inputs, channels, |x, y, n| {
+            self.run(x, y, n * channels)
+        })
     }
 }
 

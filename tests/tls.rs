@@ -105,10 +105,10 @@ secs = 0
     path
 }
 
-#[test]
-fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
+/// Two CAs (`ca` signs the broker's certificate, `other-ca` does not), a Mosquitto with a
+/// TLS listener (returned with its port) and a plain one, and a trusted key `k` in
+/// `trust.keys`: any valid key will do, the agent trusts it.
+fn tls_broker(d: &Path) -> (Mosquitto, u16) {
     make_pki(d, "ca");
     make_pki(d, "other-ca");
     make_server_cert(d, "ca");
@@ -122,13 +122,20 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
         ),
     );
     assert!(wait_for_port(tls_port, Duration::from_secs(10)));
-    // Any valid key will do: the agent trusts it.
     let (code, out, err) = run(Command::new(&bins().1)
         .args(["keygen", "--out-dir"])
         .arg(d)
         .args(["--name", "k"]));
     assert_eq!(code, 0, "{out}{err}");
     std::fs::copy(d.join("k.pub"), d.join("trust.keys")).expect("trust");
+    (broker, tls_port)
+}
+
+#[test]
+fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (broker, tls_port) = tls_broker(d);
 
     // Watch births on the plain listener of the same broker.
     let rx = watch(broker.port, "lathe/v1/plant1/+/state", "tls-watch");
@@ -190,5 +197,81 @@ fn agent_connects_over_tls_and_refuses_an_untrusted_broker() {
     assert!(
         refused.is_some(),
         "the agent with the wrong CA did not report a certificate error"
+    );
+}
+
+/// `lathe doctor` over TLS: the handshake checked as the agent makes it, a certificate near
+/// its end warned of ahead of time, and a CA that does not sign the broker named with its fix.
+#[test]
+fn doctor_checks_tls_and_warns_of_certificates_near_expiry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (_broker, tls_port) = tls_broker(d);
+    let doctor = |config: &Path| -> (i32, Value) {
+        let (code, out, err) = run(Command::new(&bins().0)
+            .args(["doctor", "--json", "--timeout-secs", "5", "--config"])
+            .arg(config));
+        (
+            code,
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}")),
+        )
+    };
+    let check = |v: &Value, name: &str| -> Value {
+        v["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} check: {v:#}"))
+    };
+
+    // The CA is valid for two days: a warning, not a failure.
+    let (code, v) = doctor(&config(d, "good", tls_port, "ca"));
+    assert_eq!(code, 0, "{v:#}");
+    let broker = check(&v, "broker");
+    assert_eq!(broker["outcome"], "ok", "{v:#}");
+    assert!(
+        broker["message"]
+            .as_str()
+            .expect("message")
+            .contains("(TLS, anonymous)"),
+        "{broker}"
+    );
+    let certs = check(&v, "certificates");
+    assert_eq!(certs["outcome"], "warn", "{v:#}");
+    let message = certs["message"].as_str().expect("message");
+    // Two days, less the moments since openssl made it (the days left are rounded down).
+    assert!(
+        message.contains("ca.pem certificate 1 expires in 1 day(s)")
+            || message.contains("ca.pem certificate 1 expires in 2 day(s)"),
+        "{message}"
+    );
+    // Asked to warn only a day ahead, it is fine.
+    let (code, out, _) = run(Command::new(&bins().0)
+        .args(["doctor", "--json", "--cert-warn-days", "1", "--config"])
+        .arg(d.join("good.toml")));
+    let v: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (code, &check(&v, "certificates")["outcome"]),
+        (0, &Value::from("ok")),
+        "{v:#}"
+    );
+
+    // A CA that did not sign the broker's certificate.
+    let (code, v) = doctor(&config(d, "bad", tls_port, "other-ca"));
+    assert_eq!(code, 1, "{v:#}");
+    let broker = check(&v, "broker");
+    assert_eq!(broker["outcome"], "fail", "{v:#}");
+    assert!(
+        broker["message"]
+            .as_str()
+            .expect("message")
+            .starts_with(&format!("TLS with localhost:{tls_port} failed")),
+        "{broker}"
+    );
+    assert!(
+        broker["fix"].as_str().expect("fix").contains("broker.tls.ca_file"),
+        "{broker}"
     );
 }

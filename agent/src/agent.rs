@@ -21,6 +21,7 @@ use crate::queue;
 use crate::schedule;
 use crate::store::{Limits, Store};
 use crate::sync::{now_ms, LiveTopics, Outbox, SyncTask};
+use crate::systemd::{Heartbeats, Notifier};
 use protocol::keys::TrustStore;
 use protocol::messages::{Health, State, Status};
 use protocol::{topic::filter, Channel, Name, Topic};
@@ -87,7 +88,13 @@ fn qos(q: u8) -> QoS {
 /// of the process: two agents on one outbox would assign the same seqs twice.
 fn lock_state_dir(dir: &std::path::Path, db: &std::path::Path) -> Result<std::fs::File, StartError> {
     use std::io::{Read, Seek, Write};
-    std::fs::create_dir_all(dir).map_err(|e| StartError::io(dir, "create it", e))?;
+    use std::os::unix::fs::DirBuilderExt;
+    // Only the agent's user reads the outbox: it holds the plant's data.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StartError::io(dir, "create it", e))?;
     std::fs::read_dir(dir).map_err(|e| StartError::io(dir, "read it", e))?;
     let path = dir.join("lock");
     let mut f = std::fs::OpenOptions::new()
@@ -210,6 +217,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let lock = lock_state_dir(&cfg.device.state_dir, &cfg.db_path())?;
     let trust = load_trust(&cfg)?;
     let metrics = Arc::new(Metrics::default());
+    let beats = Arc::new(Heartbeats::default());
     if let Some(k) = &trust.key_set {
         info!(
             counter = k.counter,
@@ -294,6 +302,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         &actives[0],
         refusals.clone(),
         metrics.clone(),
+        &beats,
     )?;
     let sensors_stop = CancellationToken::new();
     let (readings_in, readings_out): (Vec<_>, Vec<_>) = w.readings.into_iter().unzip();
@@ -308,6 +317,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             refusals,
             shutdown.clone(),
             metrics.clone(),
+            &beats,
         )?;
         let client = l.client.clone();
         (
@@ -321,6 +331,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         events.emit(e).await;
     }
     let (cron, schedule) = drift_schedule(&cfg, slots.len()).await?;
+    let api = match cfg.api.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("api.listen {addr}: cannot listen: {e}"))?,
+        ),
+        None => None,
+    };
     let sync_stop = CancellationToken::new();
     let mut sync = sync(
         &cfg,
@@ -331,6 +349,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         w.acks.1,
         w.hub_state.1.clone(),
         metrics.clone(),
+        &beats,
     )?;
     sync.sensors = sensors;
     sync.stop = sync_stop.clone();
@@ -349,12 +368,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         w.outbox.0,
         w.hub_state.1,
         metrics,
+        &beats,
+        api,
         &shutdown,
     );
 
     info!(fleet = %fleet, device = %device, broker = %format!("{}:{}", cfg.broker.host, cfg.broker.port), "agent running");
+    let notifier = notify_ready(beats, &shutdown);
     shutdown.cancelled().await;
     info!("shutting down");
+    if let Some(n) = &notifier {
+        let _ = n.send("STOPPING=1");
+    }
     let drained = tokio::time::timeout(DRAIN, async {
         producers_done.await;
         // The producers are done: the outbox takes what is queued, writes it, and stops.
@@ -376,6 +401,37 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // No pid in the lock once stopped: `lathe status` reads it to tell a live agent.
     let _ = lock.set_len(0);
     Ok(())
+}
+
+/// Tell systemd the agent is ready (every model loaded, the store open, every task running)
+/// and, when it asks for a watchdog, feed it while every task beats.
+fn notify_ready(beats: Arc<Heartbeats>, shutdown: &CancellationToken) -> Option<Arc<Notifier>> {
+    let notifier = match Notifier::from_env() {
+        Ok(Some(n)) => Arc::new(n),
+        Ok(None) => return None,
+        Err(e) => {
+            warn!(error = %e, "NOTIFY_SOCKET is set but unusable; systemd will not hear that the agent is ready");
+            return None;
+        }
+    };
+    if let Err(e) = notifier.send("READY=1\nSTATUS=running") {
+        warn!(error = %e, "cannot tell systemd the agent is ready");
+    }
+    if let Some(period) = crate::systemd::watchdog_period() {
+        tokio::spawn(crate::systemd::watchdog(
+            notifier.clone(),
+            period,
+            beats,
+            shutdown.clone(),
+        ));
+    }
+    Some(notifier)
+}
+
+/// How long a link's event loop may go without an event: a keep-alive ping when idle, or a
+/// failed connection (at most 10 s) and the longest back-off when the broker is away.
+fn link_allowance(b: &crate::config::BrokerConfig) -> Duration {
+    Duration::from_secs(b.keep_alive_secs + 10) + Duration::from_millis(b.backoff_max_ms) + crate::systemd::GRACE
 }
 
 /// The operator's drift schedule (`drift.schedule`), ticking each of `slots` model slots on a
@@ -413,6 +469,7 @@ fn sensor_link(
     refusals: Refusals,
     accepting: CancellationToken,
     metrics: Arc<Metrics>,
+    beats: &Heartbeats,
 ) -> anyhow::Result<Link> {
     let b = cfg.inputs.broker.as_ref().unwrap_or(&cfg.broker);
     let id = b.client_id.clone().map_or_else(
@@ -459,11 +516,13 @@ fn sensor_link(
         accepting,
         metrics,
         awaiting_suback: false,
+        beat: beats.beat("sensor link", link_allowance(b)),
     })
 }
 
 /// The link to the hub's broker: commands and acks in, everything Lathe publishes out, with
 /// a retained birth message and a Last Will that marks the device offline.
+#[allow(clippy::too_many_arguments)]
 fn hub_link(
     cfg: &Config,
     fleet: &Name,
@@ -472,6 +531,7 @@ fn hub_link(
     active: &crate::deploy::SharedModel,
     refusals: Refusals,
     metrics: Arc<Metrics>,
+    beats: &Heartbeats,
 ) -> anyhow::Result<(Link, AsyncClient)> {
     let state_topic = Topic::new(fleet, device, Channel::State).to_string();
     let lost = State {
@@ -539,6 +599,7 @@ fn hub_link(
         accepting: CancellationToken::new(),
         metrics,
         awaiting_suback: false,
+        beat: beats.beat("hub link", link_allowance(&cfg.broker)),
     };
     Ok((hub, client))
 }
@@ -554,10 +615,15 @@ fn sync(
     acks: mpsc::Receiver<protocol::messages::Ack>,
     conn: watch::Receiver<ConnState>,
     metrics: Arc<Metrics>,
+    beats: &Heartbeats,
 ) -> anyhow::Result<SyncTask> {
     let mut store = Store::open(&cfg.db_path())?;
     store.limit_wal(cfg.outbox.max_wal_bytes)?;
     Ok(SyncTask {
+        beat: beats.beat(
+            "outbox",
+            Duration::from_millis(cfg.sync.interval_ms) + crate::systemd::GRACE,
+        ),
         store,
         limits: Limits {
             max_records: cfg.outbox.max_records,
@@ -647,9 +713,12 @@ fn producers(
     outbox: Outbox,
     conn: watch::Receiver<ConnState>,
     metrics: Arc<Metrics>,
+    beats: &Heartbeats,
+    api: Option<tokio::net::TcpListener>,
     shutdown: &CancellationToken,
 ) -> impl std::future::Future<Output = ()> {
     let mut set = JoinSet::new();
+    let mut api_slots = vec![];
     let chunk_subs = crate::rollout::ChunkSubs::default();
     let mut watched = vec![];
     let mut slots = vec![];
@@ -695,6 +764,20 @@ fn producers(
                 cfg.outbox.max_record_bytes,
             ),
             schedule,
+            beat: beats.beat(
+                format!("inference ({})", deployer.slot.as_deref().unwrap_or("default")),
+                crate::systemd::IDLE_BEAT + crate::systemd::GRACE,
+            ),
+            api: api.as_ref().map(|_| {
+                // One request waiting per connection the API serves at once.
+                let (tx, rx) = mpsc::channel(cfg.api.max_connections);
+                api_slots.push(crate::api::ApiSlot {
+                    name: deployer.slot.clone(),
+                    active: deployer.active.clone(),
+                    calls: tx,
+                });
+                rx
+            }),
         };
         set.spawn(inference.run(shutdown.clone()));
         slots.push(SlotDeploy { deployer, driver });
@@ -711,6 +794,16 @@ fn producers(
         metrics: metrics.clone(),
     };
     set.spawn(deploy.run(shutdown.clone()));
+    if let Some(listener) = api {
+        let api = crate::api::Api {
+            listener,
+            cfg: cfg.api.clone(),
+            slots: api_slots,
+            metrics: metrics.clone(),
+            max_id: cfg.inputs.max_id_bytes,
+        };
+        set.spawn(api.run(shutdown.clone()));
+    }
     set.spawn(health(
         Topic::new(fleet, device, Channel::Health).to_string(),
         Duration::from_secs(cfg.health.interval_secs),

@@ -55,6 +55,54 @@ pub struct Config {
     /// any, the device has one default slot, fed by `inputs.topics`.
     #[serde(default)]
     pub models: Vec<ModelSlotConfig>,
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// `[api]`: the local HTTP API (the Open Inference Protocol and Prometheus metrics), off unless
+/// `listen` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address and port to serve on, e.g. `127.0.0.1:8080`.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The largest request body, checked before it is read.
+    #[serde(default = "default_api_body")]
+    pub max_body_bytes: usize,
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[serde(default = "default_api_connections")]
+    pub max_connections: usize,
+    /// How long a kept-alive connection may wait for its next request.
+    #[serde(default = "default_api_idle")]
+    pub idle_timeout_secs: u64,
+    /// How long a request may take to arrive whole and be answered.
+    #[serde(default = "default_api_request")]
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: None,
+            max_body_bytes: default_api_body(),
+            max_connections: default_api_connections(),
+            idle_timeout_secs: default_api_idle(),
+            request_timeout_secs: default_api_request(),
+        }
+    }
+}
+
+fn default_api_body() -> usize {
+    8 << 20
+}
+fn default_api_connections() -> usize {
+    16
+}
+fn default_api_idle() -> u64 {
+    60
+}
+fn default_api_request() -> u64 {
+    30
 }
 
 /// One `[[models]]` entry: a model slot, deployed and rolled back on its own, with its own
@@ -769,6 +817,10 @@ impl Config {
         Name::new(self.device.fleet.clone()).map_err(|e| ("device.fleet".to_string(), e.to_string()))?;
         Name::new(self.device.id.clone()).map_err(|e| ("device.id".to_string(), e.to_string()))?;
         check_broker(&self.broker, "broker")?;
+        range("api.max_body_bytes", self.api.max_body_bytes as u64, 1024, 256 << 20)?;
+        range("api.max_connections", self.api.max_connections as u64, 1, 1024)?;
+        range("api.idle_timeout_secs", self.api.idle_timeout_secs, 1, 3600)?;
+        range("api.request_timeout_secs", self.api.request_timeout_secs, 1, 3600)?;
         if let Some(b) = &self.inputs.broker {
             check_broker(b, "inputs.broker")?;
         }

@@ -320,31 +320,8 @@ impl Deployer {
         Ok((d, events))
     }
 
-    /// Re-verify an installed bundle (signatures and digests; not expiry or version) and load it.
-    /// One that fails only the signature threshold, whose file is the one recorded when it was
-    /// verified, still loads, with a warning: a change of trust policy never leaves the device
-    /// without its model; a bundle that meets the new policy replaces it.
     fn load_installed(&self, inst: &Installed) -> Result<(ActiveModel, Option<String>), DeployError> {
-        let path = self.bundles_dir.join(&inst.file);
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let policy = Policy {
-            trust: &self.trust,
-            threshold: self.threshold,
-            now: 0,
-            installed_version: &bundle::none_installed,
-        };
-        match bundle::verify_owned(bytes, &policy) {
-            Ok(v) => Ok((load_model(v)?, None)),
-            Err(e @ bundle::VerifyError::SignatureThreshold { .. }) => {
-                let Some(sha) = &inst.sha256 else {
-                    return Err(e.into());
-                };
-                let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-                let v = bundle::reopen(bytes, sha)?;
-                Ok((load_model(v)?, Some(policy_warning(inst, &e))))
-            }
-            Err(e) => Err(e.into()),
-        }
+        load_installed(&self.bundles_dir, &self.trust, self.threshold, inst)
     }
 
     /// Trust a verified key set from now on (SPEC §8.7): kept in `path` (written whole, then
@@ -562,6 +539,38 @@ fn policy_warning(inst: &Installed, e: &bundle::VerifyError) -> String {
         "{} v{} was verified when it was installed but no longer meets the trust policy ({e}); it keeps running until a bundle that does is deployed",
         inst.name, inst.version
     )
+}
+
+/// Re-verify an installed bundle (signatures and digests; not expiry or version) and load it.
+/// One that fails only the signature threshold, whose file is the one recorded when it was
+/// verified, still loads, with a warning: a change of trust policy never leaves the device
+/// without its model; a bundle that meets the new policy replaces it.
+pub fn load_installed(
+    bundles_dir: &Path,
+    trust: &TrustStore,
+    threshold: usize,
+    inst: &Installed,
+) -> Result<(ActiveModel, Option<String>), DeployError> {
+    let path = bundles_dir.join(&inst.file);
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let policy = Policy {
+        trust,
+        threshold,
+        now: 0,
+        installed_version: &bundle::none_installed,
+    };
+    match bundle::verify_owned(bytes, &policy) {
+        Ok(v) => Ok((load_model(v)?, None)),
+        Err(e @ bundle::VerifyError::SignatureThreshold { .. }) => {
+            let Some(sha) = &inst.sha256 else {
+                return Err(e.into());
+            };
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let v = bundle::reopen(bytes, sha)?;
+            Ok((load_model(v)?, Some(policy_warning(inst, &e))))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Load the model of a verified bundle, check it against the manifest (SPEC §4.7) and run its

@@ -464,6 +464,8 @@ pub struct Engine {
     /// Shared, so that every result can name its columns without copying strings.
     output_names: Vec<Arc<str>>,
     output_types: Vec<String>,
+    /// Each output's dimensions after the batch axis, where the model declares them all.
+    output_dims: Vec<Option<Vec<usize>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -509,6 +511,28 @@ impl Outputs {
 
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| &*c.name == name)
+    }
+
+    pub fn into_columns(self) -> Vec<Column> {
+        self.columns
+    }
+
+    /// The rows of several results of the same model, one after the other.
+    pub fn concat(parts: Vec<Outputs>) -> Outputs {
+        let mut parts = parts.into_iter();
+        let Some(mut all) = parts.next() else {
+            return Outputs {
+                rows: 0,
+                columns: vec![],
+            };
+        };
+        for p in parts {
+            all.rows += p.rows;
+            for (c, more) in all.columns.iter_mut().zip(p.columns) {
+                c.values.extend(more.values);
+            }
+        }
+        all
     }
 
     /// Outputs built from (name, width, values) columns: for tests of what consumes outputs.
@@ -690,6 +714,7 @@ impl Engine {
         };
         let mut output_names = vec![];
         let mut output_types = vec![];
+        let mut output_dims = vec![];
         let mut problems = vec![];
         for o in typed.output_outlets().map_err(load)? {
             let name: Arc<str> = Arc::from(
@@ -697,7 +722,15 @@ impl Engine {
                     .outlet_label(*o)
                     .unwrap_or_else(|| typed.node(o.node).name.as_str()),
             );
-            let dt = typed.outlet_fact(*o).map_err(load)?.datum_type;
+            let fact = typed.outlet_fact(*o).map_err(load)?;
+            let dt = fact.datum_type;
+            output_dims.push(
+                fact.shape
+                    .iter()
+                    .skip(1)
+                    .map(|d| d.to_i64().ok().and_then(|v| usize::try_from(v).ok()))
+                    .collect(),
+            );
             if !dt.is_number() && dt != DatumType::Bool && dt != DatumType::TDim {
                 problems.push(Problem::OutputType {
                     name: name.to_string(),
@@ -748,6 +781,7 @@ impl Engine {
             batch_of_one,
             output_names,
             output_types,
+            output_dims,
         };
         let trial = trial_rows(engine.n_features);
         let fails = |e: EngineError| EngineError::CannotRun(vec![Problem::Fails(e.to_string())]);
@@ -845,6 +879,13 @@ impl Engine {
             .map(|n| n.to_string())
             .zip(self.output_types.iter().cloned())
             .collect()
+    }
+
+    /// An output's dimensions after the batch axis, when the model declares them all (`[]`
+    /// for one value per row).
+    pub fn output_dims(&self, name: &str) -> Option<&[usize]> {
+        let i = self.output_names.iter().position(|n| &**n == name)?;
+        self.output_dims[i].as_deref()
     }
 
     /// Run a batch of rows, each of `n_features` values.

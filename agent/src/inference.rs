@@ -874,6 +874,22 @@ pub struct InferenceTask {
     pub watch: Watch,
     /// Ticks of the operator's drift schedule (`drift.schedule`).
     pub schedule: Option<mpsc::Receiver<()>>,
+    /// Stamped at every turn, and at least every second while idle.
+    pub beat: crate::systemd::Beat,
+    /// Requests of the local API for this slot's model.
+    pub api: Option<mpsc::Receiver<ApiCall>>,
+}
+
+/// Where predictions made for the local API say they came from.
+pub const API_SOURCE: &str = "api";
+
+/// A request of the local API (`[api]`): rows already checked against `model`. It is run like
+/// readings (drift, samples, the watch period, predictions in the outbox), and answered once its
+/// records are handed to the outbox.
+pub struct ApiCall {
+    pub model: Arc<ActiveModel>,
+    pub rows: Rows,
+    pub reply: tokio::sync::oneshot::Sender<Result<Outputs, String>>,
 }
 
 /// Drift windows and samples of the active model: what the inference task feeds the pure
@@ -912,6 +928,8 @@ struct Made {
     records: Vec<Outgoing>,
     losses: Vec<Loss>,
     meta: Vec<(String, String)>,
+    /// Drift windows closed in alert.
+    alerts: u64,
 }
 
 impl Made {
@@ -1079,6 +1097,7 @@ impl Watch {
             false,
         );
         let alerted = w.status == drift::Verdict::Alert;
+        made.alerts += u64::from(alerted);
         if self.alerts.due(&w, self.repeat_alert_ms) {
             let message = drift::alert_message(&w);
             warn!(model = %w.model.name, version = w.model.version, %message, "drift alert");
@@ -1214,7 +1233,10 @@ impl InferenceTask {
         let mut rejections = Reports::default();
         let mut failures = Reports::default();
         let mut schedule = self.schedule.take();
+        let mut idle = tokio::time::interval(crate::systemd::IDLE_BEAT);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.beat.now();
             let deadline = self
                 .watch
                 .deadline_ms()
@@ -1230,6 +1252,11 @@ impl InferenceTask {
                     continue;
                 }
                 r = self.rx.recv() => match r { Some(r) => r, None => break },
+                Some(call) = api_call(&mut self.api) => {
+                    self.serve(call, &mut failures).await;
+                    continue;
+                }
+                _ = idle.tick() => continue,
             };
             let model = self.active.load_full();
             let mut made = Made::default();
@@ -1289,23 +1316,58 @@ impl InferenceTask {
                 })
                 .collect();
             if let (Some(m), false) = (model, batch.rows.is_empty()) {
-                records.extend(self.infer(m, &mut batch, &mut failures, &mut made).await);
+                records.extend(self.infer(m, &mut batch, &mut failures, &mut made, None).await);
             }
-            records.extend(made.records);
-            batch.losses.extend(made.losses);
-            let append = Append {
-                records,
-                losses: batch.losses,
-                acks: batch.acks,
-                meta: made.meta,
-            };
-            let bytes = append.bytes();
-            if !self.outbox.send(append, bytes).await {
-                warn!("outbox task is gone; predictions not buffered");
-            }
+            self.hand_over(records, batch, made).await;
         }
         // The open window's rows are not kept across a restart: report what it has.
         self.close_window("shutdown").await;
+    }
+
+    /// Hand a batch's records, with what drift and the sampler made of it, to the outbox.
+    async fn hand_over(&mut self, mut records: Vec<Outgoing>, mut batch: Batch, made: Made) {
+        self.metrics.drift_alerts.add(made.alerts);
+        records.extend(made.records);
+        batch.losses.extend(made.losses);
+        let append = Append {
+            records,
+            losses: batch.losses,
+            acks: batch.acks,
+            meta: made.meta,
+        };
+        let bytes = append.bytes();
+        if !self.outbox.send(append, bytes).await {
+            warn!("outbox task is gone; predictions not buffered");
+        }
+    }
+
+    /// Run a request of the local API as readings are run, hand its records to the outbox,
+    /// then answer it: its outputs, or why its rows could not run.
+    async fn serve(&mut self, call: ApiCall, failures: &mut Reports) {
+        let model = self.active.load_full();
+        let Some(m) = model.clone().filter(|m| Arc::ptr_eq(m, &call.model)) else {
+            let _ = call
+                .reply
+                .send(Err("the model changed while the request waited; send it again".into()));
+            return;
+        };
+        let mut made = Made::default();
+        self.watch.follow(&model, now_ms(), &mut made);
+        let n = call.rows.len();
+        let mut batch = Batch {
+            rows: call.rows,
+            sources: vec![(Arc::from(API_SOURCE), n)],
+            acks: vec![],
+            losses: vec![],
+        };
+        let mut parts = vec![];
+        let records = self.infer(m, &mut batch, failures, &mut made, Some(&mut parts)).await;
+        self.hand_over(records, batch, made).await;
+        let answer = parts
+            .into_iter()
+            .collect::<Result<Vec<Outputs>, String>>()
+            .map(Outputs::concat);
+        let _ = call.reply.send(answer);
     }
 
     /// The most rows run in one call for `model`: `max_batch`, fewer for wide rows so that a
@@ -1348,6 +1410,7 @@ impl InferenceTask {
             return;
         }
         self.watch.close(now, why, &mut made);
+        self.metrics.drift_alerts.add(made.alerts);
         if made.records.is_empty() && made.meta.is_empty() && made.losses.is_empty() {
             return;
         }
@@ -1372,6 +1435,7 @@ impl InferenceTask {
         batch: &mut Batch,
         failures: &mut Reports,
         made: &mut Made,
+        mut keep: Option<&mut Vec<Result<Outputs, String>>>,
     ) -> Vec<Outgoing> {
         let n_features = model.features.len();
         let rows = std::mem::take(&mut batch.rows);
@@ -1405,6 +1469,7 @@ impl InferenceTask {
             .map(|(r, took)| {
                 if r.is_ok() {
                     self.latency.record(took, (end - row) as u64);
+                    self.metrics.inference_seconds.observe(took);
                 }
                 r
             });
@@ -1423,6 +1488,9 @@ impl InferenceTask {
                         Ok(Ok(_)) => unreachable!("matched above"),
                     };
                     let n = (end - row) as u64;
+                    if let Some(k) = keep.as_deref_mut() {
+                        k.push(Err(format!("inference failed: {message}")));
+                    }
                     self.metrics.inference_failed.add(n);
                     model.trial.failed(n);
                     self.metrics.set_last_failure(now_ms(), &message);
@@ -1498,9 +1566,20 @@ impl InferenceTask {
                     live: self.live,
                 });
             }
+            if let Some(k) = keep.as_deref_mut() {
+                k.push(Ok(outputs));
+            }
             row = end;
         }
         out
+    }
+}
+
+/// The next request of the local API, or never when the API is off.
+async fn api_call(rx: &mut Option<mpsc::Receiver<ApiCall>>) -> Option<ApiCall> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,8 +1,10 @@
 //! The Lathe agent. `ARCHITECTURE.md` at the repository root maps the modules.
 
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod deploy;
+pub mod doctor;
 pub mod drift;
 pub mod engine;
 pub mod image;
@@ -20,7 +22,9 @@ pub mod status;
 pub mod store;
 pub mod sync;
 pub mod system;
+pub mod systemd;
 pub mod trial;
+pub mod v2;
 
 /// Exit codes of the `lathe` binary.
 pub mod exit {

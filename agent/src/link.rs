@@ -244,6 +244,8 @@ pub struct Link {
     /// The SUBACK of this connection's own SUBSCRIBE is still to come: others (of bundle
     /// chunks, sent by the deploy task) say nothing about these filters.
     pub awaiting_suback: bool,
+    /// Stamped at every turn of the event loop: each event, each failed connection.
+    pub beat: crate::systemd::Beat,
 }
 
 /// The password of a broker section: given inline, or read from a file (first line).
@@ -327,7 +329,9 @@ fn tls_config(t: &TlsConfig) -> Result<rustls::ClientConfig, LinkError> {
 
 impl Link {
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut connected_before = false;
         loop {
+            self.beat.now();
             let event = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 ev = self.eventloop.poll() => ev,
@@ -335,6 +339,13 @@ impl Link {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     info!(link = self.name, session_present = ack.session_present, "connected");
+                    if connected_before {
+                        match self.name {
+                            "hub" => self.metrics.reconnects_hub.inc(),
+                            _ => self.metrics.reconnects_sensors.inc(),
+                        }
+                    }
+                    connected_before = true;
                     self.backoff.reset();
                     if self.manual_acks {
                         // Back to the persistent session after a reset (below).

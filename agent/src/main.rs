@@ -29,6 +29,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check the set-up and say what to fix: the config, secrets, the state_dir and its disk,
+    /// the trust store, the brokers (reachability, TLS, credentials), certificate expiry, the
+    /// clock, and that each active model loads and passes its self-test. Exit codes: 0 no
+    /// check failed (warnings allowed), 1 a check failed, 2 usage, 78 the config is invalid.
+    Doctor {
+        #[arg(long, short, default_value = "/etc/lathe/lathe.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// How long a broker may take to accept a connection, in seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+        timeout_secs: u64,
+        /// Warn about a certificate this many days before it expires.
+        #[arg(long, default_value_t = 30)]
+        cert_warn_days: u64,
+    },
     /// Check a model on this device, loading it exactly as the agent does.
     #[command(subcommand)]
     Model(ModelCmd),
@@ -88,6 +104,12 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => status(config, state_dir, json),
+        Cmd::Doctor {
+            config,
+            json,
+            timeout_secs,
+            cert_warn_days,
+        } => doctor(&config, json, timeout_secs, cert_warn_days),
         Cmd::Model(ModelCmd::Run {
             model,
             input,
@@ -154,6 +176,24 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn doctor(config: &std::path::Path, json: bool, timeout_secs: u64, cert_warn_days: u64) -> i32 {
+    let opts = lathe::doctor::Options {
+        connect_timeout: std::time::Duration::from_secs(timeout_secs),
+        cert_warn_days,
+    };
+    let r = lathe::doctor::run(config, &opts);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("a report serializes"));
+    } else {
+        print!("{}", lathe::doctor::render(&r));
+    }
+    match (r.ok, r.config_failed()) {
+        (true, _) => exit::OK,
+        (false, true) => exit::CONFIG,
+        (false, false) => exit::PROBLEM,
     }
 }
 

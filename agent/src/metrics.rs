@@ -10,6 +10,7 @@
 
 use crate::store::Loss;
 use protocol::messages::{Latency, ProcessHealth, StreamDepth, SystemHealth};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -121,6 +122,79 @@ impl Latencies {
     }
 }
 
+/// A cumulative histogram of durations, in the fixed buckets the local API's `/metrics` shows
+/// (seconds, upper bounds inclusive): lock-free, never reset.
+#[derive(Debug)]
+pub struct Histogram {
+    counts: [AtomicU64; Histogram::BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Upper bounds in seconds, from 100 µs to 10 s.
+    pub const BOUNDS: [f64; 14] = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+    ];
+
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = Self::BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(Self::BOUNDS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (the last one is `+Inf`: every observation), and the sum
+    /// in seconds.
+    pub fn cumulative(&self) -> (Vec<u64>, f64) {
+        let mut seen = 0;
+        let counts = self
+            .counts
+            .iter()
+            .map(|c| {
+                seen += c.load(Ordering::Relaxed);
+                seen
+            })
+            .collect();
+        (counts, self.sum_us.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+}
+
+/// What the local API served, by status code.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    by_code: Mutex<BTreeMap<u16, u64>>,
+    pub duration: Histogram,
+}
+
+impl ApiCounters {
+    pub fn served(&self, code: u16, took: std::time::Duration) {
+        *self
+            .by_code
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+        self.duration.observe(took);
+    }
+
+    pub fn by_code(&self) -> BTreeMap<u16, u64> {
+        self.by_code.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// The last sample of the box and of the agent's process, and the outbox per stream: what
 /// health messages and `lathe status` show.
 #[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -176,6 +250,15 @@ pub struct Metrics {
     pub tally: Tally,
     /// Every loss counter of the outbox (persistent totals), as of the last outbox tick.
     pub losses: Mutex<Vec<protocol::messages::LossTotal>>,
+    /// Drift windows that closed in alert, every slot.
+    pub drift_alerts: Counter,
+    /// Inference calls, every slot.
+    pub inference_seconds: Histogram,
+    /// Connections made again after one was lost: the hub link's and the readings link's.
+    pub reconnects_hub: Counter,
+    pub reconnects_sensors: Counter,
+    /// The local API.
+    pub api: ApiCounters,
 }
 
 impl Metrics {
@@ -214,5 +297,26 @@ mod latency_tests {
         l.record(Duration::from_micros(100), 1);
         assert_eq!(l.peek(), l.peek(), "a peek does not reset");
         assert_eq!(l.peek().map(|p| p.0), Some(1));
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn buckets_are_cumulative_and_bounds_inclusive() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_micros(101));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let (counts, sum) = h.cumulative();
+        assert_eq!(counts.len(), Histogram::BOUNDS.len() + 1);
+        assert_eq!(&counts[..6], &[1, 2, 2, 2, 2, 3]);
+        assert_eq!(counts[Histogram::BOUNDS.len() - 1], 3, "60 s is above the last bound");
+        assert_eq!(counts[Histogram::BOUNDS.len()], 4, "+Inf holds every observation");
+        assert!((sum - 60.003201).abs() < 1e-9, "{sum}");
     }
 }

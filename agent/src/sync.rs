@@ -250,6 +250,8 @@ pub struct LiveTopics {
 }
 
 pub struct SyncTask {
+    /// Stamped at every turn of the loop, at least every `sync.interval_ms`.
+    pub beat: crate::systemd::Beat,
     pub store: Store,
     pub limits: Limits,
     pub cfg: SyncConfig,
@@ -356,6 +358,7 @@ impl SyncTask {
         }
         let mut conn_open = true;
         loop {
+            self.beat.now();
             // Biased: acks and link changes first, so that a flood of appends never starves the
             // sync (every ack frees room and lets the next batch go).
             tokio::select! {

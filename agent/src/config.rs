@@ -93,10 +93,10 @@ impl Default for ApiConfig {
 }
 
 fn default_api_body() -> usize {
-    8 << 20
+    4 << 20
 }
 fn default_api_connections() -> usize {
-    16
+    8
 }
 fn default_api_idle() -> u64 {
     60

@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 use std::io::IsTerminal;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,28 +24,67 @@ pub enum Format {
 const QUIET: &str = "tract_onnx::model=error";
 
 /// The filter from the environment, or `default`; with [`QUIET`] unless the filter names
-/// tract's ONNX loader itself.
-pub fn filter(default: &str) -> EnvFilter {
-    let chosen = ["LATHE_LOG", "RUST_LOG"]
+/// tract's ONNX loader itself. Directives are `level` and `target=level`, comma-separated
+/// (`info,lathe::sync=debug`); one that does not parse leaves the default in force.
+pub fn filter(default: &str) -> Targets {
+    let from_env = ["LATHE_LOG", "RUST_LOG"]
         .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()))
-        .filter(|s| EnvFilter::try_new(s).is_ok())
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()));
+    filter_of(from_env, default)
+}
+
+fn filter_of(from_env: Option<String>, default: &str) -> Targets {
+    let parse = |s: &str| s.parse::<Targets>().ok();
+    let chosen = from_env
+        .filter(|s| parse(s).is_some())
         .unwrap_or_else(|| default.to_string());
-    if chosen.contains("tract_onnx") {
-        EnvFilter::new(chosen)
+    let full = if chosen.contains("tract_onnx") {
+        chosen
     } else {
-        EnvFilter::new(format!("{chosen},{QUIET}"))
-    }
+        format!("{chosen},{QUIET}")
+    };
+    parse(&full)
+        .or_else(|| parse(default))
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
 }
 
 /// Install the global subscriber. Call once, before anything logs.
 pub fn init(format: Format, default: &str) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter(default))
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    let registry = tracing_subscriber::registry().with(filter(default));
     let _ = match format {
-        Format::Text => builder.try_init(),
-        Format::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        Format::Text => registry.with(fmt).try_init(),
+        Format::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(false))
+            .try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn directives_set_levels_per_target_and_tract_loader_stays_quiet() {
+        let f = |s: &str| s.parse::<Targets>().map(|_| ()).is_ok();
+        assert!(f("info,lathe::sync=debug") && f("warn") && !f("info,=="));
+        // The default, with tract's ONNX loader held to errors.
+        let t = filter_of(None, "info");
+        assert!(t.would_enable("lathe::agent", &Level::INFO));
+        assert!(!t.would_enable("lathe::agent", &Level::DEBUG));
+        assert!(!t.would_enable("tract_onnx::model", &Level::WARN));
+        assert!(t.would_enable("tract_onnx::model", &Level::ERROR));
+        let t = filter_of(Some("info,lathe::sync=debug".into()), "warn");
+        assert!(t.would_enable("lathe::sync", &Level::DEBUG));
+        assert!(!t.would_enable("lathe::link", &Level::DEBUG));
+        // A filter that does not parse leaves the default in force.
+        let t = filter_of(Some("info,==".into()), "warn");
+        assert!(!t.would_enable("lathe::agent", &Level::INFO));
+        assert!(t.would_enable("lathe::agent", &Level::WARN));
+    }
 }

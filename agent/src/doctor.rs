@@ -215,7 +215,7 @@ pub fn run(path: &Path, opts: &Options) -> Report {
 /// Secrets must not be readable by every user: the config when it holds a password inline,
 /// the password files and the TLS keys it names.
 fn secrets(path: &Path, cfg: &Config) -> Check {
-    let brokers: Vec<&BrokerConfig> = std::iter::once(&cfg.broker).chain(cfg.inputs.broker.as_ref()).collect();
+    let brokers: Vec<&BrokerConfig> = sections(cfg).into_iter().map(|(_, b)| b).collect();
     let mut files = vec![];
     if brokers.iter().any(|b| b.password.is_some()) {
         files.push(("the config, which holds a password", path.to_path_buf()));
@@ -348,6 +348,13 @@ fn free_space(free: Option<u64>, floor: u64) -> Check {
     }
 }
 
+/// Each broker section the agent uses, by its name in the config.
+fn sections(cfg: &Config) -> Vec<(&'static str, &BrokerConfig)> {
+    std::iter::once(("broker", &cfg.broker))
+        .chain(cfg.inputs.broker.as_ref().map(|b| ("inputs.broker", b)))
+        .collect()
+}
+
 /// Connect to each broker the agent uses, as the agent would, and wait for its CONNACK.
 fn brokers(cfg: &Config, opts: &Options) -> Vec<Check> {
     let base = cfg
@@ -355,11 +362,16 @@ fn brokers(cfg: &Config, opts: &Options) -> Vec<Check> {
         .client_id
         .clone()
         .unwrap_or_else(|| format!("lathe-{}-{}", cfg.fleet(), cfg.device()));
-    let mut list = vec![("broker", &cfg.broker, format!("{base}-doctor"))];
-    if let Some(b) = &cfg.inputs.broker {
-        let id = b.client_id.clone().unwrap_or_else(|| format!("{base}-sensors"));
-        list.push(("inputs.broker", b, format!("{id}-doctor")));
-    }
+    let list: Vec<(&str, &BrokerConfig, String)> = sections(cfg)
+        .into_iter()
+        .map(|(name, b)| {
+            let id = match name {
+                "broker" => base.clone(),
+                _ => b.client_id.clone().unwrap_or_else(|| format!("{base}-sensors")),
+            };
+            (name, b, format!("{id}-doctor"))
+        })
+        .collect();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return vec![Check::skipped("broker", format!("cannot start a runtime: {e}"))],
@@ -571,9 +583,7 @@ fn judge_cert(what: &str, v: Validity, now: i64, warn_days: u64) -> Check {
 /// Every certificate of the TLS settings: the CA files' and the client chains'.
 fn certificates(cfg: &Config, now: DateTime<Utc>, warn_days: u64) -> Vec<Check> {
     let mut files = vec![];
-    for (name, b) in
-        std::iter::once(("broker", &cfg.broker)).chain(cfg.inputs.broker.as_ref().map(|b| ("inputs.broker", b)))
-    {
+    for (name, b) in sections(cfg) {
         if let Some(t) = &b.tls {
             files.push((format!("{name}.tls.ca_file"), t.ca_file.clone()));
             if let Some(c) = &t.cert_file {

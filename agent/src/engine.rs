@@ -451,6 +451,9 @@ impl Input {
 /// images often do), it replaces the batch plan and every call runs row by row.
 pub struct Engine {
     plan: Plan,
+    /// The plan's graph run without the plan, when it is made only of Lathe's row operators
+    /// (`ml::RowChain`); proved equal to the plan on the trial rows at load.
+    direct: Option<crate::ml::RowChain>,
     /// A plan for one sample beside the batch plan, for one-row calls.
     single: Option<Plan>,
     /// `cpu` or `cuda`: where this model runs.
@@ -743,6 +746,7 @@ impl Engine {
         if !problems.is_empty() {
             return Err(EngineError::CannotRun(problems));
         }
+        let mut direct = None;
         let (plan, device): (Box<dyn Runnable>, &'static str) = match gpu {
             // tract's CUDA runtime panics when it cannot make a context: caught, it is a
             // failure like any other, and the model runs on the CPU.
@@ -754,7 +758,11 @@ impl Engine {
                     (Box::new(plan), "cpu")
                 }
             },
-            None => (Box::new(typed.into_runnable().map_err(load)?), "cpu"),
+            None => {
+                let plan = typed.into_runnable().map_err(load)?;
+                direct = crate::ml::RowChain::of(&plan);
+                (Box::new(plan), "cpu")
+            }
         };
         let single = single.and_then(
             |m| match m.into_typed().and_then(optimised).and_then(|t| t.into_runnable()) {
@@ -767,6 +775,7 @@ impl Engine {
         );
         let mut engine = Engine {
             plan: Plan::new(plan),
+            direct: None,
             single,
             device,
             n_features: shapes.iter().map(|s| s.iter().product::<usize>()).sum(),
@@ -786,6 +795,20 @@ impl Engine {
         let trial = trial_rows(engine.n_features);
         let fails = |e: EngineError| EngineError::CannotRun(vec![Problem::Fails(e.to_string())]);
         let whole = engine.run(&trial).map_err(fails)?;
+        if let Some(chain) = direct {
+            engine.direct = Some(chain);
+            match engine.run(&trial) {
+                Ok(d) if identical(&d, &whole) => tracing::debug!("runs as a chain of row operators"),
+                Ok(_) => {
+                    engine.direct = None;
+                    tracing::warn!("the row operators' direct path differs from the plan: the plan runs the model");
+                }
+                Err(e) => {
+                    engine.direct = None;
+                    tracing::warn!(error = %e, "the row operators' direct path fails: the plan runs the model");
+                }
+            }
+        }
         if let Some(single) = engine.single.take() {
             match engine.choose(single, &trial, &whole) {
                 Ok(per_row) => tracing::debug!(per_row, "a plan for one sample"),
@@ -849,6 +872,11 @@ impl Engine {
     }
 
     /// Values per row, over every input: a tabular model's feature count.
+    /// Whether the model runs as a chain of Lathe's row operators, without tract's plan.
+    pub fn runs_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
     pub fn n_features(&self) -> usize {
         self.n_features
     }
@@ -912,11 +940,48 @@ impl Engine {
     /// Run `n` rows, row `i` being `row(i)`: as one batch, or one at a time for a model whose
     /// batch axis is fixed to 1 or that runs faster so.
     fn run_rows<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
+        if let Some(chain) = &self.direct {
+            return self.run_direct(chain, n, row);
+        }
         if n == 1 || self.batch_of_one {
             self.run_one_by_one(self.single.as_ref().unwrap_or(&self.plan), n, row)
         } else {
             self.run_batch(n, row)
         }
+    }
+
+    /// Run `n` rows through the chain of row operators: one row straight from the caller's
+    /// floats, more copied into one block.
+    fn run_direct<'a>(
+        &self,
+        chain: &crate::ml::RowChain,
+        n: usize,
+        row: impl Fn(usize) -> &'a [f32],
+    ) -> Result<Outputs, EngineError> {
+        if n == 0 {
+            return self.run_tensors(&self.plan, tvec![], 0);
+        }
+        let block: Vec<f32>;
+        let x = if n == 1 {
+            row(0)
+        } else {
+            block = (0..n).flat_map(|i| row(i).iter().copied()).collect();
+            &block
+        };
+        let columns = contained(|| chain.run(x, n))?.map_err(run_error)?;
+        Ok(Outputs {
+            rows: n,
+            columns: self
+                .output_names
+                .iter()
+                .zip(columns)
+                .map(|(name, c)| Column {
+                    name: name.clone(),
+                    width: c.width,
+                    values: c.values,
+                })
+                .collect(),
+        })
     }
 
     /// Run `n` rows as one batch on the batch plan.
@@ -1065,6 +1130,18 @@ fn as_f64(t: &Tensor) -> TractResult<Vec<f64>> {
             view.iter().copied().collect()
         }
     })
+}
+
+/// The same outputs, bit for bit (NaN included).
+fn identical(a: &Outputs, b: &Outputs) -> bool {
+    a.rows == b.rows
+        && a.columns.len() == b.columns.len()
+        && a.columns.iter().zip(&b.columns).all(|(x, y)| {
+            x.name == y.name
+                && x.width == y.width
+                && x.values.len() == y.values.len()
+                && x.values.iter().zip(&y.values).all(|(p, q)| p.to_bits() == q.to_bits())
+        })
 }
 
 /// Whether two runs of the same rows agree, as plans of one model optimised for different
@@ -1233,7 +1310,13 @@ mod tests {
     use std::path::PathBuf;
 
     fn fixture(name: &str) -> (Vec<u8>, Value, Vec<Vec<f32>>) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
+        model_in("../fixtures/models", name)
+    }
+
+    /// A model of a fixtures directory (relative to the crate), its cases and their rows
+    /// (`null` as NaN).
+    fn model_in(dir: &str, name: &str) -> (Vec<u8>, Value, Vec<Vec<f32>>) {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir);
         let onnx = std::fs::read(dir.join(format!("{name}.onnx"))).expect("fixture model");
         let cases: Value =
             serde_json::from_slice(&std::fs::read(dir.join(format!("{name}.cases.json"))).expect("cases"))
@@ -1246,7 +1329,7 @@ mod tests {
                 r.as_array()
                     .expect("row")
                     .iter()
-                    .map(|v| v.as_f64().expect("number") as f32)
+                    .map(|v| v.as_f64().unwrap_or(f64::NAN) as f32)
                     .collect()
             })
             .collect();
@@ -1482,6 +1565,58 @@ mod tests {
         for w in [1, 4, 33] {
             let rows = trial_rows(w);
             assert!(rows.iter().all(|r| r.len() == w && r.iter().all(|v| v.is_finite())));
+        }
+    }
+
+    /// Every corpus model that runs as a chain of row operators gives, through the chain,
+    /// exactly the plan's outputs, bit for bit: in one batch and one row at a time.
+    #[test]
+    fn row_chains_give_the_plans_outputs_bit_for_bit() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/corpus");
+        let index: Vec<Value> =
+            serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("corpus index")).expect("json");
+        let mut chains = vec![];
+        for m in &index {
+            let name = m["name"].as_str().expect("name");
+            let (onnx, _, rows) = model_in("../fixtures/corpus", name);
+            let mut engine = Engine::load(&onnx, rows[0].len()).expect("corpus model loads");
+            if !engine.runs_direct() {
+                continue;
+            }
+            let direct = engine.run(&rows).expect("chain runs");
+            let one_by_one: Vec<Outputs> = rows
+                .iter()
+                .map(|r| engine.run(std::slice::from_ref(r)).expect("chain runs"))
+                .collect();
+            engine.direct = None;
+            let planned = engine.run(&rows).expect("plan runs");
+            assert!(
+                identical(&direct, &planned),
+                "{name}: the chain's batch differs from the plan's"
+            );
+            assert!(
+                identical(&Outputs::concat(one_by_one), &planned),
+                "{name}: the chain's single rows differ from the plan's batch"
+            );
+            chains.push(name.to_string());
+        }
+        // The corpus's estimators of Lathe's own operators: trees, linear models, SVMs, and
+        // pipelines of scalers, imputers and normalizers before them.
+        for name in [
+            "bench_rf_classifier_40",
+            "bench_gb_regressor_100",
+            "hist_gradient_boosting_classifier_multiclass_nozipmap",
+            "xgboost_classifier_binary_zipmap",
+            "logreg_multiclass_nozipmap",
+            "pipeline_standard_scaler_logreg",
+            "pipeline_normalizer_logreg",
+            "standard_scaler",
+            "svr_rbf",
+        ] {
+            assert!(
+                chains.iter().any(|c| c == name),
+                "{name} does not run as a chain; chains: {chains:?}"
+            );
         }
     }
 

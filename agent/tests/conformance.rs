@@ -1,7 +1,8 @@
 //! The scikit-learn conformance corpus (`fixtures/corpus/`): every model is loaded as the agent
 //! loads it and run over its cases; labels must equal onnxruntime's and scores must match within
 //! 1e-5 relative (values below 1 compared absolutely at 1e-5).
-//! Every model in the corpus must load and match.
+//! Every model in the corpus must load and match. Models made only of Lathe's row operators run
+//! as the agent runs them, without tract's plan (`ml::RowChain`).
 
 use lathe::engine::Engine;
 use serde_json::Value;
@@ -19,8 +20,9 @@ fn close(got: f64, want: f64) -> bool {
     (got.is_nan() && want.is_nan()) || (got - want).abs() <= 1e-5 * want.abs().max(1.0)
 }
 
-/// Check one model; returns the number of cases checked.
-fn check(name: &str) -> Result<usize, String> {
+/// Check one model; returns the number of cases checked and whether the model ran as a chain
+/// of Lathe's row operators (without tract's plan).
+fn check(name: &str) -> Result<(usize, bool), String> {
     let dir = corpus();
     let onnx = std::fs::read(dir.join(format!("{name}.onnx"))).map_err(|e| e.to_string())?;
     let cases: Value =
@@ -57,7 +59,7 @@ fn check(name: &str) -> Result<usize, String> {
             }
         }
     }
-    Ok(rows.len())
+    Ok((rows.len(), engine.runs_direct()))
 }
 
 #[test]
@@ -65,18 +67,21 @@ fn corpus_matches_onnxruntime() {
     let index: Vec<Value> =
         serde_json::from_slice(&std::fs::read(corpus().join("index.json")).expect("fixtures/corpus/index.json"))
             .expect("json");
-    let (mut checked, mut cases, mut failures) = (0, 0, vec![]);
+    let (mut checked, mut cases, mut direct, mut failures) = (0, 0, 0, vec![]);
     for m in &index {
         let name = m["name"].as_str().expect("name");
         match check(name) {
-            Ok(n) => {
+            Ok((n, chain)) => {
                 checked += 1;
                 cases += n;
+                direct += usize::from(chain);
             }
             Err(e) => failures.push(format!("{name}: {e}")),
         }
     }
-    println!("conformance: {checked} models ({cases} cases) match onnxruntime");
+    println!(
+        "conformance: {checked} models ({cases} cases) match onnxruntime; {direct} ran as chains of row operators"
+    );
     assert!(
         failures.is_empty(),
         "{} model(s) do not match onnxruntime:\n{}",

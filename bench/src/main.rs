@@ -1,10 +1,15 @@
-//! Lathe's engine against onnxruntime, on the same models, in one run, on one thread.
+//! Lathe's engine against onnxruntime and compiled trees, on the same models, in one run, on
+//! one thread.
 //!
 //! onnxruntime is driven through its C API (the `ort` crate), loading the shared library that
-//! the onnxruntime PyPI wheel ships. For each model it measures the mean latency of one-row
-//! calls and the throughput of 256-row batches, for Lathe's engine, for onnxruntime and, where
-//! stock tract can load the model, for bare tract; and prints Lathe's time divided by
-//! onnxruntime's.
+//! the onnxruntime PyPI wheel ships. The compiled peer is the model's tree ensemble compiled to
+//! native code by treelite and tl2cgen, called one row at a time from a small C harness
+//! (`bench/compiled/`), where the model is one tree ensemble.
+//!
+//! For each tabular model it measures one-row calls on one row repeated (the branch predictor
+//! learns its path), one-row calls cycling through [`CYCLED`] distinct rows (it cannot), and
+//! batches of [`BATCH`] distinct rows; and prints Lathe's time divided by onnxruntime's and by
+//! the compiled peer's.
 //!
 //! The engines are timed in alternating rounds (see [`ROUNDS`]) and each figure is the median
 //! of its rounds, so that a noisy neighbour on a shared machine slows all of them alike.
@@ -12,7 +17,8 @@
 //! Tensor models (the convolutional fixtures in `fixtures/models`, `--cnn`) are timed for
 //! Lathe's engine, bare tract and onnxruntime; `--nodes` shows where the engine's time goes.
 //!
-//! Usage: lathe-bench --ort-lib PATH [--secs S] [--cnn] [MODEL ...]   (models by corpus name)
+//! Usage: lathe-bench --ort-lib PATH [--secs S] [--compiled DIR] [--cnn] [MODEL ...]
+//!        (models by corpus name; --compiled: build the compiled peer into DIR and time it)
 //!        lathe-bench --nodes   (the time of each node of the engine's plan, tensor models)
 //! `bench/run.sh` finds the library and runs it.
 
@@ -26,28 +32,47 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tract_onnx::prelude::*;
 
+/// The corpus's tree models (every estimator family, binary, multiclass and regression), then
+/// the other families: linear models, a pipeline, SVMs, PCA, MLPs.
 const DEFAULT_MODELS: &[&str] = &[
     "bench_rf_classifier_40",
     "bench_gb_regressor_100",
+    "decision_tree_classifier_binary_nozipmap",
+    "decision_tree_regressor",
+    "random_forest_classifier_multiclass_nozipmap",
     "random_forest_regressor",
     "extra_trees_classifier_multiclass_nozipmap",
-    "decision_tree_classifier_binary_nozipmap",
+    "extra_trees_regressor",
     "gradient_boosting_classifier_binary_nozipmap",
+    "gradient_boosting_classifier_multiclass_nozipmap",
+    "gradient_boosting_regressor",
+    "hist_gradient_boosting_classifier_binary_nozipmap",
     "hist_gradient_boosting_classifier_multiclass_nozipmap",
-    "isolation_forest",
+    "hist_gradient_boosting_regressor",
+    "lightgbm_classifier_binary_nozipmap",
+    "lightgbm_classifier_multiclass_nozipmap",
     "lightgbm_regressor",
     "xgboost_classifier_binary_nozipmap",
+    "xgboost_classifier_multiclass_nozipmap",
+    "xgboost_regressor",
+    "isolation_forest",
     "logreg_binary_nozipmap",
     "logreg_multiclass_nozipmap",
     "linear_regression",
     "ridge",
     "sgd_classifier_binary_nozipmap",
     "pipeline_standard_scaler_logreg",
+    "svr_rbf",
+    "pca",
+    "pipeline_scaler_pca_svc",
     "mlp_classifier_multiclass_nozipmap",
     "mlp_regressor",
 ];
 
 const BATCH: usize = 256;
+
+/// Distinct rows a cycled one-row measurement goes through; the first [`BATCH`] make the batch.
+const CYCLED: usize = 4096;
 
 /// The tensor models (`fixtures/models/<name>.onnx` with `<name>.inputs.npy`).
 const TENSOR_MODELS: &[&str] = &["image_cnn", "signal_cnn"];
@@ -62,26 +87,44 @@ fn corpus() -> PathBuf {
 /// noisy neighbour slows them alike; each figure is the median of its rounds.
 const ROUNDS: usize = 7;
 
-/// Mean seconds per call of `f`, called repeatedly for about `budget`.
+/// A runner: given a time budget, calls its engine for about that long and returns the mean
+/// seconds per call.
+type Runner<'a> = Box<dyn FnMut(Duration) -> Result<f64> + 'a>;
+
+/// Mean seconds per call of `f`, called for about `budget`: in blocks that double until a
+/// block takes a millisecond, so that reading the clock adds nothing measurable to a call.
 fn time(budget: Duration, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-    let (start, mut n) = (Instant::now(), 0u64);
-    while start.elapsed() < budget || n < 10 {
-        f()?;
-        n += 1;
+    let (start, mut calls, mut block) = (Instant::now(), 0u64, 1u64);
+    loop {
+        let t0 = Instant::now();
+        for _ in 0..block {
+            f()?;
+        }
+        calls += block;
+        if t0.elapsed() < Duration::from_millis(1) {
+            block *= 2;
+        }
+        if start.elapsed() >= budget && calls >= 10 {
+            return Ok(start.elapsed().as_secs_f64() / calls as f64);
+        }
     }
-    Ok(start.elapsed().as_secs_f64() / n as f64)
+}
+
+/// A runner of an in-process call.
+fn runner<'a>(mut f: impl FnMut() -> Result<()> + 'a) -> Runner<'a> {
+    Box::new(move |budget| time(budget, &mut f))
 }
 
 /// Warm every runner up, then time them in alternating rounds; the median per runner.
-fn measure(budget: Duration, runners: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<f64>> {
+fn measure(budget: Duration, runners: &mut [Runner<'_>]) -> Result<Vec<f64>> {
     let round = budget / ROUNDS as u32;
     for r in runners.iter_mut() {
-        time(round, *r)?;
+        r(round)?;
     }
     let mut samples = vec![vec![]; runners.len()];
     for _ in 0..ROUNDS {
         for (r, s) in runners.iter_mut().zip(samples.iter_mut()) {
-            s.push(time(round, *r)?);
+            s.push(r(round)?);
         }
     }
     Ok(samples
@@ -93,19 +136,27 @@ fn measure(budget: Duration, runners: &mut [&mut dyn FnMut() -> Result<()>]) -> 
         .collect())
 }
 
+/// One tabular model's figures: seconds per call of one repeated row, of one row cycled
+/// through [`CYCLED`] distinct rows, and of a batch of [`BATCH`] rows.
 struct Row {
     name: String,
-    ours: (f64, f64),
-    ort: (f64, f64),
-    tract: Option<(f64, f64)>,
+    lathe: [f64; 3],
+    ort: [f64; 3],
+    /// The compiled peer, when the model is one tree ensemble it could compile.
+    compiled: Option<[f64; 3]>,
 }
 
-fn rows_of(name: &str) -> Result<(Vec<f32>, usize)> {
+/// The distinct rows of the model's corpus cases with only finite values (the point is speed,
+/// not edge cases), then rows made from them up to [`CYCLED`] distinct rows: each feature of a
+/// made row is that feature of a corpus row drawn at random (seeded by the model's name, so
+/// every run and every engine sees the same rows). Each feature keeps its values and their
+/// spread; the branch predictor cannot learn a path per row.
+fn cycled_rows(name: &str) -> Result<(Vec<Vec<f32>>, usize)> {
     let cases: Value = serde_json::from_slice(&std::fs::read(corpus().join(format!("{name}.cases.json")))?)?;
-    let rows = cases["rows"].as_array().context("rows")?;
-    let width = rows[0].as_array().context("row")?.len();
-    // Finite rows only: the point is speed, not edge cases.
-    let flat: Vec<Vec<f32>> = rows
+    let corpus_rows = cases["rows"].as_array().context("rows")?;
+    let width = corpus_rows[0].as_array().context("row")?.len();
+    let mut seen = std::collections::HashSet::new();
+    let mut rows: Vec<Vec<f32>> = corpus_rows
         .iter()
         .filter_map(|r| {
             r.as_array().map(|r| {
@@ -114,13 +165,78 @@ fn rows_of(name: &str) -> Result<(Vec<f32>, usize)> {
                     .collect::<Vec<f32>>()
             })
         })
-        .filter(|r| r.iter().all(|v| v.is_finite() && v.abs() < 1e6))
+        .filter(|r: &Vec<f32>| r.len() == width && r.iter().all(|v| v.is_finite() && v.abs() < 1e6))
+        .filter(|r| seen.insert(bits(r)))
         .collect();
-    if flat.is_empty() {
+    if rows.is_empty() {
         bail!("{name}: no finite rows");
     }
-    let batch: Vec<f32> = (0..BATCH).flat_map(|i| flat[i % flat.len()].clone()).collect();
-    Ok((batch, width))
+    let base = rows.len();
+    // xorshift64*, seeded with the FNV-1a hash of the name.
+    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    }) | 1;
+    let mut draw = |n: usize| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    };
+    // Few features with few values may not make CYCLED distinct rows; stop trying after a while.
+    let mut tries = 0;
+    while rows.len() < CYCLED && tries < 50 * CYCLED {
+        tries += 1;
+        let row: Vec<f32> = (0..width).map(|f| rows[draw(base)][f]).collect();
+        if seen.insert(bits(&row)) {
+            rows.push(row);
+        }
+    }
+    if rows.len() < BATCH {
+        bail!(
+            "{name}: only {} distinct rows, fewer than a batch of {BATCH}",
+            rows.len()
+        );
+    }
+    Ok((rows, width))
+}
+
+fn bits(row: &[f32]) -> Vec<u32> {
+    row.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The rows as the compiled peer's harness reads them: rows and features as two
+/// little-endian u32, then the values as little-endian f32.
+fn rows_file(rows: &[Vec<f32>], width: usize) -> Result<tempfile::NamedTempFile> {
+    let mut bytes = Vec::with_capacity(8 + rows.len() * width * 4);
+    bytes.extend_from_slice(&u32::try_from(rows.len())?.to_le_bytes());
+    bytes.extend_from_slice(&u32::try_from(width)?.to_le_bytes());
+    for v in rows.iter().flatten() {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut file = tempfile::NamedTempFile::new()?;
+    std::io::Write::write_all(&mut file, &bytes)?;
+    Ok(file)
+}
+
+/// The compiled peer: its harness, run for about the budget in one of its modes (`repeat`,
+/// `cycle`, `batch`), prints the mean seconds per call.
+fn harness_runner<'a>(harness: &'a Path, rows: &'a Path, mode: &'static str) -> Runner<'a> {
+    Box::new(move |budget| {
+        let out = std::process::Command::new(harness)
+            .arg("time")
+            .arg(rows)
+            .arg(mode)
+            .arg(budget.as_secs_f64().to_string())
+            .output()
+            .with_context(|| format!("running {}", harness.display()))?;
+        if !out.status.success() {
+            bail!("{}: {}", harness.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .with_context(|| format!("{}: printed {text:?}", harness.display()))
+    })
 }
 
 /// onnxruntime on one thread with all graph optimisations, and the name of its first input.
@@ -135,61 +251,60 @@ fn ort_session(path: &Path) -> Result<(std::cell::RefCell<Session>, String)> {
     Ok((std::cell::RefCell::new(session), input))
 }
 
-fn bench(name: &str, budget: Duration) -> Result<Row> {
+fn bench(name: &str, budget: Duration, compiled: Option<&Path>) -> Result<Row> {
     let path = corpus().join(format!("{name}.onnx"));
     let onnx = std::fs::read(&path).with_context(|| path.display().to_string())?;
-    let (batch, width) = rows_of(name)?;
-    let one = &batch[..width];
+    let (rows, width) = cycled_rows(name)?;
+    let flat: Vec<f32> = rows.concat();
+    let (rows, flat) = (&rows, &flat);
 
     // Lathe's engine, exactly as the agent loads it and as the agent calls it.
     let engine = Engine::load(&onnx, width)?;
-    let r1: Vec<Vec<f32>> = vec![one.to_vec()];
-    let rb: Vec<Vec<f32>> = batch.chunks(width).map(<[f32]>::to_vec).collect();
-    let mut ours1 = || engine.run(&r1).map(|_| ()).map_err(Into::into);
-    let mut oursb = || engine.run(&rb).map(|_| ()).map_err(Into::into);
-
+    let engine = &engine;
     let (session, input) = ort_session(&path)?;
     let ort_run = |data: &[f32], n: usize| -> Result<()> {
         let t = TensorRef::from_array_view(([n, width], data))?;
         let _ = session.borrow_mut().run(ort::inputs![input.as_str() => t])?;
         Ok(())
     };
-    let mut ort1 = || ort_run(one, 1);
-    let mut ortb = || ort_run(&batch, BATCH);
+    let ort_run = &ort_run;
+    let harness = compiled.map(|d| d.join(name).join("harness")).filter(|h| h.exists());
+    let file = harness.as_ref().map(|_| rows_file(rows, width)).transpose()?;
 
-    // Bare tract, when stock tract can load the model.
-    let bare = || -> TractResult<Arc<TypedRunnableModel>> {
-        let mut m = tract_onnx::onnx().model_for_read(&mut std::io::Cursor::new(&onnx))?;
-        let n = m.symbols.sym("N");
-        m = m.with_input_fact(0, f32::fact(tract_onnx::tract_core::dims!(n, width)).into())?;
-        m.into_optimized()?.into_runnable()
+    // One row per call, each call the next of the distinct rows.
+    let (mut a, mut b) = (0, 0);
+    let lathe_cycled = move || {
+        a = (a + 1) % rows.len();
+        engine.run(&rows[a..][..1]).map(|_| ()).map_err(Into::into)
     };
-    let plan = bare().ok();
-    let t1 = Tensor::from_shape(&[1, width], one)?;
-    let tb = Tensor::from_shape(&[BATCH, width], &batch)?;
-    let tract_run = |t: &Tensor| -> Result<()> {
-        let plan = plan.as_ref().expect("only timed when tract loads the model");
-        plan.run(tvec!(t.clone().into_tvalue()))?;
-        Ok(())
+    let ort_cycled = move || {
+        b = (b + 1) % rows.len();
+        ort_run(&flat[b * width..][..width], 1)
     };
-    let mut tract1 = || tract_run(&t1);
-    let mut tractb = || tract_run(&tb);
-
-    let (ours, ort, tract) = if plan.is_some() {
-        let t = measure(
-            budget,
-            &mut [&mut ours1, &mut ort1, &mut tract1, &mut oursb, &mut ortb, &mut tractb],
-        )?;
-        ((t[0], t[3]), (t[1], t[4]), Some((t[2], t[5])))
-    } else {
-        let t = measure(budget, &mut [&mut ours1, &mut ort1, &mut oursb, &mut ortb])?;
-        ((t[0], t[2]), (t[1], t[3]), None)
-    };
+    let peer = harness.as_deref().zip(file.as_ref().map(|f| f.path()));
+    let compiled = |mode| peer.map(|(h, f)| harness_runner(h, f, mode));
+    // Per measurement (repeated, cycled, batch): Lathe, onnxruntime, then the compiled peer.
+    let mut runners: Vec<Runner<'_>> = vec![
+        runner(move || engine.run(&rows[..1]).map(|_| ()).map_err(Into::into)),
+        runner(move || ort_run(&flat[..width], 1)),
+    ];
+    runners.extend(compiled("repeat"));
+    runners.push(runner(lathe_cycled));
+    runners.push(runner(ort_cycled));
+    runners.extend(compiled("cycle"));
+    runners.push(runner(move || {
+        engine.run(&rows[..BATCH]).map(|_| ()).map_err(Into::into)
+    }));
+    runners.push(runner(move || ort_run(&flat[..BATCH * width], BATCH)));
+    runners.extend(compiled("batch"));
+    let t = measure(budget, &mut runners)?;
+    let per = 2 + usize::from(peer.is_some());
+    let at = |engine: usize| [t[engine], t[per + engine], t[2 * per + engine]];
     Ok(Row {
         name: name.into(),
-        ours,
-        ort,
-        tract,
+        lathe: at(0),
+        ort: at(1),
+        compiled: peer.map(|_| at(2)),
     })
 }
 
@@ -241,19 +356,22 @@ fn bench_tensor(name: &str, budget: Duration) -> Result<Vec<f64>> {
         let _ = session.borrow_mut().run(ort::inputs![input.as_str() => t])?;
         Ok(())
     };
-    measure(
+    let (lathe_run, tract_run, ort_run) = (&lathe_run, &tract_run, &ort_run);
+    let (batch, plan, fixed1, fixedb, t1, tb) = (&batch, &plan, &fixed1, &fixedb, &t1, &tb);
+    let times = measure(
         budget,
         &mut [
-            &mut || lathe_run(one),
-            &mut || tract_run(&plan, &t1),
-            &mut || tract_run(&fixed1, &t1),
-            &mut || ort_run(one, 1),
-            &mut || lathe_run(&batch),
-            &mut || tract_run(&plan, &tb),
-            &mut || tract_run(&fixedb, &tb),
-            &mut || ort_run(&batch, TENSOR_BATCH),
+            runner(move || lathe_run(one)),
+            runner(move || tract_run(plan, t1)),
+            runner(move || tract_run(fixed1, t1)),
+            runner(move || ort_run(one, 1)),
+            runner(move || lathe_run(batch)),
+            runner(move || tract_run(plan, tb)),
+            runner(move || tract_run(fixedb, tb)),
+            runner(move || ort_run(batch, TENSOR_BATCH)),
         ],
-    )
+    );
+    times
 }
 
 /// A convolutional fixture of `fixtures/models`: the model's path and its inputs.
@@ -298,11 +416,13 @@ fn node_times(name: &str, calls: u32) -> Result<Vec<(String, Duration)>> {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut lib, mut secs, mut models, mut cnn) = (None::<PathBuf>, 0.5f64, vec![], false);
+    let mut compiled = None::<PathBuf>;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--ort-lib" => lib = args.next().map(PathBuf::from),
             "--secs" => secs = args.next().context("--secs needs a value")?.parse()?,
             "--cnn" => cnn = true,
+            "--compiled" => compiled = Some(args.next().context("--compiled needs a directory")?.into()),
             "--nodes" => {
                 for m in TENSOR_MODELS {
                     println!("{m}: mean µs per node of the engine's CPU plan, one sample, 2000 calls");
@@ -365,33 +485,87 @@ fn main() -> Result<()> {
     if models.is_empty() {
         models = DEFAULT_MODELS.iter().map(|s| s.to_string()).collect();
     }
+    if let Some(dir) = &compiled {
+        build_compiled(dir, &models)?;
+    }
     println!(
-        "one thread; latency = mean of 1-row calls; throughput = 256-row batches; median of {ROUNDS} alternating rounds; ratio = Lathe / onnxruntime"
+        "one thread; median of {ROUNDS} alternating rounds; ns per row: one-row calls on one row repeated, one-row calls cycling through {CYCLED} distinct rows, {BATCH}-row batches of distinct rows"
+    );
+    println!("compiled: the model's trees compiled to C by treelite + tl2cgen, cc -O3, called one row at a time from a C harness");
+    println!(
+        "{:<54} | {:>24} | {:>24} | {:>24}",
+        "", "one row, repeated", "one row, cycled", "batch, per row"
     );
     println!(
-        "{:<48} {:>10} {:>10} {:>10} {:>7} | {:>10} {:>10} {:>10} {:>7}",
-        "model", "lathe µs", "ort µs", "tract µs", "ratio", "lathe r/s", "ort r/s", "tract r/s", "ratio"
+        "{:<54} | {:>7} {:>7} {:>8} | {:>7} {:>7} {:>8} | {:>7} {:>7} {:>8}",
+        "model", "lathe", "ort", "compiled", "lathe", "ort", "compiled", "lathe", "ort", "compiled"
     );
+    let mut done = vec![];
     for m in &models {
-        match bench(m, budget) {
+        match bench(m, budget, compiled.as_deref()) {
             Ok(r) => {
-                let us = |s: f64| format!("{:.1}", s * 1e6);
-                let rps = |s: f64| format!("{:.0}", BATCH as f64 / s);
-                println!(
-                    "{:<48} {:>10} {:>10} {:>10} {:>7.2} | {:>10} {:>10} {:>10} {:>7.2}",
-                    r.name,
-                    us(r.ours.0),
-                    us(r.ort.0),
-                    r.tract.map(|t| us(t.0)).unwrap_or_else(|| "n/a".into()),
-                    r.ours.0 / r.ort.0,
-                    rps(r.ours.1),
-                    rps(r.ort.1),
-                    r.tract.map(|t| rps(t.1)).unwrap_or_else(|| "n/a".into()),
-                    r.ours.1 / r.ort.1,
-                );
+                let ns = |s: f64, i: usize| format!("{:.0}", s * 1e9 / if i == 2 { BATCH as f64 } else { 1.0 });
+                let cell = |i: usize| {
+                    format!(
+                        "{:>7} {:>7} {:>8}",
+                        ns(r.lathe[i], i),
+                        ns(r.ort[i], i),
+                        r.compiled.map(|c| ns(c[i], i)).unwrap_or_else(|| "n/a".into())
+                    )
+                };
+                println!("{:<54} | {} | {} | {}", r.name, cell(0), cell(1), cell(2));
+                done.push(r);
             }
-            Err(e) => println!("{m:<48} failed: {e:#}"),
+            Err(e) => println!("{m:<54} failed: {e:#}"),
         }
+    }
+    println!();
+    println!("ratios: Lathe's time / onnxruntime's, / the compiled peer's (below 1: Lathe is faster);");
+    println!("per call: Lathe's one repeated row less its time per row in a batch, ns (the fixed cost of a call)");
+    println!(
+        "{:<54} | {:>15} | {:>15} | {:>15} | {:>8}",
+        "", "repeated", "cycled", "batch", ""
+    );
+    println!(
+        "{:<54} | {:>7} {:>7} | {:>7} {:>7} | {:>7} {:>7} | {:>8}",
+        "model", "/ort", "/comp", "/ort", "/comp", "/ort", "/comp", "per call"
+    );
+    for r in &done {
+        let cell = |i: usize| {
+            format!(
+                "{:>7.2} {:>7}",
+                r.lathe[i] / r.ort[i],
+                r.compiled
+                    .map(|c| format!("{:.2}", r.lathe[i] / c[i]))
+                    .unwrap_or_else(|| "n/a".into())
+            )
+        };
+        let per_call = (r.lathe[0] - r.lathe[2] / BATCH as f64) * 1e9;
+        println!(
+            "{:<54} | {} | {} | {} | {per_call:>8.0}",
+            r.name,
+            cell(0),
+            cell(1),
+            cell(2)
+        );
+    }
+    Ok(())
+}
+
+/// Builds the compiled peer for the models into `dir` (`bench/compiled/build.sh`: treelite,
+/// tl2cgen and the system C compiler). A model it cannot compile is named, with why.
+fn build_compiled(dir: &Path, models: &[String]) -> Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("compiled/build.sh");
+    let status = std::process::Command::new(&script)
+        .arg(dir)
+        .args(models)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!(
+            "{} failed ({status}): the compiled peer could not be built",
+            script.display()
+        );
     }
     Ok(())
 }

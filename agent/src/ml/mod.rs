@@ -7,6 +7,7 @@
 //! ArrayFeatureExtractor) expand into tract core operators. This module is the only place
 //! the engine's operator set is extended; [`onnx`] is the loader every part of Lathe uses.
 
+mod chain;
 mod cnn;
 mod encoders;
 mod linear;
@@ -16,6 +17,7 @@ mod svm;
 mod transforms;
 mod trees;
 
+pub use chain::{Column as ChainColumn, RowChain};
 pub use cnn::direct as direct_cnn;
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -48,6 +50,19 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert("SVMRegressor", svm::regressor);
     // tract drops the last axis for a scalar index; onnxruntime keeps it ([N, 1]).
     reg.insert("ArrayFeatureExtractor", array_feature_extractor);
+}
+
+/// The row chain's step for `node`, when its operator is one of Lathe's row operators.
+fn row_step(node: &TypedNode) -> Option<(chain::EvalFn, rowop::Outputs)> {
+    rowop::step::<trees::TreeEnsemble>(node)
+        .or_else(|| rowop::step::<linear::LinearClassifier>(node))
+        .or_else(|| rowop::step::<linear::LinearRegressor>(node))
+        .or_else(|| rowop::step::<transforms::Scaler>(node))
+        .or_else(|| rowop::step::<transforms::Imputer>(node))
+        .or_else(|| rowop::step::<transforms::Binarizer>(node))
+        .or_else(|| rowop::step::<transforms::Normalizer>(node))
+        .or_else(|| rowop::step::<svm::Classifier>(node))
+        .or_else(|| rowop::step::<svm::Regressor>(node))
 }
 
 fn to_f32(prefix: &str, model: &mut TypedModel, x: OutletId) -> TractResult<OutletId> {

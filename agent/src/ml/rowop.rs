@@ -106,6 +106,21 @@ impl<T: RowOp> Expansion for Expand<T> {
     }
 }
 
+/// The row chain's step for a node whose operator is `Typed<T>`: its evaluation and outputs.
+pub(super) fn step<T: RowOp>(node: &TypedNode) -> Option<(super::chain::EvalFn, Outputs)> {
+    let op = node.op_as::<Typed<T>>()?;
+    Some((eval_node::<T>, op.0.outputs()))
+}
+
+/// What [`Typed::eval`] does for a node of `Typed<T>`, on rows given as floats.
+fn eval_node<T: RowOp>(node: &TypedNode, x: &[f32], rows: usize, width: usize) -> TractResult<Computed> {
+    let op = node
+        .op_as::<Typed<T>>()
+        .ok_or_else(|| format_err!("node {} is not a {}", node.name, std::any::type_name::<T>()))?;
+    op.0.check_width(width)?;
+    op.0.eval(x, rows, width)
+}
+
 /// The typed operator: evaluates a [`RowOp`] on the input tensor in place.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Typed<T>(pub T);

@@ -20,6 +20,11 @@ root="$work/debian"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    # Anything still running inside the chroot (the agent, a doctor) goes too: nothing of the
+    # test outlives it.
+    for proc in /proc/[0-9]*; do
+        [ "$($SUDO readlink "$proc/root" 2>/dev/null)" = "$root" ] && $SUDO kill "${proc#/proc/}" 2>/dev/null
+    done
     wait 2>/dev/null || true
     $SUDO rm -rf "$work"
 }
@@ -69,7 +74,9 @@ echo "$rows" >"$work/selftest.csv"
 
 # The agent as its unit runs it: as the user lathe, with the packaged config.
 as_lathe() { in_root setpriv --reuid=lathe --regid=lathe --init-groups "$@"; }
-as_lathe /usr/bin/lathe run --config /etc/lathe/lathe.toml >"$work/agent.log" 2>&1 &
+# Started directly, not through the function: $! is then the process that becomes the agent.
+$SUDO chroot "$root" setpriv --reuid=lathe --regid=lathe --init-groups \
+    /usr/bin/lathe run --config /etc/lathe/lathe.toml >"$work/agent.log" 2>&1 &
 pids+=($!)
 "$hub" deploy --broker "127.0.0.1:$port" --fleet plant1 --device gateway-1 --key "$work/k1.key" \
     --bundle "$work/bearing.lbundle" --timeout-secs 60 || { cat "$work/agent.log"; fail "the deploy failed"; }

@@ -871,12 +871,12 @@ impl Engine {
         }
     }
 
-    /// Values per row, over every input: a tabular model's feature count.
     /// Whether the model runs as a chain of Lathe's row operators, without tract's plan.
     pub fn runs_direct(&self) -> bool {
         self.direct.is_some()
     }
 
+    /// Values per row, over every input: a tabular model's feature count.
     pub fn n_features(&self) -> usize {
         self.n_features
     }

@@ -238,6 +238,8 @@ def main():
             print(f"{name}: compiled, {tl_model.num_tree} trees, matches onnxruntime on {rows} rows (worst {worst:.1e})")
         except Unsupported as e:
             print(f"{name}: not compiled: {e}")
+        except Exception as e:  # noqa: BLE001 - one odd model must not stop the others
+            print(f"{name}: not compiled: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ impl RowChain {
                     );
                     Kind::Row { eval, outputs }
                 }
+                // A cast of the model's input is not a row operator's output: no chain.
+                (None, _) if input == source => return None,
                 (None, from) => {
                     let to = node.op_as::<tract_core::ops::cast::Cast>()?.to;
                     let exact = match from {

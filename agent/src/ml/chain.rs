@@ -80,6 +80,33 @@ enum Value {
     },
 }
 
+impl Value {
+    /// Outlet `slot` of this value as numbers, if it has one: the labels (slot 0) or scores
+    /// (slot 1) of a classifier, the values or numbers (slot 0) of anything else.
+    fn column(&self, slot: usize) -> Option<Column> {
+        let f64s = |v: &[f32]| v.iter().map(|x| *x as f64).collect();
+        Some(match (self, slot) {
+            (Value::Values { values, width }, 0) => Column {
+                width: *width,
+                values: f64s(values),
+            },
+            (Value::Classes { labels, .. }, 0) => Column {
+                width: 1,
+                values: labels.iter().map(|v| *v as f64).collect(),
+            },
+            (Value::Classes { scores, k, .. }, 1) => Column {
+                width: *k,
+                values: f64s(scores),
+            },
+            (Value::Numbers { values, width }, 0) => Column {
+                width: *width,
+                values: values.clone(),
+            },
+            _ => return None,
+        })
+    }
+}
+
 /// One output of a run: values per row, row-major, and how many per row.
 #[derive(Debug, PartialEq)]
 pub struct Column {
@@ -195,20 +222,9 @@ impl RowChain {
                         (_, o) => bail!("node {}: evaluation does not match its outputs {o:?}", step.node),
                     }
                 }
-                Kind::Cast => match (from, step.input.slot) {
-                    (Some(Value::Classes { labels, .. }), 0) => Value::Numbers {
-                        values: labels.iter().map(|v| *v as f64).collect(),
-                        width: 1,
-                    },
-                    (Some(Value::Values { values, width }), 0) => Value::Numbers {
-                        values: values.iter().map(|v| *v as f64).collect(),
-                        width: *width,
-                    },
-                    (Some(Value::Classes { scores, k, .. }), 1) => Value::Numbers {
-                        values: scores.iter().map(|v| *v as f64).collect(),
-                        width: *k,
-                    },
-                    _ => bail!("node {}: its input {:?} cannot be cast here", step.node, step.input),
+                Kind::Cast => match from.and_then(|v| v.column(step.input.slot)) {
+                    Some(Column { width, values }) => Value::Numbers { values, width },
+                    None => bail!("node {}: its input {:?} cannot be cast here", step.node, step.input),
                 },
             };
             done.push((step.node, value));
@@ -220,23 +236,14 @@ impl RowChain {
                 let once = self.outputs.iter().filter(|p| *p == o).count() == 1;
                 let value = done.iter_mut().find(|(n, _)| *n == o.node).map(|(_, v)| v);
                 let column = match (value, o.slot) {
-                    (Some(Value::Values { values, width }), 0) => Column {
+                    (Some(Value::Numbers { values, width }), 0) if once => Column {
                         width: *width,
-                        values: values.iter().map(|v| *v as f64).collect(),
+                        values: std::mem::take(values),
                     },
-                    (Some(Value::Classes { labels, .. }), 0) => Column {
-                        width: 1,
-                        values: labels.iter().map(|v| *v as f64).collect(),
-                    },
-                    (Some(Value::Classes { scores, k, .. }), 1) => Column {
-                        width: *k,
-                        values: scores.iter().map(|v| *v as f64).collect(),
-                    },
-                    (Some(Value::Numbers { values, width }), 0) => Column {
-                        width: *width,
-                        values: if once { std::mem::take(values) } else { values.clone() },
-                    },
-                    _ => bail!("output {o:?} was not computed"),
+                    (Some(v), slot) => v
+                        .column(slot)
+                        .ok_or_else(|| format_err!("output {o:?} was not computed"))?,
+                    (None, _) => bail!("output {o:?} was not computed"),
                 };
                 ensure!(
                     column.values.len() == rows * column.width,

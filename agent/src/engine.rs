@@ -934,14 +934,28 @@ impl Engine {
         if !x.len().is_multiple_of(w) {
             return Err(EngineError::Run(format!("{} values do not make rows of {w}", x.len())));
         }
-        self.run_rows(x.len() / w, |i| &x[i * w..(i + 1) * w])
+        match &self.direct {
+            // Rows back to back are what a chain reads: no copy.
+            Some(chain) => self.run_direct(chain, x.len() / w, x),
+            None => self.run_rows(x.len() / w, |i| &x[i * w..(i + 1) * w]),
+        }
     }
 
     /// Run `n` rows, row `i` being `row(i)`: as one batch, or one at a time for a model whose
     /// batch axis is fixed to 1 or that runs faster so.
     fn run_rows<'a>(&self, n: usize, row: impl Fn(usize) -> &'a [f32]) -> Result<Outputs, EngineError> {
         if let Some(chain) = &self.direct {
-            return self.run_direct(chain, n, row);
+            // One row is read where it is; more are copied into one block.
+            let block: Vec<f32>;
+            let x = if n == 1 {
+                row(0)
+            } else {
+                let mut all = Vec::with_capacity(n * self.n_features);
+                (0..n).for_each(|i| all.extend_from_slice(row(i)));
+                block = all;
+                &block
+            };
+            return self.run_direct(chain, n, x);
         }
         if n == 1 || self.batch_of_one {
             self.run_one_by_one(self.single.as_ref().unwrap_or(&self.plan), n, row)
@@ -950,24 +964,11 @@ impl Engine {
         }
     }
 
-    /// Run `n` rows through the chain of row operators: one row straight from the caller's
-    /// floats, more copied into one block.
-    fn run_direct<'a>(
-        &self,
-        chain: &crate::ml::RowChain,
-        n: usize,
-        row: impl Fn(usize) -> &'a [f32],
-    ) -> Result<Outputs, EngineError> {
+    /// Run `n` rows, back to back in `x`, through the chain of row operators.
+    fn run_direct(&self, chain: &crate::ml::RowChain, n: usize, x: &[f32]) -> Result<Outputs, EngineError> {
         if n == 0 {
             return self.run_tensors(&self.plan, tvec![], 0);
         }
-        let block: Vec<f32>;
-        let x = if n == 1 {
-            row(0)
-        } else {
-            block = (0..n).flat_map(|i| row(i).iter().copied()).collect();
-            &block
-        };
         let columns = contained(|| chain.run(x, n))?.map_err(run_error)?;
         Ok(Outputs {
             rows: n,

@@ -258,7 +258,8 @@ fn bench(name: &str, budget: Duration, compiled: Option<&Path>) -> Result<Row> {
     let flat: Vec<f32> = rows.concat();
     let (rows, flat) = (&rows, &flat);
 
-    // Lathe's engine, exactly as the agent loads it and as the agent calls it.
+    // Lathe's engine, exactly as the agent loads it and as the agent calls it: rows back to
+    // back in one array (`run_flat`).
     let engine = Engine::load(&onnx, width)?;
     let engine = &engine;
     let (session, input) = ort_session(&path)?;
@@ -275,7 +276,10 @@ fn bench(name: &str, budget: Duration, compiled: Option<&Path>) -> Result<Row> {
     let (mut a, mut b) = (0, 0);
     let lathe_cycled = move || {
         a = (a + 1) % rows.len();
-        engine.run(&rows[a..][..1]).map(|_| ()).map_err(Into::into)
+        engine
+            .run_flat(&flat[a * width..][..width])
+            .map(|_| ())
+            .map_err(Into::into)
     };
     let ort_cycled = move || {
         b = (b + 1) % rows.len();
@@ -285,7 +289,7 @@ fn bench(name: &str, budget: Duration, compiled: Option<&Path>) -> Result<Row> {
     let compiled = |mode| peer.map(|(h, f)| harness_runner(h, f, mode));
     // Per measurement (repeated, cycled, batch): Lathe, onnxruntime, then the compiled peer.
     let mut runners: Vec<Runner<'_>> = vec![
-        runner(move || engine.run(&rows[..1]).map(|_| ()).map_err(Into::into)),
+        runner(move || engine.run_flat(&flat[..width]).map(|_| ()).map_err(Into::into)),
         runner(move || ort_run(&flat[..width], 1)),
     ];
     runners.extend(compiled("repeat"));
@@ -293,7 +297,7 @@ fn bench(name: &str, budget: Duration, compiled: Option<&Path>) -> Result<Row> {
     runners.push(runner(ort_cycled));
     runners.extend(compiled("cycle"));
     runners.push(runner(move || {
-        engine.run(&rows[..BATCH]).map(|_| ()).map_err(Into::into)
+        engine.run_flat(&flat[..BATCH * width]).map(|_| ()).map_err(Into::into)
     }));
     runners.push(runner(move || ort_run(&flat[..BATCH * width], BATCH)));
     runners.extend(compiled("batch"));

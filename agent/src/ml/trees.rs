@@ -80,13 +80,24 @@ fn cmp<const M: u32>(mode: u32, v: f32, t: f32) -> bool {
     }
 }
 
+/// Whether a branch sends value `v` to its `yes` side: `v` against the threshold (f32 bits)
+/// by branch mode `M` (or `mode`, for [`MIXED`]), or a missing `v` where the branch's `tag`
+/// has [`MISSING_YES`].
+#[inline(always)]
+fn goes_yes<const M: u32>(mode: u32, tag: u32, v: f32, threshold: u32) -> bool {
+    cmp::<M>(mode, v, f32::from_bits(threshold)) | (v.is_nan() & (tag & MISSING_YES != 0))
+}
+
 /// One step down a tree from `nd`, reading feature `f` as `value(f)`: the child to go to. A
 /// leaf steps to itself.
 #[inline(always)]
 fn step<const M: u32>(nd: Node, value: impl Fn(usize) -> f32) -> usize {
     let v = value((nd.tag & INDEX_MASK) as usize);
-    let go = cmp::<M>(nd.mode(), v, f32::from_bits(nd.value)) | (v.is_nan() & (nd.tag & MISSING_YES != 0));
-    (if go { nd.yes } else { nd.no }) as usize
+    (if goes_yes::<M>(nd.mode(), nd.tag, v, nd.value) {
+        nd.yes
+    } else {
+        nd.no
+    }) as usize
 }
 
 /// Walks done together: one row's walks down [`LANES`] trees, or [`LANES`] rows' walks down
@@ -173,6 +184,11 @@ struct Perfect {
 const PERFECT_DEPTH: u32 = 12;
 
 impl Perfect {
+    /// Branches per tree: `2^depth - 1` (the slots are one more).
+    fn n_branches(&self) -> usize {
+        (1usize << self.depth) - 1
+    }
+
     /// The perfect layout of `nodes` (trees from `roots`, `most` the deepest leaf), when its
     /// depth is at most [`PERFECT_DEPTH`] and it takes at most four times the bytes of the
     /// nodes, plus 64 KiB.
@@ -180,16 +196,18 @@ impl Perfect {
         if most > PERFECT_DEPTH {
             return None;
         }
-        let (n_branches, n_slots) = ((1usize << most) - 1, 1usize << most);
-        let bytes = roots.len() * (n_branches * 8 + n_slots * 4);
+        let mut p = Perfect {
+            depth: most,
+            branches: vec![],
+            slots: vec![],
+        };
+        let n_branches = p.n_branches();
+        let bytes = roots.len() * (n_branches * 8 + (n_branches + 1) * 4);
         if bytes > 4 * nodes.len() * std::mem::size_of::<Node>() + (64 << 10) {
             return None;
         }
-        let mut p = Perfect {
-            depth: most,
-            branches: vec![(0, 0); roots.len() * n_branches],
-            slots: vec![0; roots.len() * n_slots],
-        };
+        p.branches = vec![(0, 0); roots.len() * n_branches];
+        p.slots = vec![0; roots.len() * (n_branches + 1)];
         for (t, &root) in roots.iter().enumerate() {
             p.fill(nodes, root as usize, t, 0, 0);
         }
@@ -199,7 +217,7 @@ impl Perfect {
     /// Lay out the subtree of `nodes[at]` from breadth-first position `j` at depth `d` of tree
     /// `t`.
     fn fill(&mut self, nodes: &[Node], at: usize, t: usize, j: usize, d: u32) {
-        let n_branches = (1usize << self.depth) - 1;
+        let n_branches = self.n_branches();
         if d == self.depth {
             self.slots[t * (n_branches + 1) + j - n_branches] = at as u32;
             return;
@@ -225,7 +243,7 @@ impl Perfect {
         tree: impl Fn(usize) -> usize,
         value: impl Fn(usize, usize) -> f32,
     ) -> [usize; L] {
-        let n_branches = (1usize << self.depth) - 1;
+        let n_branches = self.n_branches();
         let ids: [usize; L] = std::array::from_fn(|l| {
             let t = tree(l);
             assert!(t * (n_branches + 1) < self.slots.len(), "tree {t} is not in the forest");
@@ -238,8 +256,7 @@ impl Perfect {
                 // `branches[ids[l] * n_branches..][..n_branches]`; after `d < depth` steps,
                 // `j < 2^d - 1 < n_branches`.
                 let (tag, t) = unsafe { *self.branches.get_unchecked(ids[l] * n_branches + *j) };
-                let v = value(l, (tag & INDEX_MASK) as usize);
-                let go = cmp::<M>(M, v, f32::from_bits(t)) | (v.is_nan() & (tag & MISSING_YES != 0));
+                let go = goes_yes::<M>(M, tag, value(l, (tag & INDEX_MASK) as usize), t);
                 *j = 2 * *j + 2 - go as usize;
             }
         }

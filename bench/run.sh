@@ -5,6 +5,7 @@
 # treelite and tl2cgen from PyPI if they are missing.
 #   bench/run.sh [--secs S] [MODEL ...]     (models by name in fixtures/corpus)
 #   bench/run.sh --cnn | --nodes            (the convolutional fixtures)
+#   bench/run.sh --nodes MODEL ...          (where a batch of each corpus model spends its time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import onnxruntime' 2>/dev/null || python3 -m pip install -q onnxruntime

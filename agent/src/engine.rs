@@ -579,7 +579,14 @@ pub fn optimised(model: TypedModel) -> TractResult<TypedModel> {
         Ok(n) => tracing::debug!(n, "direct convolutions and pooling"),
         Err(e) => tracing::debug!(error = %format!("{e:#}"), "no direct convolutions"),
     }
-    model.into_optimized()
+    let mut model = model.into_optimized()?;
+    // After tract's optimiser, which fuses biases and ReLUs into matrix products first.
+    match crate::ml::direct_rowwise(&mut model) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(n, "direct row-wise operators"),
+        Err(e) => tracing::debug!(error = %format!("{e:#}"), "no direct row-wise operators"),
+    }
+    Ok(model)
 }
 
 impl Engine {

@@ -19,7 +19,8 @@
 //!
 //! Usage: lathe-bench --ort-lib PATH [--secs S] [--compiled DIR] [--cnn] [MODEL ...]
 //!        (models by corpus name; --compiled: build the compiled peer into DIR and time it)
-//!        lathe-bench --nodes   (the time of each node of the engine's plan, tensor models)
+//!        lathe-bench --nodes [MODEL ...]   (the time of each node of the engine's plan: for
+//!        a batch of the corpus models named, or for one sample of each tensor model)
 //! `bench/run.sh` finds the library and runs it.
 
 use anyhow::{bail, Context, Result};
@@ -395,11 +396,24 @@ fn node_times(name: &str, calls: u32) -> Result<Vec<(String, Duration)>> {
     let per: usize = shape.iter().product();
     let model = lathe::ml::onnx()
         .model_for_path(&path)?
-        .with_input_fact(0, f32::fact(&shape).into())?
-        .into_typed()?;
-    let plan = tract_onnx::tract_core::plan::SimplePlan::new(lathe::engine::optimised(model)?)?;
+        .with_input_fact(0, f32::fact(&shape).into())?;
+    plan_node_times(model, Tensor::from_shape(&shape, &x.values[..per])?, calls)
+}
+
+/// The same for a corpus model, on a batch of [`BATCH`] of its rows, through the plan the
+/// engine makes for it (a free batch axis).
+fn corpus_node_times(name: &str, calls: u32) -> Result<Vec<(String, Duration)>> {
+    let (rows, width) = cycled_rows(name)?;
+    let mut model = lathe::ml::onnx().model_for_path(corpus().join(format!("{name}.onnx")))?;
+    let n = model.symbols.sym("N");
+    model = model.with_input_fact(0, f32::fact([TDim::from(n), TDim::from(width as i64)]).into())?;
+    let batch = Tensor::from_shape(&[BATCH, width], &rows[..BATCH].concat())?;
+    plan_node_times(model, batch, calls)
+}
+
+fn plan_node_times(model: InferenceModel, input: Tensor, calls: u32) -> Result<Vec<(String, Duration)>> {
+    let plan = tract_onnx::tract_core::plan::SimplePlan::new(lathe::engine::optimised(model.into_typed()?)?)?;
     let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan)?;
-    let input = Tensor::from_shape(&shape, &x.values[..per])?;
     let mut times: Vec<(String, Duration)> = plan
         .model()
         .nodes()
@@ -420,24 +434,34 @@ fn node_times(name: &str, calls: u32) -> Result<Vec<(String, Duration)>> {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut lib, mut secs, mut models, mut cnn) = (None::<PathBuf>, 0.5f64, vec![], false);
-    let mut compiled = None::<PathBuf>;
+    let (mut compiled, mut nodes) = (None::<PathBuf>, false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--ort-lib" => lib = args.next().map(PathBuf::from),
             "--secs" => secs = args.next().context("--secs needs a value")?.parse()?,
             "--cnn" => cnn = true,
             "--compiled" => compiled = Some(args.next().context("--compiled needs a directory")?.into()),
-            "--nodes" => {
-                for m in TENSOR_MODELS {
-                    println!("{m}: mean µs per node of the engine's CPU plan, one sample, 2000 calls");
-                    for (node, t) in node_times(m, 2000)? {
-                        println!("{:>9.2}  {node}", t.as_secs_f64() * 1e6);
-                    }
-                }
-                return Ok(());
-            }
+            "--nodes" => nodes = true,
             m => models.push(m.to_string()),
         }
+    }
+    if nodes {
+        let print = |times: Vec<(String, Duration)>| {
+            for (node, t) in times {
+                println!("{:>9.2}  {node}", t.as_secs_f64() * 1e6);
+            }
+        };
+        for m in &models {
+            println!("{m}: mean µs per node of the engine's plan, a batch of {BATCH} rows, 1000 calls");
+            print(corpus_node_times(m, 1000)?);
+        }
+        if models.is_empty() {
+            for m in TENSOR_MODELS {
+                println!("{m}: mean µs per node of the engine's CPU plan, one sample, 2000 calls");
+                print(node_times(m, 2000)?);
+            }
+        }
+        return Ok(());
     }
     let lib = lib.context("--ort-lib PATH (libonnxruntime.so from the onnxruntime wheel) is required")?;
     ort::init_from(lib.display().to_string())

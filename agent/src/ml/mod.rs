@@ -13,12 +13,14 @@ mod encoders;
 mod linear;
 mod post;
 mod rowop;
+mod rowwise;
 mod svm;
 mod transforms;
 mod trees;
 
 pub use chain::{Column as ChainColumn, RowChain};
 pub use cnn::direct as direct_cnn;
+pub use rowwise::direct as direct_rowwise;
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core;

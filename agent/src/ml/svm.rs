@@ -5,7 +5,7 @@ use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
-use super::post::{logistic, probit, Post};
+use super::post::{exp_in_place, logistic, probit, Post};
 use super::rowop::{row_op, Computed, Outputs, RowOp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,16 +16,34 @@ enum Kernel {
     Sigmoid,
 }
 
-/// f32 values kept as bits so the operator can be hashed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-struct Floats(Vec<u32>);
+/// f32 values, compared and hashed by their bits so that the operator can be.
+#[derive(Debug, Clone, Default)]
+struct Floats(Vec<f32>);
 
 impl Floats {
     fn new(v: &[f32]) -> Floats {
-        Floats(v.iter().map(|f| f.to_bits()).collect())
+        Floats(v.to_vec())
     }
-    fn get(&self) -> Vec<f32> {
-        self.0.iter().map(|b| f32::from_bits(*b)).collect()
+    fn get(&self) -> &[f32] {
+        &self.0
+    }
+    fn bits(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().map(|f| f.to_bits())
+    }
+}
+
+impl PartialEq for Floats {
+    fn eq(&self, other: &Self) -> bool {
+        self.bits().eq(other.bits())
+    }
+}
+
+impl Eq for Floats {}
+
+impl std::hash::Hash for Floats {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.len().hash(state);
+        self.bits().for_each(|b| b.hash(state));
     }
 }
 
@@ -71,18 +89,63 @@ impl Params {
                     (-gamma * d).exp()
                 }
                 Kernel::Linear => x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + c,
-                Kernel::Poly => {
-                    let s = gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0;
-                    match degree as i32 {
-                        2 if degree == 2.0 => s * s,
-                        3 if degree == 3.0 => s * s * s,
-                        _ => s.powf(degree),
-                    }
-                }
+                Kernel::Poly => poly(gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0, degree),
                 Kernel::Sigmoid => (gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0).tanh(),
             })
             .collect()
     }
+
+    /// Kernel values of one row against the support vectors, held feature by feature
+    /// (`support[f * n + v]`), into `out`. Each feature's term is added for every vector in one
+    /// pass, and the RBF kernel's exponentials are taken in one pass, so that both vectorise;
+    /// the terms are added in feature order, as [`Params::kernels`] adds them.
+    fn support_kernels(&self, x: &[f32], support: &[f32], out: &mut Vec<f32>) {
+        let kp = self.kp.get();
+        let (gamma, coef0, degree) = (kp[0], kp[1], kp[2]);
+        let n = support.len() / x.len().max(1);
+        out.clear();
+        out.resize(n, 0.0);
+        let columns = x.iter().zip(support.chunks_exact(n.max(1)));
+        match self.kernel {
+            Kernel::Rbf => {
+                for (a, column) in columns {
+                    for (o, b) in out.iter_mut().zip(column) {
+                        *o += (a - b) * (a - b);
+                    }
+                }
+                out.iter_mut().for_each(|o| *o *= -gamma);
+                exp_in_place(out);
+            }
+            kernel => {
+                for (a, column) in columns {
+                    for (o, b) in out.iter_mut().zip(column) {
+                        *o += a * b;
+                    }
+                }
+                match kernel {
+                    Kernel::Poly => out.iter_mut().for_each(|o| *o = poly(gamma * *o + coef0, degree)),
+                    Kernel::Sigmoid => out.iter_mut().for_each(|o| *o = (gamma * *o + coef0).tanh()),
+                    Kernel::Linear | Kernel::Rbf => {}
+                }
+            }
+        }
+    }
+}
+
+fn poly(s: f32, degree: f32) -> f32 {
+    match degree as i32 {
+        2 if degree == 2.0 => s * s,
+        3 if degree == 3.0 => s * s * s,
+        _ => s.powf(degree),
+    }
+}
+
+/// Vectors of `features` values, one after another, rearranged feature by feature.
+fn by_feature(values: &[f32], features: usize) -> Vec<f32> {
+    let n = values.len() / features.max(1);
+    (0..features)
+        .flat_map(|f| (0..n).map(move |v| values[v * features + f]))
+        .collect()
 }
 
 /// Pairwise coupling (Wu, Lin and Weng), as libsvm and onnxruntime compute it, in f32.
@@ -188,7 +251,7 @@ impl Classifier {
             post: Post::parse(node)?,
             labels,
             vectors_per_class: vpc.iter().map(|v| *v as usize).collect(),
-            support: Floats::new(&support),
+            support: Floats::new(&by_feature(&support, features)),
             coefficients: Floats::new(&coefficients),
             rho: Floats::new(&rho),
             prob_a: Floats::new(&prob_a),
@@ -228,11 +291,12 @@ impl Classifier {
             starts[i] = starts[i - 1] + self.vectors_per_class[i - 1];
         }
         let vectors: usize = self.vectors_per_class.iter().sum();
+        let (mut k, mut votes, mut pair) = (Vec::new(), vec![0i64; c], Vec::new());
         for r in 0..rows {
             let row = &x[r * f..(r + 1) * f];
             let (mut scores, maxclass, max_weight): (Vec<f32>, usize, f32);
             if !svc {
-                scores = self.params.kernels(row, &coef, f, rho[0]);
+                scores = self.params.kernels(row, coef, f, rho[0]);
                 let (m, w) =
                     scores.iter().enumerate().fold(
                         (0, f32::NEG_INFINITY),
@@ -241,9 +305,9 @@ impl Classifier {
                 maxclass = m;
                 max_weight = w;
             } else {
-                let k = self.params.kernels(row, &support, f, 0.0);
-                let mut votes = vec![0i64; c];
-                let mut pair = vec![];
+                self.params.support_kernels(row, support, &mut k);
+                votes.fill(0);
+                pair.clear();
                 let mut idx = 0;
                 for i in 0..c - 1 {
                     for j in i + 1..c {
@@ -273,7 +337,7 @@ impl Classifier {
                     }
                     multiclass_probability(c, &r2)
                 } else {
-                    pair
+                    pair.clone()
                 };
                 maxclass = votes
                     .iter()
@@ -351,7 +415,7 @@ impl Regressor {
         Ok(Regressor {
             params: Params::parse(node)?,
             post: Post::parse(node)?,
-            support: Floats::new(&support),
+            support: Floats::new(&by_feature(&support, features)),
             coefficients: Floats::new(&coefficients),
             rho: Floats::new(&rho),
             one_class: node.get_attr_opt::<i64>("one_class")?.unwrap_or(0) != 0,
@@ -364,14 +428,15 @@ impl Regressor {
         let coef = self.coefficients.get();
         let rho = self.rho.get()[0];
         let support = self.support.get();
+        let mut k = Vec::new();
         (0..rows)
             .map(|r| {
                 let row = &x[r * f..(r + 1) * f];
                 let mut s = if support.is_empty() {
-                    self.params.kernels(row, &coef, f, rho)[0]
+                    self.params.kernels(row, coef, f, rho)[0]
                 } else {
-                    let k = self.params.kernels(row, &support, f, 0.0);
-                    k.iter().zip(&coef).map(|(a, b)| a * b).sum::<f32>() + rho
+                    self.params.support_kernels(row, support, &mut k);
+                    k.iter().zip(coef).map(|(a, b)| a * b).sum::<f32>() + rho
                 };
                 if self.one_class {
                     s = if s > 0.0 { 1.0 } else { -1.0 };

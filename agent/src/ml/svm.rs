@@ -246,6 +246,10 @@ impl Classifier {
             );
             coefficients.len() / classes
         };
+        ensure!(
+            features > 0,
+            "node {name:?}: the model has no features (empty support vectors or coefficients)"
+        );
         Ok(Classifier {
             params: Params::parse(node)?,
             post: Post::parse(node)?,
@@ -412,6 +416,10 @@ impl Regressor {
         } else {
             coefficients.len()
         };
+        ensure!(
+            features > 0,
+            "node {name:?}: the model has no features (empty support vectors or coefficients)"
+        );
         Ok(Regressor {
             params: Params::parse(node)?,
             post: Post::parse(node)?,

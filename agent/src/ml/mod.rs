@@ -67,6 +67,37 @@ fn row_step(node: &TypedNode) -> Option<(chain::EvalFn, rowop::Outputs)> {
         .or_else(|| rowop::step::<svm::Regressor>(node))
 }
 
+/// f32 values, compared and hashed by their bits, so that an operator holding them can be.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Floats(Vec<f32>);
+
+impl Floats {
+    pub(crate) fn new(v: &[f32]) -> Floats {
+        Floats(v.to_vec())
+    }
+    pub(crate) fn get(&self) -> &[f32] {
+        &self.0
+    }
+    fn bits(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().map(|f| f.to_bits())
+    }
+}
+
+impl PartialEq for Floats {
+    fn eq(&self, other: &Self) -> bool {
+        self.bits().eq(other.bits())
+    }
+}
+
+impl Eq for Floats {}
+
+impl std::hash::Hash for Floats {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.len().hash(state);
+        self.bits().for_each(|b| b.hash(state));
+    }
+}
+
 fn to_f32(prefix: &str, model: &mut TypedModel, x: OutletId) -> TractResult<OutletId> {
     if model.outlet_fact(x)?.datum_type == f32::datum_type() {
         return Ok(x);

@@ -29,6 +29,7 @@ use tract_onnx::tract_core::ops::math::{Add, Div, Max, Min, Mul, Sub, SubF};
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, Softmax, SoftmaxKind};
 
 use super::post::exp_in_place;
+use super::Floats;
 
 /// Replace every eligible operator of the optimised `model`; returns how many were replaced.
 /// On an error, `model` is left as it was.
@@ -125,28 +126,14 @@ impl BinKind {
 
 /// A binary operator between a float32 tensor and a float32 constant that is one row of its
 /// trailing axes (or a single value), repeated over the leading axes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConstBinary {
     kind: BinKind,
     /// The constant's values: one row of the tensor's trailing axes.
-    konst: Arc<Vec<f32>>,
+    konst: Floats,
     /// Whether the constant is the operator's first operand.
     konst_first: bool,
 }
-
-impl PartialEq for ConstBinary {
-    fn eq(&self, other: &Self) -> bool {
-        self.kind == other.kind
-            && self.konst_first == other.konst_first
-            && self
-                .konst
-                .iter()
-                .map(|v| v.to_bits())
-                .eq(other.konst.iter().map(|v| v.to_bits()))
-    }
-}
-
-impl Eq for ConstBinary {}
 
 impl ConstBinary {
     /// The direct form of `bin` and the tensor it takes, or `None` when it does not qualify.
@@ -191,12 +178,12 @@ impl ConstBinary {
         if !row {
             return Ok(None);
         }
-        let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let values = Floats::new(konst.try_as_plain_ram()?.as_slice::<f32>()?);
         let input = node.inputs[usize::from(konst_first)];
         Ok(Some((
             ConstBinary {
                 kind,
-                konst: Arc::new(values),
+                konst: values,
                 konst_first,
             },
             input,
@@ -205,7 +192,7 @@ impl ConstBinary {
 
     /// `x` with every value replaced by `f(value, constant)`, in place.
     fn arith(&self, mut x: Tensor, f: impl Fn(f32, f32) -> f32) -> TractResult<Tensor> {
-        let k = &self.konst[..];
+        let k = self.konst.get();
         let mut plain = x.try_as_plain_ram_mut()?;
         let values = plain.as_slice_mut::<f32>()?;
         ensure!(
@@ -230,7 +217,7 @@ impl ConstBinary {
 
     /// `compare(value, constant)` for every value of `x`.
     fn compare(&self, x: &Tensor, f: impl Fn(f32, f32) -> bool) -> TractResult<Tensor> {
-        let k = &self.konst[..];
+        let k = self.konst.get();
         let plain = x.try_as_plain_ram()?;
         let values = plain.as_slice::<f32>()?;
         ensure!(
@@ -258,7 +245,7 @@ impl Op for ConstBinary {
         Ok(vec![format!(
             "{:?} with a constant of {} values{}",
             self.kind,
-            self.konst.len(),
+            self.konst.get().len(),
             if self.konst_first { ", the constant first" } else { "" }
         )])
     }

@@ -7,6 +7,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::post::{exp_in_place, logistic, probit, Post};
 use super::rowop::{row_op, Computed, Outputs, RowOp};
+use super::Floats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kernel {
@@ -14,37 +15,6 @@ enum Kernel {
     Poly,
     Rbf,
     Sigmoid,
-}
-
-/// f32 values, compared and hashed by their bits so that the operator can be.
-#[derive(Debug, Clone, Default)]
-struct Floats(Vec<f32>);
-
-impl Floats {
-    fn new(v: &[f32]) -> Floats {
-        Floats(v.to_vec())
-    }
-    fn get(&self) -> &[f32] {
-        &self.0
-    }
-    fn bits(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0.iter().map(|f| f.to_bits())
-    }
-}
-
-impl PartialEq for Floats {
-    fn eq(&self, other: &Self) -> bool {
-        self.bits().eq(other.bits())
-    }
-}
-
-impl Eq for Floats {}
-
-impl std::hash::Hash for Floats {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.len().hash(state);
-        self.bits().for_each(|b| b.hash(state));
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -79,20 +49,12 @@ impl Params {
     /// Kernel values of one row against `n` vectors of `k` features; `c` is added to linear
     /// kernels (onnxruntime passes rho there in linear mode).
     fn kernels(&self, x: &[f32], vectors: &[f32], k: usize, c: f32) -> Vec<f32> {
-        let kp = self.kp.get();
-        let (gamma, coef0, degree) = (kp[0], kp[1], kp[2]);
-        vectors
-            .chunks(k)
-            .map(|v| match self.kernel {
-                Kernel::Rbf => {
-                    let d: f32 = x.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum();
-                    (-gamma * d).exp()
-                }
-                Kernel::Linear => x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + c,
-                Kernel::Poly => poly(gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0, degree),
-                Kernel::Sigmoid => (gamma * x.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() + coef0).tanh(),
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.support_kernels(x, &by_feature(vectors, k), &mut out);
+        if self.kernel == Kernel::Linear {
+            out.iter_mut().for_each(|o| *o += c);
+        }
+        out
     }
 
     /// Kernel values of one row against the support vectors, held feature by feature
